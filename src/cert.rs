@@ -1,0 +1,63 @@
+//! Reads the client certificate VerneMQ forwards (`client_cert`, base64 DER): its common name and serial number.
+
+use base64::Engine as _;
+use openssl::nid::Nid;
+use openssl::x509::X509;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientCertificate {
+    /// `None` when the subject has no common name or several; interior NULs are kept, so they never match a username.
+    pub common_name: Option<String>,
+    /// Upper-case hex, as `openssl x509 -serial` prints it.
+    pub serial: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("client_cert is not base64")]
+    Base64(#[from] base64::DecodeError),
+    #[error("client_cert is not a DER X.509 certificate")]
+    Der(#[source] openssl::error::ErrorStack),
+}
+
+/// Decodes the `client_cert` field.
+///
+/// # Errors
+/// Not base64, or not a DER certificate.
+pub fn parse_forwarded(client_cert: &str) -> Result<ClientCertificate, CertificateError> {
+    let der = base64::engine::general_purpose::STANDARD.decode(client_cert)?;
+    let x509 = X509::from_der(&der).map_err(CertificateError::Der)?;
+    let mut names = x509.subject_name().entries_by_nid(Nid::COMMONNAME);
+    let common_name = match (names.next(), names.next()) {
+        // Two CNs make the identity ambiguous: treat as no usable CN, which denies.
+        (Some(entry), None) => openssl::asn1::Asn1StringRef::to_string(entry.data()).ok(),
+        _ => None,
+    };
+    let serial = x509
+        .serial_number()
+        .to_bn()
+        .and_then(|bn| bn.to_hex_str().map(|s| s.to_string()))
+        .map_err(CertificateError::Der)?;
+    Ok(ClientCertificate { common_name, serial })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CAPTURED: &str = include_str!("../tests/data/client_cert-a1998e.b64");
+
+    #[test]
+    fn reads_the_certificate_verne_forwarded() {
+        let cert = parse_forwarded(CAPTURED.trim()).unwrap();
+        assert_eq!(cert.common_name.as_deref(), Some("admin:a1998e"));
+        assert_eq!(cert.serial, "1001");
+    }
+
+    #[test]
+    fn rejects_garbage() {
+        assert!(matches!(parse_forwarded("not base64!"), Err(CertificateError::Base64(_))));
+        assert!(matches!(parse_forwarded("AAAA"), Err(CertificateError::Der(_))));
+        assert!(matches!(parse_forwarded(""), Err(CertificateError::Der(_))));
+    }
+}

@@ -1,0 +1,26 @@
+//! iotagent-mqtt: the MQTT device gateway that runs beside stock VerneMQ and is called by it through `vmq_webhooks`.
+//!
+//! # Layout
+//! - [`policy`]: the access rules, pure and exhaustively tested.
+//! - [`webhooks`]: one module per hook family, translating VerneMQ's wire format to the policy and back.
+//! - [`sessions`]: node-local registry of connected sessions.
+//! - [`cert`]: reading the client certificates VerneMQ forwards.
+//! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface.
+//! - [`config`]: flags and environment variables; [`app`]: start and stop order.
+
+#![forbid(unsafe_code)]
+
+pub mod app;
+pub mod cert;
+pub mod config;
+pub mod health;
+pub mod http;
+pub mod metrics;
+pub mod policy;
+pub mod secret;
+pub mod sessions;
+pub mod telemetry;
+pub mod webhooks;
+
+pub use app::{Listeners, run};
+pub use config::Config;

@@ -1,0 +1,287 @@
+//! The access rules: who may connect, publish and subscribe, and with which session modifiers.
+//! Pure functions of their inputs — no I/O, no clock, no randomness — so every rule is unit-tested here.
+
+mod identity;
+
+use std::time::Duration;
+
+pub use identity::{DeviceId, IdCharset, IdentityError, MAX_PART_LEN, parse_device};
+
+use crate::secret::Secret;
+
+/// How a device's MQTT client id relates to its username (a client id is a session key: a new connection with an
+/// existing id takes the old session over).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ClientIdPolicy {
+    /// Any client id (dojot's behaviour): any device can take over another device's session.
+    Any,
+    /// The client id must equal the username.
+    Equal,
+    /// The client id must start with the username.
+    Prefix,
+    /// Any client id, rewritten by VerneMQ to `<username>|<client id>` so ids of different devices never collide.
+    Scoped,
+}
+
+/// Connection lifetime handed to VerneMQ for device sessions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lifetime {
+    /// Zero disables the limit.
+    pub base: Duration,
+    /// Spread around `base`, in percent, so that devices connected together do not all reconnect together.
+    pub jitter_percent: u8,
+}
+
+impl Lifetime {
+    /// Seconds for one session; `unit` is a uniform sample in `[0, 1)` chosen by the caller.
+    /// `None` when lifetimes are disabled.
+    pub fn seconds(&self, unit: f64) -> Option<u64> {
+        if self.base.is_zero() {
+            return None;
+        }
+        let base = self.base.as_secs_f64();
+        let spread = base * f64::from(self.jitter_percent) / 100.0;
+        let value = base - spread + 2.0 * spread * unit.clamp(0.0, 1.0);
+        // VerneMQ takes whole seconds and treats 0 as "no limit": never round a short lifetime down to that.
+        Some((value.round() as u64).max(1))
+    }
+}
+
+/// Everything the rules depend on, fixed at start.
+#[derive(Debug, Clone)]
+pub struct PolicyConfig {
+    pub id_charset: IdCharset,
+    pub attrs_suffix: String,
+    pub config_suffix: String,
+    pub device_retain_allowed: bool,
+    pub require_client_cert: bool,
+    pub client_id_policy: ClientIdPolicy,
+    pub lifetime: Lifetime,
+    /// `max_message_size` modifier for device sessions (bytes); `None` leaves VerneMQ's setting.
+    pub max_message_size: Option<u32>,
+    pub service_username: String,
+    pub service_password: Option<Secret>,
+    /// The shared subscription the service holds in subscription mode (`$share/<group>/+/<attrs>`), if any.
+    pub service_subscription: Option<String>,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            id_charset: IdCharset::default(),
+            attrs_suffix: "attrs".into(),
+            config_suffix: "config".into(),
+            device_retain_allowed: false,
+            require_client_cert: false,
+            client_id_policy: ClientIdPolicy::Scoped,
+            lifetime: Lifetime { base: Duration::from_secs(1800), jitter_percent: 10 },
+            max_message_size: None,
+            service_username: "k2v-bridge".into(),
+            service_password: None,
+            service_subscription: None,
+        }
+    }
+}
+
+/// What the client presented at CONNECT, as far as the rules care.
+#[derive(Debug, Clone, Copy)]
+pub struct RegisterRequest<'a> {
+    pub username: Option<&'a str>,
+    pub password: Option<&'a str>,
+    pub mountpoint: &'a str,
+    pub client_id: &'a str,
+    /// The forwarded client certificate, already parsed by the caller; `Some(None)` when it was forwarded but has
+    /// no usable common name.
+    pub certificate_cn: Option<Option<&'a str>>,
+}
+
+/// Why a request is refused. Logged and counted; VerneMQ only ever sees `not_allowed`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DenyReason {
+    #[error("no username")]
+    Anonymous,
+    #[error("invalid device identity: {0}")]
+    InvalidIdentity(IdentityError),
+    #[error("certificate common name does not match the username")]
+    CertificateMismatch,
+    #[error("a client certificate is required")]
+    CertificateRequired,
+    #[error("wrong service credentials")]
+    ServiceCredentials,
+    #[error("client id not allowed by the client id policy")]
+    ClientId,
+    #[error("topic not allowed for this identity")]
+    Topic,
+    #[error("retained publishes are not allowed")]
+    Retain,
+}
+
+/// Session modifiers for an accepted device.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct RegisterModifiers {
+    pub max_connection_lifetime: Option<u64>,
+    pub max_message_size: Option<u32>,
+    /// `(mountpoint, client_id)`: VerneMQ only accepts the two together.
+    pub subscriber_id: Option<(String, String)>,
+}
+
+impl RegisterModifiers {
+    pub fn is_empty(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// Who an accepted connection is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Principal<'a> {
+    Device(DeviceId<'a>),
+    Service,
+}
+
+/// The outcome of an `auth_on_register`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RegisterDecision<'a> {
+    Allow { principal: Principal<'a>, modifiers: RegisterModifiers },
+    Deny(DenyReason),
+}
+
+/// One requested subscription's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FilterDecision {
+    Grant(u8),
+    Deny(DenyReason),
+}
+
+/// The rules, with their configuration.
+#[derive(Debug, Clone)]
+pub struct Policy {
+    config: PolicyConfig,
+}
+
+impl Policy {
+    pub fn new(config: PolicyConfig) -> Self {
+        Self { config }
+    }
+
+    pub fn config(&self) -> &PolicyConfig {
+        &self.config
+    }
+
+    fn principal<'a>(&self, username: Option<&'a str>) -> Result<Principal<'a>, DenyReason> {
+        let username = username.ok_or(DenyReason::Anonymous)?;
+        if username == self.config.service_username {
+            return Ok(Principal::Service);
+        }
+        parse_device(username, &self.config.id_charset).map(Principal::Device).map_err(DenyReason::InvalidIdentity)
+    }
+
+    /// Decides a CONNECT. `jitter_unit` is a uniform sample in `[0, 1)` for the lifetime spread.
+    pub fn register<'a>(&self, req: &RegisterRequest<'a>, jitter_unit: f64) -> RegisterDecision<'a> {
+        match self.register_checked(req, jitter_unit) {
+            Ok((principal, modifiers)) => RegisterDecision::Allow { principal, modifiers },
+            Err(reason) => RegisterDecision::Deny(reason),
+        }
+    }
+
+    fn register_checked<'a>(
+        &self,
+        req: &RegisterRequest<'a>,
+        jitter_unit: f64,
+    ) -> Result<(Principal<'a>, RegisterModifiers), DenyReason> {
+        let principal = self.principal(req.username)?;
+        let username = req.username.unwrap_or_default();
+        if let Some(cn) = req.certificate_cn
+            && cn != Some(username)
+        {
+            return Err(DenyReason::CertificateMismatch);
+        }
+        let device = match principal {
+            Principal::Service => {
+                let by_certificate = req.certificate_cn.is_some();
+                let by_password = match (&self.config.service_password, req.password) {
+                    (Some(expected), Some(given)) => expected.matches(given),
+                    _ => false,
+                };
+                return if by_certificate || by_password {
+                    Ok((principal, RegisterModifiers::default()))
+                } else {
+                    Err(DenyReason::ServiceCredentials)
+                };
+            }
+            Principal::Device(device) => device,
+        };
+        if self.config.require_client_cert && req.certificate_cn.is_none() {
+            return Err(DenyReason::CertificateRequired);
+        }
+        let subscriber_id = match self.config.client_id_policy {
+            ClientIdPolicy::Any => None,
+            ClientIdPolicy::Equal if req.client_id == username => None,
+            ClientIdPolicy::Prefix if req.client_id.starts_with(username) => None,
+            ClientIdPolicy::Equal | ClientIdPolicy::Prefix => return Err(DenyReason::ClientId),
+            ClientIdPolicy::Scoped => Some((req.mountpoint.to_owned(), format!("{username}|{}", req.client_id))),
+        };
+        let modifiers = RegisterModifiers {
+            max_connection_lifetime: self.config.lifetime.seconds(jitter_unit),
+            max_message_size: self.config.max_message_size,
+            subscriber_id,
+        };
+        Ok((Principal::Device(device), modifiers))
+    }
+
+    /// Decides a PUBLISH (also the last will, which VerneMQ authorises the same way at CONNECT).
+    pub fn publish(&self, username: Option<&str>, topic: &str, retain: bool) -> Result<(), DenyReason> {
+        match self.principal(username)? {
+            Principal::Device(device) => {
+                if !self.is_device_topic(device, topic, &self.config.attrs_suffix) {
+                    return Err(DenyReason::Topic);
+                }
+                if retain && !self.config.device_retain_allowed {
+                    return Err(DenyReason::Retain);
+                }
+                Ok(())
+            }
+            Principal::Service => self.config_topic_device(topic).map(|_| ()).ok_or(DenyReason::Topic),
+        }
+    }
+
+    /// Decides each filter of a SUBSCRIBE, in the order given.
+    pub fn subscribe<'t>(
+        &self,
+        username: Option<&str>,
+        filters: impl IntoIterator<Item = (&'t str, u8)>,
+    ) -> Vec<FilterDecision> {
+        let principal = self.principal(username);
+        filters
+            .into_iter()
+            .map(|(filter, qos)| {
+                let allowed = match principal {
+                    Err(reason) => return FilterDecision::Deny(reason),
+                    Ok(Principal::Device(device)) => self.is_device_topic(device, filter, &self.config.config_suffix),
+                    Ok(Principal::Service) => self.config.service_subscription.as_deref() == Some(filter),
+                };
+                if allowed && qos <= 2 { FilterDecision::Grant(qos) } else { FilterDecision::Deny(DenyReason::Topic) }
+            })
+            .collect()
+    }
+
+    /// The device a `<tenant>:<device>/<config suffix>` topic addresses, if the topic is exactly that.
+    pub fn config_topic_device<'t>(&self, topic: &'t str) -> Option<DeviceId<'t>> {
+        let (identity, suffix) = topic.split_once('/')?;
+        if suffix != self.config.config_suffix {
+            return None;
+        }
+        parse_device(identity, &self.config.id_charset).ok()
+    }
+
+    /// Topic exactly `<tenant>:<device>/<suffix>` for this device: no wildcard or extra level can match because the
+    /// identity's characters exclude them and the comparison is literal.
+    fn is_device_topic(&self, device: DeviceId<'_>, topic: &str, suffix: &str) -> bool {
+        let Some(rest) = topic.strip_prefix(device.tenant) else { return false };
+        let Some(rest) = rest.strip_prefix(':') else { return false };
+        let Some(rest) = rest.strip_prefix(device.device) else { return false };
+        rest.strip_prefix('/') == Some(suffix)
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,182 @@
+//! VerneMQ `vmq_webhooks` endpoints: one route per hook under `/vmq/<hook>`, translating the wire format to the
+//! policy and back. Every reply is one VerneMQ accepts without crashing the session (reference §1.3, §7).
+
+mod publish;
+mod register;
+mod reply;
+mod session;
+mod subscribe;
+mod wire;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::extract::rejection::BytesRejection;
+use axum::http::HeaderMap;
+use axum::response::Response;
+use axum::routing::post;
+
+pub use reply::Reply;
+
+use crate::metrics::{HookMetrics, Metrics};
+use crate::policy::Policy;
+use crate::sessions::SessionRegistry;
+
+/// The hooks this service serves. Anything else VerneMQ could call is deliberately not routed (404 = deny).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    AuthOnRegister,
+    AuthOnRegisterM5,
+    AuthOnPublish,
+    AuthOnPublishM5,
+    AuthOnSubscribe,
+    AuthOnSubscribeM5,
+    OnRegister,
+    OnRegisterM5,
+    OnPublish,
+    OnPublishM5,
+    OnClientOffline,
+    OnClientGone,
+}
+
+impl Hook {
+    pub const ALL: [Hook; 12] = [
+        Hook::AuthOnRegister,
+        Hook::AuthOnRegisterM5,
+        Hook::AuthOnPublish,
+        Hook::AuthOnPublishM5,
+        Hook::AuthOnSubscribe,
+        Hook::AuthOnSubscribeM5,
+        Hook::OnRegister,
+        Hook::OnRegisterM5,
+        Hook::OnPublish,
+        Hook::OnPublishM5,
+        Hook::OnClientOffline,
+        Hook::OnClientGone,
+    ];
+
+    /// The name VerneMQ uses in its config and in the `vernemq-hook` header.
+    pub fn name(self) -> &'static str {
+        match self {
+            Hook::AuthOnRegister => "auth_on_register",
+            Hook::AuthOnRegisterM5 => "auth_on_register_m5",
+            Hook::AuthOnPublish => "auth_on_publish",
+            Hook::AuthOnPublishM5 => "auth_on_publish_m5",
+            Hook::AuthOnSubscribe => "auth_on_subscribe",
+            Hook::AuthOnSubscribeM5 => "auth_on_subscribe_m5",
+            Hook::OnRegister => "on_register",
+            Hook::OnRegisterM5 => "on_register_m5",
+            Hook::OnPublish => "on_publish",
+            Hook::OnPublishM5 => "on_publish_m5",
+            Hook::OnClientOffline => "on_client_offline",
+            Hook::OnClientGone => "on_client_gone",
+        }
+    }
+
+    pub fn path(self) -> String {
+        format!("/vmq/{}", self.name())
+    }
+}
+
+/// `cache-control: max-age` values, in seconds; `None` sends no header (VerneMQ then calls every time).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct CachePolicy {
+    pub register: Option<u32>,
+    pub publish: Option<u32>,
+    pub subscribe: Option<u32>,
+}
+
+/// What the hook handlers share.
+#[derive(Clone)]
+pub struct HookState {
+    pub policy: Arc<Policy>,
+    pub sessions: Arc<SessionRegistry>,
+    pub cache: CachePolicy,
+    metrics: Arc<[HookMetrics; Hook::ALL.len()]>,
+}
+
+impl HookState {
+    pub fn new(policy: Arc<Policy>, sessions: Arc<SessionRegistry>, cache: CachePolicy, metrics: &Metrics) -> Self {
+        let per_hook = Hook::ALL.map(|hook| HookMetrics::new(metrics, hook.name()));
+        Self { policy, sessions, cache, metrics: Arc::new(per_hook) }
+    }
+
+    fn metrics(&self, hook: Hook) -> &HookMetrics {
+        let index = Hook::ALL.iter().position(|h| *h == hook).unwrap_or_default();
+        &self.metrics[index]
+    }
+}
+
+/// The routes of every hook.
+pub fn routes(state: HookState) -> Router {
+    let mut router = Router::new();
+    for hook in Hook::ALL {
+        let handler = move |State(state): State<HookState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| async move {
+            match body {
+                Ok(body) => dispatch(hook, &state, &headers, &body).await,
+                // Oversized or unreadable bodies: 400 like any malformed request (VerneMQ denies on non-200).
+                Err(rejection) => dispatch_rejected(hook, &state, rejection.body_text()),
+            }
+        };
+        router = router.route(&hook.path(), post(handler));
+    }
+    router.with_state(state)
+}
+
+fn dispatch_rejected(hook: Hook, state: &HookState, reason: String) -> Response {
+    record(hook, state, &Reply::BadRequest(reason.clone()), Instant::now());
+    Reply::BadRequest(reason).into_response()
+}
+
+async fn dispatch(hook: Hook, state: &HookState, headers: &HeaderMap, body: &[u8]) -> Response {
+    let started = Instant::now();
+    let reply = match check_hook_header(hook, headers) {
+        Err(reply) => reply,
+        Ok(()) => match hook {
+            Hook::AuthOnRegister | Hook::AuthOnRegisterM5 => register::auth_on_register(state, body),
+            Hook::AuthOnPublish | Hook::AuthOnPublishM5 => publish::auth_on_publish(state, body).await,
+            Hook::AuthOnSubscribe => subscribe::auth_on_subscribe(state, body, subscribe::Version::V3),
+            Hook::AuthOnSubscribeM5 => subscribe::auth_on_subscribe(state, body, subscribe::Version::V5),
+            Hook::OnPublish | Hook::OnPublishM5 => publish::on_publish(state, body).await,
+            Hook::OnRegister | Hook::OnRegisterM5 => session::on_register(state, body),
+            Hook::OnClientOffline | Hook::OnClientGone => session::on_client_gone(state, body),
+        },
+    };
+    record(hook, state, &reply, started);
+    reply.into_response()
+}
+
+fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
+    let metrics = state.metrics(hook);
+    match reply {
+        Reply::Allow { .. } => metrics.allowed.increment(1),
+        Reply::Deny(_) => metrics.denied.increment(1),
+        Reply::Notified => metrics.notified.increment(1),
+        Reply::BadRequest(message) => {
+            metrics.bad_request.increment(1);
+            tracing::warn!(hook = hook.name(), %message, "rejected malformed webhook request");
+        }
+        Reply::Failed(message) => {
+            metrics.failed.increment(1);
+            tracing::error!(hook = hook.name(), %message, "webhook failed");
+        }
+    }
+    metrics.latency.record(started.elapsed().as_secs_f64());
+}
+
+/// A hook registered at the wrong URL would get another hook's reply shape, which can crash the VerneMQ session
+/// (e.g. `{}` to an auth hook); refusing it fails closed instead.
+fn check_hook_header(hook: Hook, headers: &HeaderMap) -> Result<(), Reply> {
+    match headers.get("vernemq-hook") {
+        None => Ok(()),
+        Some(value) if value.as_bytes() == hook.name().as_bytes() => Ok(()),
+        Some(value) => Err(Reply::BadRequest(format!(
+            "vernemq-hook header {:?} does not match the endpoint {}; check vmq_webhooks.*.endpoint in vernemq.conf",
+            String::from_utf8_lossy(value.as_bytes()),
+            hook.path()
+        ))),
+    }
+}

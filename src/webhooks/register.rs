@@ -1,0 +1,74 @@
+//! `auth_on_register(_m5)`: identity, certificate, client-id policy and the session modifiers (lifetime).
+
+use serde::Serialize;
+
+use super::{HookState, Reply, wire};
+use crate::cert;
+use crate::policy::{RegisterDecision, RegisterRequest};
+use crate::sessions::SubscriberId;
+
+/// Modifier keys allowed for `auth_on_register(_m5)` (reference §2.1); `mountpoint` and `client_id` only together.
+#[derive(Serialize)]
+struct Modifiers<'a> {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_connection_lifetime: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_message_size: Option<u32>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    subscriber_id: Option<SubscriberIdModifier<'a>>,
+}
+
+#[derive(Serialize)]
+struct SubscriberIdModifier<'a> {
+    mountpoint: &'a str,
+    client_id: &'a str,
+}
+
+#[derive(Serialize)]
+struct WithModifiers<'a> {
+    modifiers: Modifiers<'a>,
+}
+
+pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
+    let req: wire::Register = match wire::parse(body) {
+        Ok(req) => req,
+        Err(reply) => return reply,
+    };
+    let certificate = match req.client_cert.as_deref().map(cert::parse_forwarded).transpose() {
+        Ok(certificate) => certificate,
+        Err(e) => return Reply::BadRequest(e.to_string()),
+    };
+    let request = RegisterRequest {
+        username: req.username.as_deref(),
+        password: req.password.as_deref(),
+        mountpoint: &req.mountpoint,
+        client_id: &req.client_id,
+        certificate_cn: certificate.as_ref().map(|c| c.common_name.as_deref()),
+    };
+    match state.policy.register(&request, rand::random::<f64>()) {
+        RegisterDecision::Deny(reason) => {
+            tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "connection denied");
+            Reply::Deny(reason)
+        }
+        RegisterDecision::Allow { modifiers, .. } => {
+            if let Some(certificate) = certificate {
+                let client_id = modifiers.subscriber_id.as_ref().map_or(&req.client_id, |(_, id)| id);
+                let id = SubscriberId { mountpoint: req.mountpoint.clone(), client_id: client_id.clone() };
+                state.sessions.expect(id, certificate.serial);
+            }
+            let max_age = state.cache.register;
+            if modifiers.is_empty() {
+                return Reply::ok(max_age);
+            }
+            let wire_modifiers = Modifiers {
+                max_connection_lifetime: modifiers.max_connection_lifetime,
+                max_message_size: modifiers.max_message_size,
+                subscriber_id: modifiers
+                    .subscriber_id
+                    .as_ref()
+                    .map(|(mountpoint, client_id)| SubscriberIdModifier { mountpoint, client_id }),
+            };
+            Reply::ok_with(&WithModifiers { modifiers: wire_modifiers }, max_age)
+        }
+    }
+}

@@ -1,0 +1,67 @@
+//! `auth_on_subscribe(_m5)`: one decision per requested filter, in the order VerneMQ sent them.
+
+use serde::Serialize;
+
+use super::{HookState, Reply, wire};
+use crate::policy::FilterDecision;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    V3,
+    V5,
+}
+
+/// SUBACK code VerneMQ 3.1.1 sessions read as "refused" from a top-level `topics` entry.
+const V3_REFUSED: u8 = 128;
+
+#[derive(Serialize)]
+struct Topic<'a> {
+    topic: &'a str,
+    qos: u8,
+}
+
+#[derive(Serialize)]
+struct Topics<'a> {
+    topics: Vec<Topic<'a>>,
+}
+
+pub fn auth_on_subscribe(state: &HookState, body: &[u8], version: Version) -> Reply {
+    let req: wire::Subscribe = match wire::parse(body) {
+        Ok(req) => req,
+        Err(reply) => return reply,
+    };
+    if req.topics.is_empty() {
+        return Reply::BadRequest("topics is empty".into());
+    }
+    let decisions =
+        state.policy.subscribe(req.username.as_deref(), req.topics.iter().map(|t| (t.topic.as_str(), t.qos)));
+    let first_denial = decisions.iter().find_map(|d| match d {
+        FilterDecision::Deny(reason) => Some(*reason),
+        FilterDecision::Grant(_) => None,
+    });
+    let Some(reason) = first_denial else {
+        return Reply::ok(state.cache.subscribe);
+    };
+    tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "subscription denied");
+    match version {
+        // VerneMQ 2.1 subscribes a v5 filter even when its modifier entry says 135, and crashes on 128 (captures 2d):
+        // only an error result for the whole SUBSCRIBE is safe.
+        Version::V5 => Reply::Deny(reason),
+        // v3: one entry per filter, in request order (VerneMQ reverses both ways), refused ones with 128.
+        Version::V3 => {
+            let topics = req
+                .topics
+                .iter()
+                .zip(&decisions)
+                .map(|(t, d)| Topic {
+                    topic: &t.topic,
+                    qos: match d {
+                        FilterDecision::Grant(qos) => *qos,
+                        FilterDecision::Deny(_) => V3_REFUSED,
+                    },
+                })
+                .collect();
+            Reply::ok_with(&Topics { topics }, state.cache.subscribe)
+        }
+    }
+}

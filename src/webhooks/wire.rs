@@ -1,0 +1,133 @@
+//! Request bodies as VerneMQ sends them. Fields we rely on are required and typed: a body with a missing field or a
+//! wrong type is rejected (400), never guessed at. Fields we do not use are ignored, so newer VerneMQ versions that add
+//! fields (2.2's `listener_*`) keep working.
+
+use serde::de::{Deserialize, DeserializeOwned, Deserializer};
+
+use super::Reply;
+
+/// Parses a hook body, or the 400 reply that explains why it could not be.
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+    serde_json::from_slice(body).map_err(|e| Reply::BadRequest(format!("invalid request body: {e}")))
+}
+
+/// A key that must be present but may be `null` (VerneMQ sends `"username":null` for an anonymous CONNECT).
+fn nullable<'de, D: Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    Option::<T>::deserialize(d)
+}
+
+fn qos<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
+    let value = u8::deserialize(d)?;
+    if value > 2 {
+        return Err(serde::de::Error::custom(format!("qos {value} is not 0, 1 or 2")));
+    }
+    Ok(value)
+}
+
+/// `auth_on_register` and `auth_on_register_m5`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Register {
+    pub mountpoint: String,
+    pub client_id: String,
+    #[serde(deserialize_with = "nullable")]
+    pub username: Option<String>,
+    #[serde(default, deserialize_with = "nullable")]
+    pub password: Option<String>,
+    /// Base64 DER, present with `forward_connection_opts = on` on a TLS listener.
+    #[serde(default)]
+    pub client_cert: Option<String>,
+}
+
+/// `auth_on_publish(_m5)` and `on_publish(_m5)`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Publish {
+    #[serde(deserialize_with = "nullable")]
+    pub username: Option<String>,
+    pub client_id: String,
+    #[serde(deserialize_with = "qos")]
+    #[allow(dead_code)] // read by the V2K forwarder
+    pub qos: u8,
+    pub topic: String,
+    pub retain: bool,
+    /// Base64; absent when the endpoint is registered with `no_payload = on`.
+    #[serde(default)]
+    #[allow(dead_code)] // read by the V2K forwarder
+    pub payload: Option<String>,
+}
+
+#[derive(Debug, serde::Deserialize)]
+pub struct Subscription {
+    pub topic: String,
+    #[serde(deserialize_with = "qos")]
+    pub qos: u8,
+}
+
+/// `auth_on_subscribe(_m5)`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Subscribe {
+    #[serde(deserialize_with = "nullable")]
+    pub username: Option<String>,
+    pub client_id: String,
+    pub topics: Vec<Subscription>,
+}
+
+/// `on_register(_m5)`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Registered {
+    pub mountpoint: String,
+    pub client_id: String,
+    #[serde(deserialize_with = "nullable")]
+    pub username: Option<String>,
+}
+
+/// `on_client_offline`, `on_client_gone`.
+#[derive(Debug, serde::Deserialize)]
+pub struct Gone {
+    pub mountpoint: String,
+    pub client_id: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bad<T: DeserializeOwned + std::fmt::Debug>(body: &str) -> String {
+        match parse::<T>(body.as_bytes()) {
+            Err(Reply::BadRequest(m)) => m,
+            other => panic!("expected a bad request for {body}, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn register_requires_username_key_but_accepts_null() {
+        let r: Register =
+            parse(br#"{"mountpoint":"","client_id":"c","username":null,"password":null,"clean_session":true}"#)
+                .unwrap();
+        assert_eq!(r.username, None);
+        assert!(bad::<Register>(r#"{"mountpoint":"","client_id":"c"}"#).contains("username"));
+        assert!(bad::<Register>(r#"{"mountpoint":"","username":"a:b"}"#).contains("client_id"));
+    }
+
+    #[test]
+    fn wrong_types_are_rejected() {
+        assert!(bad::<Register>(r#"{"mountpoint":"","client_id":7,"username":"a:b"}"#).contains("invalid type"));
+        bad::<Publish>(r#"{"username":"a:b","mountpoint":"","client_id":"c","qos":"1","topic":"t","retain":false}"#);
+        bad::<Publish>(r#"{"username":"a:b","mountpoint":"","client_id":"c","qos":1,"topic":"t","retain":"no"}"#);
+        bad::<Publish>(r#"{"username":"a:b","mountpoint":"","client_id":"c","qos":3,"topic":"t","retain":false}"#);
+        bad::<Publish>(r#"{"username":"a:b","mountpoint":"","client_id":"c","qos":-1,"topic":"t","retain":false}"#);
+        bad::<Subscribe>(r#"{"username":"a:b","mountpoint":"","client_id":"c","topics":{"topic":"t","qos":1}}"#);
+        bad::<Subscribe>(r#"{"username":"a:b","mountpoint":"","client_id":"c","topics":[{"topic":1,"qos":1}]}"#);
+        bad::<Gone>(r#"[]"#);
+        bad::<Gone>(r#""#);
+        bad::<Gone>(r#"{"mountpoint":"","client_id":"c""#);
+    }
+
+    #[test]
+    fn unknown_fields_are_ignored() {
+        let p: Publish = parse(
+            br#"{"username":"a:b","mountpoint":"","client_id":"c","qos":1,"topic":"t","payload":"e30=","retain":false,"properties":{"p_user_property":[]},"listener_port":8883}"#,
+        )
+        .unwrap();
+        assert_eq!(p.payload.as_deref(), Some("e30="));
+    }
+}
