@@ -48,8 +48,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let sessions = Arc::new(SessionRegistry::default());
     let readiness = Readiness::default();
 
-    let hooks = HookState::new(policy, sessions.clone(), config.cache(), &metrics);
-    let router = crate::http::router(hooks, readiness, metrics.clone(), config.webhook_max_body_bytes);
+    let hooks = HookState::new(policy, sessions.clone(), config.cache(), config.webhook_max_body_bytes, &metrics);
+    let router = crate::http::router(hooks, readiness, metrics.clone());
 
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();

@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -23,7 +23,7 @@ struct OpsState {
     metrics: Arc<Metrics>,
 }
 
-pub fn router(hooks: HookState, readiness: Readiness, metrics: Arc<Metrics>, max_body_bytes: usize) -> Router {
+pub fn router(hooks: HookState, readiness: Readiness, metrics: Arc<Metrics>) -> Router {
     let ops = Router::new()
         .route("/health/live", get(|| async { axum::Json(serde_json::json!({ "live": true })) }))
         .route("/health/ready", get(ready))
@@ -31,7 +31,6 @@ pub fn router(hooks: HookState, readiness: Readiness, metrics: Arc<Metrics>, max
         .with_state(OpsState { readiness, metrics });
     webhooks::routes(hooks)
         .merge(ops)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(TimeoutLayer::with_status_code(StatusCode::SERVICE_UNAVAILABLE, REQUEST_TIMEOUT))
 }
 

@@ -12,10 +12,9 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::Router;
-use axum::body::Bytes;
-use axum::extract::State;
-use axum::extract::rejection::BytesRejection;
-use axum::http::HeaderMap;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::post;
 
@@ -95,13 +94,20 @@ pub struct HookState {
     pub policy: Arc<Policy>,
     pub sessions: Arc<SessionRegistry>,
     pub cache: CachePolicy,
+    pub max_body_bytes: usize,
     metrics: Arc<[HookMetrics; Hook::ALL.len()]>,
 }
 
 impl HookState {
-    pub fn new(policy: Arc<Policy>, sessions: Arc<SessionRegistry>, cache: CachePolicy, metrics: &Metrics) -> Self {
+    pub fn new(
+        policy: Arc<Policy>,
+        sessions: Arc<SessionRegistry>,
+        cache: CachePolicy,
+        max_body_bytes: usize,
+        metrics: &Metrics,
+    ) -> Self {
         let per_hook = Hook::ALL.map(|hook| HookMetrics::new(metrics, hook.name()));
-        Self { policy, sessions, cache, metrics: Arc::new(per_hook) }
+        Self { policy, sessions, cache, max_body_bytes, metrics: Arc::new(per_hook) }
     }
 
     fn metrics(&self, hook: Hook) -> &HookMetrics {
@@ -114,16 +120,29 @@ impl HookState {
 pub fn routes(state: HookState) -> Router {
     let mut router = Router::new();
     for hook in Hook::ALL {
-        let handler = move |State(state): State<HookState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>| async move {
-            match body {
-                Ok(body) => dispatch(hook, &state, &headers, &body).await,
+        let handler = move |State(state): State<HookState>, request: Request| async move {
+            let (parts, body) = request.into_parts();
+            match read_body(&parts.headers, body, state.max_body_bytes).await {
+                Ok(body) => dispatch(hook, &state, &parts.headers, &body).await,
                 // Oversized or unreadable bodies: 400 like any malformed request (VerneMQ denies on non-200).
-                Err(rejection) => dispatch_rejected(hook, &state, rejection.body_text()),
+                Err(reason) => dispatch_rejected(hook, &state, reason),
             }
         };
         router = router.route(&hook.path(), post(handler));
     }
     router.with_state(state)
+}
+
+/// Reads the body up to `limit` bytes; a declared length over the limit is refused before anything is read.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, String> {
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > limit as u64) {
+        return Err(format!(
+            "request body of {} bytes exceeds WEBHOOK_MAX_BODY_BYTES ({limit})",
+            declared.unwrap_or(0)
+        ));
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| format!("cannot read request body: {e}"))
 }
 
 fn dispatch_rejected(hook: Hook, state: &HookState, reason: String) -> Response {
