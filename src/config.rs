@@ -213,7 +213,9 @@ fn name_env_variable(error: clap::Error) -> clap::Error {
     else {
         return error;
     };
-    let message = format!("{}\n(set by flag or by the environment variable {})", error.render(), env.to_string_lossy());
+    let rendered = error.render().to_string();
+    let rendered = rendered.strip_prefix("error: ").unwrap_or(&rendered).trim_end();
+    let message = format!("{rendered}\n(set by flag or by the environment variable {})\n", env.to_string_lossy());
     clap::Error::raw(error.kind(), message).with_cmd(&command)
 }
 

@@ -85,6 +85,10 @@ impl IdCharset {
     fn accepts(&self, part: &str) -> bool {
         part.bytes().all(|b| b < 128 && self.allowed[b as usize])
     }
+
+    pub fn accepts_char(&self, c: char) -> bool {
+        c.is_ascii() && self.allowed[c as usize]
+    }
 }
 
 /// Parses `tenant:device_id` strictly.

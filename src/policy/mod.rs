@@ -17,7 +17,8 @@ pub enum ClientIdPolicy {
     Any,
     /// The client id must equal the username.
     Equal,
-    /// The client id must start with the username.
+    /// The client id must be the username, or start with it followed by a character that is not part of device ids
+    /// (`admin:a1998e@sensor-1`).
     Prefix,
     /// Any client id, rewritten by VerneMQ to `<username>|<client id>` so ids of different devices never collide.
     Scoped,
@@ -216,7 +217,7 @@ impl Policy {
         let subscriber_id = match self.config.client_id_policy {
             ClientIdPolicy::Any => None,
             ClientIdPolicy::Equal if req.client_id == username => None,
-            ClientIdPolicy::Prefix if req.client_id.starts_with(username) => None,
+            ClientIdPolicy::Prefix if self.is_own_prefix(username, req.client_id) => None,
             ClientIdPolicy::Equal | ClientIdPolicy::Prefix => return Err(DenyReason::ClientId),
             ClientIdPolicy::Scoped => Some((req.mountpoint.to_owned(), format!("{username}|{}", req.client_id))),
         };
@@ -226,6 +227,14 @@ impl Policy {
             subscriber_id,
         };
         Ok((Principal::Device(device), modifiers))
+    }
+
+    /// `client_id` is `username` itself or `username` followed by a character no device id can contain, so that
+    /// `admin:a1` cannot use `admin:a1998e…` and take that device's sessions over.
+    fn is_own_prefix(&self, username: &str, client_id: &str) -> bool {
+        client_id
+            .strip_prefix(username)
+            .is_some_and(|rest| rest.chars().next().is_none_or(|c| !self.config.id_charset.accepts_char(c)))
     }
 
     /// Decides a PUBLISH (also the last will, which VerneMQ authorises the same way at CONNECT).
@@ -241,6 +250,16 @@ impl Policy {
                 Ok(())
             }
             Principal::Service => self.config_topic_device(topic).map(|_| ()).ok_or(DenyReason::Topic),
+        }
+    }
+
+    /// Whether VerneMQ may cache an allowed publish of this identity. The service publishes to one topic per device,
+    /// and VerneMQ never evicts expired cache entries that are not looked up again: caching those would grow the
+    /// broker's memory with the device count for no gain (K2V traffic is low).
+    pub fn publish_cacheable(&self, username: Option<&str>) -> bool {
+        match self.principal(username) {
+            Ok(Principal::Device(_)) => true,
+            Ok(Principal::Service) | Err(_) => false,
         }
     }
 

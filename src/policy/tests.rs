@@ -72,9 +72,13 @@ fn client_id_policies() {
     assert_eq!(denied(equal.register(&register(Some(DEV), "anon-xyz"), 0.5)), DenyReason::ClientId);
 
     let prefix = policy_with(|c| c.client_id_policy = ClientIdPolicy::Prefix);
-    assert!(matches!(prefix.register(&register(Some(DEV), "admin:a1998e-42"), 0.5), RegisterDecision::Allow { .. }));
-    assert!(matches!(prefix.register(&register(Some(DEV), DEV), 0.5), RegisterDecision::Allow { .. }));
+    for own in [DEV, "admin:a1998e@42", "admin:a1998e/x", "admin:a1998e|x", "admin:a1998e#"] {
+        assert!(matches!(prefix.register(&register(Some(DEV), own), 0.5), RegisterDecision::Allow { .. }), "{own}");
+    }
     assert_eq!(denied(prefix.register(&register(Some(DEV), "admin:a1998"), 0.5)), DenyReason::ClientId);
+    // A device id that extends this one belongs to another device.
+    assert_eq!(denied(prefix.register(&register(Some("admin:a1"), "admin:a1998e"), 0.5)), DenyReason::ClientId);
+    assert_eq!(denied(prefix.register(&register(Some(DEV), "admin:a1998e-42"), 0.5)), DenyReason::ClientId);
     assert_eq!(denied(prefix.register(&register(Some(DEV), "x-admin:a1998e"), 0.5)), DenyReason::ClientId);
 }
 
@@ -211,6 +215,14 @@ fn service_publishes_only_config_of_valid_devices() {
     ] {
         assert_eq!(p.publish(Some("k2v-bridge"), topic, false), Err(DenyReason::Topic), "{topic:?}");
     }
+}
+
+#[test]
+fn only_device_publishes_are_cacheable() {
+    let p = policy();
+    assert!(p.publish_cacheable(Some(DEV)));
+    assert!(!p.publish_cacheable(Some("k2v-bridge")));
+    assert!(!p.publish_cacheable(None));
 }
 
 #[test]

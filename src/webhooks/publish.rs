@@ -8,7 +8,7 @@ pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
         Err(reply) => return reply,
     };
     match state.policy.publish(req.username.as_deref(), &req.topic, req.retain) {
-        Ok(()) => Reply::ok(state.cache.publish),
+        Ok(()) => Reply::ok(state.cache.publish.filter(|_| state.policy.publish_cacheable(req.username.as_deref()))),
         Err(reason) => {
             tracing::info!(username = ?req.username, client_id = %req.client_id, topic = %req.topic, %reason, "publish denied");
             Reply::Deny(reason)

@@ -37,12 +37,13 @@ impl Reply {
         Reply::Allow { body: AllowBody::Ok, max_age }
     }
 
-    /// `{"result":"ok", ...extra}`; `extra` must serialise to a JSON object.
+    /// `{"result":"ok", ...extra}`, with `result` first for whoever reads VerneMQ traces; `extra` must serialise to a
+    /// JSON object.
     pub fn ok_with<T: Serialize>(extra: &T, max_age: Option<u32>) -> Self {
-        match serde_json::to_value(extra) {
-            Ok(serde_json::Value::Object(mut map)) => {
-                map.insert("result".into(), "ok".into());
-                Reply::Allow { body: AllowBody::Json(serde_json::Value::Object(map).to_string()), max_age }
+        match serde_json::to_string(extra) {
+            Ok(json) if json == "{}" => Reply::ok(max_age),
+            Ok(json) if json.starts_with('{') => {
+                Reply::Allow { body: AllowBody::Json(format!(r#"{{"result":"ok",{}"#, &json[1..])), max_age }
             }
             _ => Reply::Failed("reply modifiers did not serialise to an object".into()),
         }

@@ -2,4 +2,5 @@
 
 mod captures;
 mod common;
+mod examples;
 mod seed_cases;
