@@ -6,6 +6,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{CommandFactory, Parser};
 
+use crate::mqtt::{MqttSettings, TlsFiles};
 use crate::policy::{ClientIdPolicy, IdCharset, Lifetime, PolicyConfig};
 use crate::secret::Secret;
 use crate::webhooks::CachePolicy;
@@ -91,6 +92,103 @@ pub struct Config {
     /// Seconds allowed for a clean shutdown (in-flight hooks, producer flush, consumer commit).
     #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 10, value_name = "SECONDS")]
     pub shutdown_timeout: u64,
+
+    /// Kafka bootstrap servers (`host:port,…`). Unset: device data and commands stay off (ACL only).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+
+    #[command(flatten)]
+    pub v2k: V2kArgs,
+}
+
+/// The service's own MQTT client (K2V publisher, V2K subscription mode). It connects as MQTT_USERNAME.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MqttArgs {
+    /// Broker for the internal client: mqtt://host:port or mqtts://host:port. Unset: no internal client.
+    #[arg(long, env = "MQTT_URL")]
+    pub mqtt_url: Option<String>,
+
+    /// Base of the internal client ids (`-k2v`, `-v2k` appended); keep it stable per instance, since the broker keeps
+    /// its sessions [default: iotagent-mqtt-<hostname>].
+    #[arg(long, env = "MQTT_CLIENT_ID")]
+    pub mqtt_client_id: Option<String>,
+
+    /// CA certificate (PEM) that signed the broker's certificate, for mqtts://.
+    #[arg(long, env = "MQTT_CA_FILE")]
+    pub mqtt_ca_file: Option<std::path::PathBuf>,
+
+    /// The service's client certificate (PEM), for mutual TLS.
+    #[arg(long, env = "MQTT_CERT_FILE")]
+    pub mqtt_cert_file: Option<std::path::PathBuf>,
+
+    /// The key of that certificate (PEM).
+    #[arg(long, env = "MQTT_KEY_FILE")]
+    pub mqtt_key_file: Option<std::path::PathBuf>,
+
+    /// MQTT keep-alive of the internal clients, in seconds.
+    #[arg(long, env = "MQTT_KEEP_ALIVE", default_value_t = 30, value_parser = clap::value_parser!(u64).range(5..=3600))]
+    pub mqtt_keep_alive: u64,
+}
+
+/// How device publishes reach Kafka (DESIGN §4).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum V2kMode {
+    /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS).
+    #[value(name = "on_publish")]
+    OnPublish,
+    /// Produce inside auth_on_publish and refuse the publish when Kafka does not ack: end-to-end at-least-once.
+    #[value(name = "auth_on_publish")]
+    AuthOnPublish,
+    /// Shared subscription `$share/<group>/+/attrs` with manual acks: no per-message webhook.
+    #[value(name = "subscription")]
+    Subscription,
+}
+
+/// Device data into Kafka.
+#[derive(Debug, Clone, clap::Args)]
+pub struct V2kArgs {
+    /// on_publish | auth_on_publish (strict) | subscription.
+    #[arg(long, env = "V2K_MODE", value_enum, default_value_t = V2kMode::OnPublish)]
+    pub v2k_mode: V2kMode,
+
+    /// on_publish mode: refuse device publishes in auth_on_publish while Kafka is unhealthy (no cache header then).
+    #[arg(long, env = "V2K_GATE", default_value = "false", action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub v2k_gate: bool,
+
+    /// The gate closes when more messages than this wait for Kafka.
+    #[arg(long, env = "V2K_GATE_MAX_QUEUE", default_value_t = 10_000)]
+    pub v2k_gate_max_queue: usize,
+
+    /// Kafka topic of device data is `<tenant>.<suffix>`; dead letters go to `<tenant>.<suffix>.dead-letter`.
+    #[arg(long, env = "V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX", default_value = "device-data")]
+    pub v2k_topic_suffix: String,
+
+    /// Larger payloads are dead-lettered.
+    #[arg(long, env = "V2K_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    pub v2k_max_payload_bytes: usize,
+
+    /// Webhook modes: how long a QoS 1/2 publish waits for Kafka's ack (below VerneMQ's 5 s webhook timeout).
+    #[arg(long, env = "V2K_ACK_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=4900))]
+    pub v2k_ack_timeout_ms: u64,
+
+    /// How long the producer retries a message before it counts as expired (librdkafka message.timeout.ms).
+    #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000)]
+    pub v2k_delivery_timeout_ms: u64,
+
+    /// Subscription mode: shared subscription group.
+    #[arg(long, env = "V2K_SHARE_GROUP", default_value = "v2k")]
+    pub v2k_share_group: String,
+
+    /// Producer compression: none, gzip, snappy, lz4, zstd.
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    pub kafka_compression: String,
+
+    /// Producer linger (ms): how long a message may wait to share a batch.
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 5)]
+    pub kafka_linger_ms: u64,
 }
 
 /// A configuration value that cannot work, naming the variable to fix.
@@ -194,9 +292,53 @@ impl Config {
         }
     }
 
+    /// The internal MQTT client's settings, when MQTT_URL is set.
+    ///
+    /// # Errors
+    /// A malformed MQTT_URL, TLS files given for a plain URL or missing for mqtts://.
+    pub fn mqtt_settings(&self) -> Result<Option<MqttSettings>, ConfigError> {
+        let Some(url) = &self.mqtt.mqtt_url else { return Ok(None) };
+        let (host, port, tls) = MqttSettings::parse_url(url).map_err(|e| invalid("MQTT_URL", e.to_string()))?;
+        let tls = match (tls, &self.mqtt.mqtt_ca_file) {
+            (true, Some(ca)) => Some(TlsFiles {
+                ca: ca.clone(),
+                cert: self.mqtt.mqtt_cert_file.clone(),
+                key: self.mqtt.mqtt_key_file.clone(),
+            }),
+            (true, None) => return Err(invalid("MQTT_CA_FILE", "required for an mqtts:// MQTT_URL")),
+            (false, _) if self.mqtt.mqtt_cert_file.is_some() => {
+                return Err(invalid("MQTT_CERT_FILE", "set, but MQTT_URL is not mqtts://"));
+            }
+            (false, _) => None,
+        };
+        if tls.as_ref().is_some_and(|t| t.cert.is_some() != t.key.is_some()) {
+            return Err(invalid("MQTT_KEY_FILE", "MQTT_CERT_FILE and MQTT_KEY_FILE go together"));
+        }
+        let client_id = self.mqtt.mqtt_client_id.clone().unwrap_or_else(default_client_id);
+        Ok(Some(MqttSettings {
+            host,
+            port,
+            tls,
+            username: self.mqtt_username.clone(),
+            password: self.mqtt_password.clone(),
+            client_id,
+            keep_alive: Duration::from_secs(self.mqtt.mqtt_keep_alive),
+        }))
+    }
+
     pub fn shutdown_timeout(&self) -> Duration {
         Duration::from_secs(self.shutdown_timeout)
     }
+}
+
+fn default_client_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "local".into());
+    format!("iotagent-mqtt-{host}")
 }
 
 /// clap reports a bad value by its flag; operators set environment variables, so name that too.
@@ -264,6 +406,20 @@ mod tests {
         assert!(err.contains("MAX_CONNECTION_LIFETIME_JITTER"), "{err}");
         let err = parse(&["--client-id-policy", "free"]).unwrap_err().to_string();
         assert!(err.contains("CLIENT_ID_POLICY"), "{err}");
+    }
+
+    #[test]
+    fn mqtt_settings() {
+        assert!(parse(&[]).unwrap().mqtt_settings().unwrap().is_none());
+        let c = parse(&["--mqtt-url", "mqtt://vernemq:1883", "--mqtt-client-id", "gw1"]).unwrap();
+        let s = c.mqtt_settings().unwrap().unwrap();
+        assert_eq!((s.host.as_str(), s.port, s.client_id.as_str(), s.tls.is_none()), ("vernemq", 1883, "gw1", true));
+        let err = parse(&["--mqtt-url", "vernemq"]).unwrap().mqtt_settings().unwrap_err();
+        assert_eq!(err.variable, "MQTT_URL");
+        let err = parse(&["--mqtt-url", "mqtts://vernemq"]).unwrap().mqtt_settings().unwrap_err();
+        assert_eq!(err.variable, "MQTT_CA_FILE");
+        let err = parse(&["--mqtt-url", "mqtt://v", "--mqtt-cert-file", "c.pem"]).unwrap().mqtt_settings().unwrap_err();
+        assert_eq!(err.variable, "MQTT_CERT_FILE");
     }
 
     #[test]

@@ -1,0 +1,1 @@
+//! Kafka clients (rdkafka with its bundled librdkafka). The only module that imports rdkafka.

@@ -1,0 +1,152 @@
+//! The service's own MQTT connections to the broker (rumqttc): connection options from configuration, plain with a
+//! password or mutual TLS with the service's certificate (OpenSSL through native-tls).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rumqttc::tokio_native_tls::native_tls::{Certificate, Identity, TlsConnector};
+use rumqttc::{MqttOptions, Transport};
+
+use crate::secret::Secret;
+
+/// Largest packet the service's clients accept or send. Device payloads over the V2K limit still have to be read
+/// (to dead-letter them); a smaller client limit would turn such a message into a reconnect loop.
+const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum MqttConfigError {
+    #[error("MQTT_URL {0:?}: expected mqtt://host:port or mqtts://host:port")]
+    Url(String),
+    #[error("cannot read {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("TLS material: {0}")]
+    Tls(String),
+}
+
+/// Where and as whom the service connects.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    pub host: String,
+    pub port: u16,
+    pub tls: Option<TlsFiles>,
+    pub username: String,
+    pub password: Option<Secret>,
+    /// Base of the client ids; each internal client appends its role so they never take each other's session.
+    pub client_id: String,
+    pub keep_alive: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub ca: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+impl MqttSettings {
+    /// Splits `mqtt://host:port` / `mqtts://host:port` (`tcp://` and `ssl://` are accepted too).
+    ///
+    /// # Errors
+    /// Any other shape.
+    pub fn parse_url(url: &str) -> Result<(String, u16, bool), MqttConfigError> {
+        let bad = || MqttConfigError::Url(url.to_string());
+        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
+        let tls = match scheme {
+            "mqtt" | "tcp" => false,
+            "mqtts" | "ssl" => true,
+            _ => return Err(bad()),
+        };
+        let rest = rest.trim_end_matches('/');
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
+            None => (rest, if tls { 8883 } else { 1883 }),
+        };
+        if host.is_empty() || host.contains(['/', '@', ' ']) {
+            return Err(bad());
+        }
+        Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port, tls))
+    }
+
+    /// Options for one internal client. `role` makes the client id unique per client; `clean_session` false keeps
+    /// the broker-side session (queued and unacknowledged messages) across reconnects and restarts.
+    ///
+    /// # Errors
+    /// Unreadable or invalid TLS files.
+    pub fn options(&self, role: &str, clean_session: bool) -> Result<MqttOptions, MqttConfigError> {
+        let mut options = MqttOptions::new(format!("{}-{role}", self.client_id), &self.host, self.port);
+        options.set_keep_alive(self.keep_alive);
+        options.set_clean_session(clean_session);
+        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        if let Some(password) = &self.password {
+            options.set_credentials(&self.username, password.expose());
+        } else {
+            options.set_credentials(&self.username, "");
+        }
+        if let Some(tls) = &self.tls {
+            options.set_transport(Transport::tls_with_config(tls.connector()?.into()));
+        }
+        Ok(options)
+    }
+}
+
+fn read(path: &PathBuf) -> Result<Vec<u8>, MqttConfigError> {
+    std::fs::read(path).map_err(|source| MqttConfigError::Read { path: path.clone(), source })
+}
+
+impl TlsFiles {
+    fn connector(&self) -> Result<TlsConnector, MqttConfigError> {
+        let tls = |e: &dyn std::fmt::Display| MqttConfigError::Tls(e.to_string());
+        let mut builder = TlsConnector::builder();
+        builder.add_root_certificate(Certificate::from_pem(&read(&self.ca)?).map_err(|e| tls(&e))?);
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                // native-tls wants PKCS#8; openssl-generated keys are often PKCS#1 or SEC1.
+                let key = openssl::pkey::PKey::private_key_from_pem(&read(key)?)
+                    .and_then(|k| k.private_key_to_pem_pkcs8())
+                    .map_err(|e| tls(&e))?;
+                builder.identity(Identity::from_pkcs8(&read(cert)?, &key).map_err(|e| tls(&e))?);
+            }
+            (None, None) => {}
+            _ => return Err(MqttConfigError::Tls("MQTT_CERT_FILE and MQTT_KEY_FILE go together".into())),
+        }
+        builder.build().map_err(|e| tls(&e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls() {
+        assert_eq!(MqttSettings::parse_url("mqtt://vernemq:1883").unwrap(), ("vernemq".into(), 1883, false));
+        assert_eq!(MqttSettings::parse_url("mqtts://vernemq").unwrap(), ("vernemq".into(), 8883, true));
+        assert_eq!(MqttSettings::parse_url("tcp://127.0.0.1:18831/").unwrap(), ("127.0.0.1".into(), 18831, false));
+        assert_eq!(MqttSettings::parse_url("ssl://[::1]:8883").unwrap(), ("::1".into(), 8883, true));
+        for bad in ["vernemq:1883", "http://x:1", "mqtt://:1883", "mqtt://x:port", "mqtt://u@x:1", "mqtt://x:70000"] {
+            assert!(MqttSettings::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn client_ids_carry_the_role() {
+        let settings = MqttSettings {
+            host: "localhost".into(),
+            port: 1883,
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: Some(Secret::new("pw")),
+            client_id: "iotagent-mqtt-node1".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let options = settings.options("v2k", false).unwrap();
+        assert_eq!(options.client_id(), "iotagent-mqtt-node1-v2k");
+        assert!(!options.clean_session());
+    }
+
+    #[test]
+    fn missing_tls_files_are_reported() {
+        let files = TlsFiles { ca: "/nonexistent/ca.pem".into(), cert: None, key: None };
+        assert!(matches!(files.connector(), Err(MqttConfigError::Read { .. })));
+    }
+}
