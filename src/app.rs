@@ -8,11 +8,13 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::Config;
-use crate::health::Readiness;
+use crate::config::{Config, ConfigError, V2kMode};
+use crate::health::{Probe, Readiness};
+use crate::kafka::producer::{Producer, ProducerSettings};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::SessionRegistry;
+use crate::v2k::{Contract, V2k, V2kSettings};
 use crate::webhooks::HookState;
 
 /// Sockets bound by the caller, so tests can bind port 0 and read the address before the service starts.
@@ -43,18 +45,53 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 /// # Errors
 /// Invalid configuration, or a listener that fails.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let policy = Arc::new(Policy::new(config.policy()?));
+    let mut policy_config = config.policy()?;
+    let mqtt = config.mqtt_settings()?;
     let metrics = Arc::new(Metrics::new());
     let sessions = Arc::new(SessionRegistry::default());
-    let readiness = Readiness::default();
+    let mut readiness = Readiness::default();
 
-    let hooks = HookState::new(policy, sessions.clone(), config.cache(), config.webhook_max_body_bytes, &metrics);
+    let v2k = match &config.kafka_brokers {
+        Some(brokers) => Some(Arc::new(start_v2k(&config, brokers, &metrics)?)),
+        None => None,
+    };
+    let mut background = Vec::new();
+    if let Some(v2k) = &v2k {
+        background.push(tokio::spawn(watch_kafka(v2k.clone(), readiness.probe("kafka"), shutdown.clone())));
+        if v2k.mode() == V2kMode::Subscription {
+            let settings = mqtt.clone().ok_or_else(|| ConfigError {
+                variable: "MQTT_URL",
+                problem: "V2K_MODE=subscription needs the internal MQTT client".into(),
+            })?;
+            let filter = format!("$share/{}/+/{}", config.v2k.v2k_share_group, config.attrs_suffix);
+            policy_config.service_subscription = Some(filter.clone());
+            let subscription = crate::v2k::subscription::run(
+                settings,
+                filter,
+                v2k.clone(),
+                Arc::new(Policy::new(policy_config.clone())),
+                readiness.probe("v2k_mqtt"),
+                shutdown.clone(),
+                config.shutdown_timeout(),
+            );
+            background.push(tokio::spawn(subscription));
+        }
+    }
+    let policy = Arc::new(Policy::new(policy_config));
+
+    let mut cache = config.cache();
+    if v2k.as_ref().is_some_and(|v| v.mode() == V2kMode::AuthOnPublish || config.v2k.v2k_gate) {
+        // Strict mode and the gate decide per message: a cached allow would skip them.
+        cache.publish = None;
+    }
+    let hooks = HookState::new(policy, sessions.clone(), cache, config.webhook_max_body_bytes, v2k.clone(), &metrics);
     let router = crate::http::router(hooks, readiness, metrics.clone());
 
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         let sessions_gauge = metrics.gauge("iotagent_sessions", "MQTT sessions connected to this VerneMQ node", &[]);
+        let v2k_gauges = v2k.clone();
         async move {
             let mut tick = tokio::time::interval(UPKEEP_INTERVAL);
             loop {
@@ -62,6 +99,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
                     _ = shutdown.cancelled() => break,
                     _ = tick.tick() => {
                         sessions_gauge.set(sessions.len() as f64);
+                        if let Some(v2k) = &v2k_gauges {
+                            v2k.observe();
+                        }
                         metrics.upkeep();
                     }
                 }
@@ -79,7 +119,56 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             tokio::time::sleep(config.shutdown_timeout()).await;
         } => tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway"),
     }
+    // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same deadline).
+    for task in background {
+        let _ = tokio::time::timeout(config.shutdown_timeout(), task).await;
+    }
+    if let Some(v2k) = &v2k {
+        match v2k.producer().flush(config.shutdown_timeout()).await {
+            Ok(()) => tracing::info!("Kafka producer flushed"),
+            Err(left) => tracing::error!(left, "Kafka producer not flushed within SHUTDOWN_TIMEOUT; records lost"),
+        }
+    }
     upkeep.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+fn start_v2k(config: &Config, brokers: &str, metrics: &Metrics) -> anyhow::Result<V2k> {
+    let v = &config.v2k;
+    if v.v2k_topic_suffix.is_empty()
+        || v.v2k_topic_suffix.contains(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
+    {
+        return Err(ConfigError {
+            variable: "V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX",
+            problem: "must be a non-empty Kafka topic part ([A-Za-z0-9._-])".into(),
+        }
+        .into());
+    }
+    let producer = Producer::new(&ProducerSettings {
+        brokers: brokers.to_string(),
+        compression: v.kafka_compression.clone(),
+        linger_ms: v.kafka_linger_ms,
+        delivery_timeout_ms: v.v2k_delivery_timeout_ms,
+        client_id: config.mqtt.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into()),
+    })
+    .context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
+    let settings = V2kSettings {
+        mode: v.v2k_mode,
+        contract: Contract { topic_suffix: v.v2k_topic_suffix.clone(), max_payload_bytes: v.v2k_max_payload_bytes },
+        ack_timeout: Duration::from_millis(v.v2k_ack_timeout_ms),
+        gate_max_queue: v.v2k_gate.then_some(v.v2k_gate_max_queue),
+    };
+    Ok(V2k::new(producer, settings, metrics))
+}
+
+/// Keeps the Kafka readiness probe current.
+async fn watch_kafka(v2k: Arc<V2k>, probe: Probe, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => probe.set(v2k.producer().check_health().await),
+        }
+    }
 }

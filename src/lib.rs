@@ -22,6 +22,7 @@ pub mod policy;
 pub mod secret;
 pub mod sessions;
 pub mod telemetry;
+pub mod v2k;
 pub mod webhooks;
 
 pub use app::{Listeners, run};

@@ -75,6 +75,7 @@ pub struct HookMetrics {
     pub allowed: Counter,
     pub denied: Counter,
     pub notified: Counter,
+    pub unavailable: Counter,
     pub bad_request: Counter,
     pub failed: Counter,
     pub latency: Histogram,
@@ -93,6 +94,7 @@ impl HookMetrics {
             allowed: outcome("allow"),
             denied: outcome("deny"),
             notified: outcome("notified"),
+            unavailable: outcome("unavailable"),
             bad_request: outcome("bad_request"),
             failed: outcome("error"),
             latency: metrics.histogram(

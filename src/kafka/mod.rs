@@ -1,1 +1,3 @@
 //! Kafka clients (rdkafka with its bundled librdkafka). The only module that imports rdkafka.
+
+pub mod producer;

@@ -285,8 +285,28 @@ impl Policy {
 
     /// The device a `<tenant>:<device>/<config suffix>` topic addresses, if the topic is exactly that.
     pub fn config_topic_device<'t>(&self, topic: &'t str) -> Option<DeviceId<'t>> {
-        let (identity, suffix) = topic.split_once('/')?;
-        if suffix != self.config.config_suffix {
+        self.topic_device(topic, &self.config.config_suffix)
+    }
+
+    /// The device whose data topic `<tenant>:<device>/<attrs suffix>` this is, if it is exactly that.
+    pub fn attrs_topic_device<'t>(&self, topic: &'t str) -> Option<DeviceId<'t>> {
+        self.topic_device(topic, &self.config.attrs_suffix)
+    }
+
+    /// The device whose data a publish by `username` on `topic` is: the username is a device and the topic its own
+    /// attrs topic. Anything else (the service's config publishes, for one) is not device data.
+    pub fn device_data_source<'a>(&self, username: Option<&'a str>, topic: &str) -> Option<DeviceId<'a>> {
+        match self.principal(username) {
+            Ok(Principal::Device(device)) if self.is_device_topic(device, topic, &self.config.attrs_suffix) => {
+                Some(device)
+            }
+            _ => None,
+        }
+    }
+
+    fn topic_device<'t>(&self, topic: &'t str, suffix: &str) -> Option<DeviceId<'t>> {
+        let (identity, rest) = topic.split_once('/')?;
+        if rest != suffix {
             return None;
         }
         parse_device(identity, &self.config.id_charset).ok()

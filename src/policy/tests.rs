@@ -294,3 +294,16 @@ fn custom_suffixes() {
     assert_eq!(p.config_topic_device("admin:a1998e/down"), Some(DeviceId { tenant: "admin", device: "a1998e" }));
     assert_eq!(p.config_topic_device("admin:a1998e/config"), None);
 }
+
+#[test]
+fn device_data_sources() {
+    let p = policy();
+    let dev = DeviceId { tenant: "admin", device: "a1998e" };
+    assert_eq!(p.device_data_source(Some(DEV), "admin:a1998e/attrs"), Some(dev));
+    assert_eq!(p.device_data_source(Some(DEV), "admin:b/attrs"), None);
+    assert_eq!(p.device_data_source(Some("k2v-bridge"), "admin:a1998e/config"), None);
+    assert_eq!(p.device_data_source(None, "admin:a1998e/attrs"), None);
+    assert_eq!(p.attrs_topic_device("admin:a1998e/attrs"), Some(dev));
+    assert_eq!(p.attrs_topic_device("admin:a1998e/attrs/x"), None);
+    assert_eq!(p.attrs_topic_device("admin:a:b/attrs"), None);
+}

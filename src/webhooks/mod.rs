@@ -23,6 +23,7 @@ pub use reply::Reply;
 use crate::metrics::{HookMetrics, Metrics};
 use crate::policy::Policy;
 use crate::sessions::SessionRegistry;
+use crate::v2k::V2k;
 
 /// The hooks this service serves. Anything else VerneMQ could call is deliberately not routed (404 = deny).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -95,6 +96,7 @@ pub struct HookState {
     pub sessions: Arc<SessionRegistry>,
     pub cache: CachePolicy,
     pub max_body_bytes: usize,
+    pub v2k: Option<Arc<V2k>>,
     metrics: Arc<[HookMetrics; Hook::ALL.len()]>,
 }
 
@@ -104,10 +106,11 @@ impl HookState {
         sessions: Arc<SessionRegistry>,
         cache: CachePolicy,
         max_body_bytes: usize,
+        v2k: Option<Arc<V2k>>,
         metrics: &Metrics,
     ) -> Self {
         let per_hook = Hook::ALL.map(|hook| HookMetrics::new(metrics, hook.name()));
-        Self { policy, sessions, cache, max_body_bytes, metrics: Arc::new(per_hook) }
+        Self { policy, sessions, cache, max_body_bytes, v2k, metrics: Arc::new(per_hook) }
     }
 
     fn metrics(&self, hook: Hook) -> &HookMetrics {
@@ -174,6 +177,10 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
         Reply::Allow { .. } => metrics.allowed.increment(1),
         Reply::Deny(_) => metrics.denied.increment(1),
         Reply::Notified => metrics.notified.increment(1),
+        Reply::Unavailable(message) => {
+            metrics.unavailable.increment(1);
+            tracing::warn!(hook = hook.name(), %message, "publish refused: Kafka cannot take it now");
+        }
         Reply::BadRequest(message) => {
             metrics.bad_request.increment(1);
             tracing::warn!(hook = hook.name(), %message, "rejected malformed webhook request");

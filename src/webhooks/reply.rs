@@ -9,6 +9,7 @@ const OK: &str = r#"{"result":"ok"}"#;
 /// VerneMQ maps every webhook error string to the same CONNACK/PUBACK/SUBACK code, so the reason stays in our logs.
 const NOT_ALLOWED: &str = r#"{"result":{"error":"not_allowed"}}"#;
 const NOTIFIED: &str = "{}";
+const UNAVAILABLE: &str = r#"{"result":{"error":"unavailable"}}"#;
 
 /// A hook's answer. `Allow` carries the exact body, so its shape is decided by the hook module that knows the rules.
 #[derive(Debug)]
@@ -22,6 +23,9 @@ pub enum Reply {
     Notified,
     /// The request could not be read: 400, which VerneMQ treats as a denial.
     BadRequest(String),
+    /// Accepted by the rules but refused because a dependency cannot take it now (Kafka in strict mode or behind the
+    /// gate): a 200 error result, so the device keeps the message and sends it again.
+    Unavailable(String),
     /// Something on our side failed (for example Kafka did not ack in time): 500, also a denial.
     Failed(String),
 }
@@ -55,6 +59,7 @@ impl Reply {
             Reply::Allow { body: AllowBody::Json(json), max_age } => (StatusCode::OK, Body::from(json), max_age),
             Reply::Deny(_) => (StatusCode::OK, Body::from(NOT_ALLOWED), None),
             Reply::Notified => (StatusCode::OK, Body::from(NOTIFIED), None),
+            Reply::Unavailable(_) => (StatusCode::OK, Body::from(UNAVAILABLE), None),
             Reply::BadRequest(message) => (StatusCode::BAD_REQUEST, error_body("bad_request", &message), None),
             Reply::Failed(message) => (StatusCode::INTERNAL_SERVER_ERROR, error_body("internal", &message), None),
         };

@@ -45,13 +45,11 @@ pub struct Publish {
     pub username: Option<String>,
     pub client_id: String,
     #[serde(deserialize_with = "qos")]
-    #[allow(dead_code)] // read by the V2K forwarder
     pub qos: u8,
     pub topic: String,
     pub retain: bool,
     /// Base64; absent when the endpoint is registered with `no_payload = on`.
     #[serde(default)]
-    #[allow(dead_code)] // read by the V2K forwarder
     pub payload: Option<String>,
 }
 

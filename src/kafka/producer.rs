@@ -1,0 +1,215 @@
+//! The one shared Kafka producer: idempotent, `acks=all`, compressed, with delivery reports awaited and their errors
+//! sorted into "retry it" and "it will never go".
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::client::ClientContext;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+
+use crate::v2k::message::Record;
+
+#[derive(Debug, Clone)]
+pub struct ProducerSettings {
+    pub brokers: String,
+    pub compression: String,
+    pub linger_ms: u64,
+    /// librdkafka retries a message this long before reporting it expired.
+    pub delivery_timeout_ms: u64,
+    pub client_id: String,
+}
+
+/// Why a record was not (yet) acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum ProduceError {
+    /// The producer's local queue is full: back-pressure, try again later.
+    #[error("producer queue is full")]
+    QueueFull,
+    /// No ack within the caller's deadline; the record is still queued and retried by the producer.
+    #[error("no ack within {0:?}; the record stays queued")]
+    Pending(Duration),
+    /// The producer gave up after its delivery timeout (Kafka unreachable too long); sending again may succeed.
+    #[error("delivery expired: {0}")]
+    Expired(KafkaError),
+    /// Kafka refused the record for good (too large, unknown topic, not authorised, fatal producer state).
+    #[error("delivery failed for good: {0}")]
+    Final(KafkaError),
+}
+
+impl ProduceError {
+    /// A short label for metrics.
+    pub fn class(&self) -> &'static str {
+        match self {
+            ProduceError::QueueFull => "queue_full",
+            ProduceError::Pending(_) => "pending",
+            ProduceError::Expired(_) => "expired",
+            ProduceError::Final(_) => "final",
+        }
+    }
+}
+
+fn classify(error: KafkaError) -> ProduceError {
+    use RDKafkaErrorCode as C;
+    match error.rdkafka_error_code() {
+        Some(C::QueueFull) => ProduceError::QueueFull,
+        Some(
+            C::MessageTimedOut
+            | C::AllBrokersDown
+            | C::BrokerTransportFailure
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotEnoughReplicas
+            | C::NotEnoughReplicasAfterAppend
+            | C::PurgeQueue
+            | C::PurgeInflight,
+        ) => ProduceError::Expired(error),
+        _ => ProduceError::Final(error),
+    }
+}
+
+/// Notices from librdkafka about the cluster as a whole.
+pub struct HealthContext {
+    all_brokers_down: Arc<AtomicBool>,
+}
+
+impl ClientContext for HealthContext {
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.all_brokers_down.store(true, Ordering::Relaxed);
+        }
+        tracing::warn!(%error, reason, "kafka client error");
+    }
+}
+
+/// A queued record's delivery report.
+pub struct Delivery(DeliveryFuture);
+
+impl Delivery {
+    /// Waits for the report; `timeout` None waits as long as the producer retries.
+    ///
+    /// # Errors
+    /// See [`ProduceError`].
+    pub async fn wait(self, timeout: Option<Duration>) -> Result<(), ProduceError> {
+        let report = match timeout {
+            None => self.0.await,
+            Some(limit) => match tokio::time::timeout(limit, self.0).await {
+                Ok(report) => report,
+                Err(_) => return Err(ProduceError::Pending(limit)),
+            },
+        };
+        match report {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err((error, _message))) => Err(classify(error)),
+            // The producer was dropped with the record still queued.
+            Err(_canceled) => Err(ProduceError::Expired(KafkaError::Canceled)),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Producer {
+    inner: FutureProducer<HealthContext>,
+    healthy: Arc<AtomicBool>,
+    all_brokers_down: Arc<AtomicBool>,
+}
+
+impl Producer {
+    /// # Errors
+    /// librdkafka refused the configuration.
+    pub fn new(settings: &ProducerSettings) -> Result<Self, KafkaError> {
+        let all_brokers_down = Arc::new(AtomicBool::new(false));
+        let inner = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("client.id", &settings.client_id)
+            // Idempotence implies acks=all, bounded in-flight requests and ordered retries: no duplicates or
+            // reordering from the producer's own retries.
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("compression.type", &settings.compression)
+            .set("linger.ms", settings.linger_ms.to_string())
+            .set("message.timeout.ms", settings.delivery_timeout_ms.to_string())
+            .set("queue.buffering.max.messages", "1000000")
+            .set("queue.buffering.max.kbytes", "1048576")
+            .set("message.max.bytes", "4194304")
+            .create_with_context(HealthContext { all_brokers_down: all_brokers_down.clone() })?;
+        Ok(Self { inner, healthy: Arc::new(AtomicBool::new(false)), all_brokers_down })
+    }
+
+    /// Queues a record without waiting; order of calls is the order on each partition.
+    ///
+    /// # Errors
+    /// Queue full, or a record Kafka can never take.
+    pub fn send(&self, record: &Record) -> Result<Delivery, ProduceError> {
+        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
+        for (key, value) in &record.headers {
+            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
+        }
+        let future = FutureRecord::to(&record.topic).key(&record.key).payload(&record.value).headers(headers);
+        self.inner.send_result(future).map(Delivery).map_err(|(error, _)| classify(error))
+    }
+
+    /// Records waiting for an ack (queued or in flight to Kafka).
+    pub fn in_flight(&self) -> usize {
+        usize::try_from(self.inner.in_flight_count()).unwrap_or_default()
+    }
+
+    /// Whether the cluster answered the last health check.
+    pub fn is_healthy(&self) -> bool {
+        self.healthy.load(Ordering::Relaxed)
+    }
+
+    /// Asks the cluster for metadata (blocking, so on a blocking thread) and remembers the answer.
+    pub async fn check_health(&self) -> bool {
+        let inner = self.inner.clone();
+        let down = self.all_brokers_down.clone();
+        let ok = tokio::task::spawn_blocking(move || {
+            let ok = inner.client().fetch_metadata(None, Duration::from_secs(2)).is_ok_and(|m| !m.brokers().is_empty());
+            // A metadata answer means a broker is back, whatever librdkafka said earlier.
+            if ok {
+                down.store(false, Ordering::Relaxed);
+            }
+            ok
+        })
+        .await
+        .unwrap_or(false);
+        self.healthy.store(ok, Ordering::Relaxed);
+        ok
+    }
+
+    /// Waits until every queued record is acknowledged or `timeout` passes.
+    ///
+    /// # Errors
+    /// Records were still unacknowledged at the deadline (their number is in the error).
+    pub async fn flush(&self, timeout: Duration) -> Result<(), usize> {
+        let inner = self.inner.clone();
+        let flushed = tokio::task::spawn_blocking(move || inner.flush(timeout)).await;
+        match flushed {
+            Ok(Ok(())) => Ok(()),
+            _ => Err(self.in_flight()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_classes() {
+        use RDKafkaErrorCode as C;
+        let produce = |c| KafkaError::MessageProduction(c);
+        assert!(matches!(classify(produce(C::QueueFull)), ProduceError::QueueFull));
+        assert!(matches!(classify(produce(C::MessageTimedOut)), ProduceError::Expired(_)));
+        assert!(matches!(classify(produce(C::AllBrokersDown)), ProduceError::Expired(_)));
+        assert!(matches!(classify(produce(C::MessageSizeTooLarge)), ProduceError::Final(_)));
+        assert!(matches!(classify(produce(C::TopicAuthorizationFailed)), ProduceError::Final(_)));
+        assert!(matches!(classify(produce(C::UnknownTopicOrPartition)), ProduceError::Final(_)));
+        assert_eq!(ProduceError::Pending(Duration::from_secs(1)).class(), "pending");
+    }
+}

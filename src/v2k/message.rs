@@ -1,0 +1,229 @@
+//! dojot's device-data message contract: what a device payload becomes in Kafka, or why it goes to the dead-letter
+//! topic instead. Pure: no I/O, the receive time is an input.
+
+use serde_json::{Map, Value};
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+use crate::policy::DeviceId;
+
+/// A record ready for the producer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    pub topic: String,
+    pub key: String,
+    pub value: Vec<u8>,
+    pub headers: Vec<(&'static str, String)>,
+}
+
+/// Why a payload cannot be device data. The reason travels in the dead letter's `reason` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Invalid {
+    #[error("not_json")]
+    NotJson,
+    #[error("not_object")]
+    NotObject,
+    #[error("too_large")]
+    TooLarge,
+    #[error("bad_encoding")]
+    BadEncoding,
+}
+
+impl Invalid {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Invalid::NotJson => "not_json",
+            Invalid::NotObject => "not_object",
+            Invalid::TooLarge => "too_large",
+            Invalid::BadEncoding => "bad_encoding",
+        }
+    }
+}
+
+/// Settings of the contract.
+#[derive(Debug, Clone)]
+pub struct Contract {
+    pub topic_suffix: String,
+    pub max_payload_bytes: usize,
+}
+
+/// What one device publish becomes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    Data(Record),
+    DeadLetter { record: Record, reason: Invalid },
+}
+
+impl Outcome {
+    pub fn record(&self) -> &Record {
+        match self {
+            Outcome::Data(record) | Outcome::DeadLetter { record, .. } => record,
+        }
+    }
+}
+
+impl Contract {
+    pub fn data_topic(&self, tenant: &str) -> String {
+        format!("{tenant}.{}", self.topic_suffix)
+    }
+
+    pub fn dead_letter_topic(&self, tenant: &str) -> String {
+        format!("{tenant}.{}.dead-letter", self.topic_suffix)
+    }
+
+    /// Builds the Kafka record for `payload` published by `device` on `mqtt_topic`, received at `received_ms`.
+    pub fn build(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: &[u8], received_ms: u64) -> Outcome {
+        match self.data_value(device, payload, received_ms) {
+            Ok(value) => Outcome::Data(Record {
+                topic: self.data_topic(device.tenant),
+                key: device.to_string(),
+                value,
+                headers: Vec::new(),
+            }),
+            Err(reason) => self.dead_letter(device, mqtt_topic, payload, received_ms, reason),
+        }
+    }
+
+    /// The dead letter keeps the payload exactly as the device sent it.
+    pub fn dead_letter(
+        &self,
+        device: DeviceId<'_>,
+        mqtt_topic: &str,
+        payload: &[u8],
+        received_ms: u64,
+        reason: Invalid,
+    ) -> Outcome {
+        let record = Record {
+            topic: self.dead_letter_topic(device.tenant),
+            key: device.to_string(),
+            value: payload.to_vec(),
+            headers: vec![
+                ("reason", reason.as_str().to_string()),
+                ("mqtt_topic", mqtt_topic.to_string()),
+                ("received_at", received_ms.to_string()),
+            ],
+        };
+        Outcome::DeadLetter { record, reason }
+    }
+
+    fn data_value(&self, device: DeviceId<'_>, payload: &[u8], received_ms: u64) -> Result<Vec<u8>, Invalid> {
+        if payload.len() > self.max_payload_bytes {
+            return Err(Invalid::TooLarge);
+        }
+        let Value::Object(mut attrs) = serde_json::from_slice::<Value>(payload).map_err(|_| Invalid::NotJson)? else {
+            return Err(Invalid::NotObject);
+        };
+        let timestamp = take_timestamp(&mut attrs).unwrap_or(received_ms);
+        let message = serde_json::json!({
+            "metadata": { "deviceid": device.device, "tenant": device.tenant, "timestamp": timestamp },
+            "attrs": attrs,
+        });
+        serde_json::to_vec(&message).map_err(|_| Invalid::NotJson)
+    }
+}
+
+/// Moves a valid `timestamp` out of the attributes: epoch milliseconds (a non-negative integer) or an RFC 3339 string.
+/// An invalid one stays where it is (nothing the device sent is dropped) and the receive time is used.
+fn take_timestamp(attrs: &mut Map<String, Value>) -> Option<u64> {
+    let parsed = match attrs.get("timestamp")? {
+        Value::Number(n) => n.as_u64(),
+        Value::String(s) => OffsetDateTime::parse(s, &Rfc3339)
+            .ok()
+            .and_then(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()),
+        _ => None,
+    }?;
+    attrs.remove("timestamp");
+    Some(parsed)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    const DEV: DeviceId<'static> = DeviceId { tenant: "admin", device: "a1998e" };
+    const NOW: u64 = 1_732_540_000_000;
+
+    fn contract() -> Contract {
+        Contract { topic_suffix: "device-data".into(), max_payload_bytes: 64 }
+    }
+
+    fn data(payload: &[u8]) -> (Record, Value) {
+        match contract().build(DEV, "admin:a1998e/attrs", payload, NOW) {
+            Outcome::Data(record) => {
+                let value = serde_json::from_slice(&record.value).unwrap();
+                (record, value)
+            }
+            other => panic!("dead-lettered: {other:?}"),
+        }
+    }
+
+    fn reason(payload: &[u8]) -> Invalid {
+        match contract().build(DEV, "admin:a1998e/attrs", payload, NOW) {
+            Outcome::DeadLetter { record, reason } => {
+                assert_eq!(record.topic, "admin.device-data.dead-letter");
+                assert_eq!(record.key, "admin:a1998e");
+                assert_eq!(record.value, payload, "the dead letter keeps the payload as sent");
+                assert_eq!(record.headers[0], ("reason", reason.as_str().to_string()));
+                assert_eq!(record.headers[1], ("mqtt_topic", "admin:a1998e/attrs".to_string()));
+                reason
+            }
+            other => panic!("accepted: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn dojot_message_with_receive_time() {
+        let (record, value) = data(br#"{"attr_example": 10}"#);
+        assert_eq!(record.topic, "admin.device-data");
+        assert_eq!(record.key, "admin:a1998e");
+        assert_eq!(
+            value,
+            json!({"metadata": {"deviceid": "a1998e", "tenant": "admin", "timestamp": NOW}, "attrs": {"attr_example": 10}})
+        );
+    }
+
+    #[test]
+    fn timestamp_is_moved_into_metadata() {
+        let (_, value) = data(br#"{"t": 1, "timestamp": 1700000000123}"#);
+        assert_eq!(value["metadata"]["timestamp"], 1_700_000_000_123u64);
+        assert_eq!(value["attrs"], json!({"t": 1}));
+        let (_, value) = data(br#"{"timestamp": "2024-11-25T13:06:40.5+01:00"}"#);
+        assert_eq!(value["metadata"]["timestamp"], 1_732_536_400_500u64);
+        assert_eq!(value["attrs"], json!({}));
+    }
+
+    #[test]
+    fn invalid_timestamp_stays_in_attrs() {
+        for payload in [
+            &br#"{"timestamp": "yesterday"}"#[..],
+            br#"{"timestamp": -5}"#,
+            br#"{"timestamp": 1.5}"#,
+            br#"{"timestamp": null}"#,
+        ] {
+            let (_, value) = data(payload);
+            assert_eq!(value["metadata"]["timestamp"], NOW, "{}", String::from_utf8_lossy(payload));
+            assert!(value["attrs"].get("timestamp").is_some());
+        }
+    }
+
+    #[test]
+    fn invalid_payloads_are_dead_lettered_with_their_reason() {
+        assert_eq!(reason(b"not json"), Invalid::NotJson);
+        assert_eq!(reason(b""), Invalid::NotJson);
+        assert_eq!(reason(b"\xff\xfe"), Invalid::NotJson);
+        assert_eq!(reason(b"{\"a\":1} trailing"), Invalid::NotJson);
+        assert_eq!(reason(b"[1,2]"), Invalid::NotObject);
+        assert_eq!(reason(b"42"), Invalid::NotObject);
+        assert_eq!(reason(b"\"text\""), Invalid::NotObject);
+        assert_eq!(reason(b"null"), Invalid::NotObject);
+        assert_eq!(reason(format!("{{\"a\":\"{}\"}}", "x".repeat(64)).as_bytes()), Invalid::TooLarge);
+    }
+
+    #[test]
+    fn attrs_keep_nested_values_and_unicode() {
+        let (_, value) = data("{\"a\":{\"b\":[1,true]},\"é\":\"ü\"}".as_bytes());
+        assert_eq!(value["attrs"], json!({"a": {"b": [1, true]}, "é": "ü"}));
+    }
+}
