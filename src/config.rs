@@ -102,6 +102,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub v2k: V2kArgs,
+
+    #[command(flatten)]
+    pub k2v: crate::k2v::K2vArgs,
 }
 
 /// The service's own MQTT client (K2V publisher, V2K subscription mode). It connects as MQTT_USERNAME.

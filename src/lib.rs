@@ -3,6 +3,7 @@
 //! # Layout
 //! - [`policy`]: the access rules, pure and exhaustively tested.
 //! - [`webhooks`]: one module per hook family, translating VerneMQ's wire format to the policy and back.
+//! - [`k2v`]: commands from Kafka to devices through the service's MQTT client.
 //! - [`sessions`]: node-local registry of connected sessions.
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface.
@@ -15,6 +16,7 @@ pub mod cert;
 pub mod config;
 pub mod health;
 pub mod http;
+pub mod k2v;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;

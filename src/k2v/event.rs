@@ -1,0 +1,262 @@
+//! Device-manager events on `<tenant>.dojot.device-manager.device`, read as K2V actions: pure parsing, no I/O.
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::policy::{IdCharset, IdentityError, parse_device};
+
+/// What one event asks of K2V.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// `configure`: publish `payload` (the JSON of `data.attrs`) to `topic` (`<tenant>:<device>/<config suffix>`).
+    Publish { topic: String, payload: Vec<u8> },
+    /// `remove`: the device is gone. Forcing its session off the broker is future work (DESIGN §6, VerneMQ HTTP
+    /// API); until then the event is only counted, and the device is refused at its next connection.
+    Remove { tenant: String, device: String },
+    /// Any other event (`create`, `update`, `template.update`, …): not for the device. dojot ≥ 0.5 published these
+    /// too, by mistake.
+    Ignore { event: String },
+}
+
+/// Why an event cannot be acted on. The message is skipped (and its offset completes): it would fail the same way
+/// on every retry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EventError {
+    #[error("not a JSON object: {0}")]
+    Json(String),
+    #[error("missing or non-string field {0}")]
+    Field(&'static str),
+    #[error("data.attrs must be a JSON object")]
+    Attrs,
+    #[error("tenant {tenant:?} / device {device:?} is not a valid device identity: {reason}")]
+    Identity { tenant: String, device: String, reason: IdentityError },
+}
+
+impl EventError {
+    /// Short label for the skip counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Json(_) | Self::Field(_) | Self::Attrs => "malformed",
+            Self::Identity { .. } => "invalid_device",
+        }
+    }
+}
+
+/// The event envelope. Fields are optional here so that a missing one is reported by name.
+#[derive(Deserialize)]
+struct Envelope {
+    event: Option<Value>,
+    meta: Option<Meta>,
+    data: Option<Data>,
+}
+
+#[derive(Deserialize)]
+struct Meta {
+    service: Option<Value>,
+}
+
+#[derive(Deserialize)]
+struct Data {
+    id: Option<Value>,
+    attrs: Option<Value>,
+}
+
+/// How events become actions: the device id rules and the configuration topic level, from the ACL's configuration
+/// so that K2V never publishes where the ACL would refuse the service.
+#[derive(Debug, Clone)]
+pub struct EventRules {
+    pub id_charset: IdCharset,
+    pub config_suffix: String,
+}
+
+fn string(value: Option<Value>, field: &'static str) -> Result<String, EventError> {
+    match value {
+        Some(Value::String(s)) => Ok(s),
+        _ => Err(EventError::Field(field)),
+    }
+}
+
+impl EventRules {
+    /// Reads one Kafka message value.
+    ///
+    /// # Errors
+    /// Not JSON, a missing field, `attrs` not an object, or an identity the ACL would refuse.
+    pub fn interpret(&self, value: &[u8]) -> Result<Action, EventError> {
+        let envelope: Envelope = serde_json::from_slice(value).map_err(|e| EventError::Json(e.to_string()))?;
+        let event = string(envelope.event, "event")?;
+        if event != "configure" && event != "remove" {
+            return Ok(Action::Ignore { event });
+        }
+        let tenant = string(envelope.meta.ok_or(EventError::Field("meta.service"))?.service, "meta.service")?;
+        let data = envelope.data.ok_or(EventError::Field("data.id"))?;
+        let device = string(data.id, "data.id")?;
+        let username = format!("{tenant}:{device}");
+        if let Err(reason) = parse_device(&username, &self.id_charset) {
+            return Err(EventError::Identity { tenant, device, reason });
+        }
+        if event == "remove" {
+            return Ok(Action::Remove { tenant, device });
+        }
+        let attrs = match data.attrs {
+            Some(attrs @ Value::Object(_)) => attrs,
+            _ => return Err(EventError::Attrs),
+        };
+        let payload = serde_json::to_vec(&attrs).map_err(|e| EventError::Json(e.to_string()))?;
+        Ok(Action::Publish { topic: format!("{username}/{}", self.config_suffix), payload })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn rules() -> EventRules {
+        EventRules { id_charset: IdCharset::default(), config_suffix: "config".into() }
+    }
+
+    fn interpret(value: &Value) -> Result<Action, EventError> {
+        rules().interpret(value.to_string().as_bytes())
+    }
+
+    fn publish(topic: &str, payload: &Value) -> Action {
+        Action::Publish { topic: topic.into(), payload: serde_json::to_vec(payload).unwrap() }
+    }
+
+    #[test]
+    fn configure_publishes_the_attrs_to_the_config_topic() {
+        let event = json!({
+            "event": "configure",
+            "meta": {"service": "admin", "timestamp": 1_732_540_000_000_u64},
+            "data": {"id": "a1998e", "attrs": {"target_temperature": 23.5, "mode": "eco"}}
+        });
+        assert_eq!(
+            interpret(&event).unwrap(),
+            publish("admin:a1998e/config", &json!({"target_temperature": 23.5, "mode": "eco"}))
+        );
+    }
+
+    #[test]
+    fn payload_is_only_the_attrs_as_compact_json() {
+        let raw = br#"{ "event" : "configure", "meta":{"service":"admin"},
+                       "data":{"id":"a1998e","attrs":{ "a" : [1, 2, {"b": null}] , "s":"x y"}} }"#;
+        let Action::Publish { payload, .. } = rules().interpret(raw).unwrap() else { panic!("not a publish") };
+        assert_eq!(std::str::from_utf8(&payload).unwrap(), r#"{"a":[1,2,{"b":null}],"s":"x y"}"#);
+    }
+
+    #[test]
+    fn empty_attrs_are_still_a_configuration() {
+        let event = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {}}});
+        assert_eq!(interpret(&event).unwrap(), publish("t:d/config", &json!({})));
+    }
+
+    #[test]
+    fn the_configured_suffix_is_used() {
+        let rules = EventRules { config_suffix: "cmd".into(), ..rules() };
+        let event = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"x": 1}}});
+        let Action::Publish { topic, .. } = rules.interpret(event.to_string().as_bytes()).unwrap() else {
+            panic!("not a publish")
+        };
+        assert_eq!(topic, "t:d/cmd");
+    }
+
+    #[test]
+    fn other_events_are_ignored_without_validation() {
+        for event in ["create", "update", "template.update", "Configure", ""] {
+            let value = json!({"event": event, "data": {"attrs": "anything"}});
+            assert_eq!(interpret(&value).unwrap(), Action::Ignore { event: event.into() }, "{event}");
+        }
+    }
+
+    #[test]
+    fn remove_is_a_distinct_outcome() {
+        let event = json!({"event": "remove", "meta": {"service": "admin"}, "data": {"id": "a1998e"}});
+        assert_eq!(interpret(&event).unwrap(), Action::Remove { tenant: "admin".into(), device: "a1998e".into() });
+        let bad = json!({"event": "remove", "meta": {"service": "admin"}, "data": {"id": "a/b"}});
+        assert!(matches!(interpret(&bad), Err(EventError::Identity { .. })));
+    }
+
+    #[test]
+    fn malformed_events_are_typed_errors() {
+        for raw in [&b"not json"[..], b"", b"[1,2]", b"\"configure\"", b"null", b"{\"event\":", b"\xff\xfe"] {
+            let err = rules().interpret(raw).unwrap_err();
+            assert!(matches!(err, EventError::Json(_)), "{raw:?}: {err:?}");
+            assert_eq!(err.reason(), "malformed");
+        }
+        let cases = [
+            (json!({"meta": {"service": "t"}, "data": {"id": "d", "attrs": {}}}), EventError::Field("event")),
+            (json!({"event": 1, "meta": {"service": "t"}}), EventError::Field("event")),
+            (json!({"event": "configure", "data": {"id": "d", "attrs": {}}}), EventError::Field("meta.service")),
+            (json!({"event": "configure", "meta": {}, "data": {"id": "d"}}), EventError::Field("meta.service")),
+            (
+                json!({"event": "configure", "meta": {"service": 7}, "data": {"id": "d"}}),
+                EventError::Field("meta.service"),
+            ),
+            (json!({"event": "configure", "meta": {"service": "t"}}), EventError::Field("data.id")),
+            (json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": 12}}), EventError::Field("data.id")),
+            (json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d"}}), EventError::Attrs),
+            (
+                json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": [1]}}),
+                EventError::Attrs,
+            ),
+            (
+                json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": "{}"}}),
+                EventError::Attrs,
+            ),
+            (
+                json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": null}}),
+                EventError::Attrs,
+            ),
+        ];
+        for (event, expected) in cases {
+            let err = interpret(&event).unwrap_err();
+            assert_eq!(err, expected, "{event}");
+            assert_eq!(err.reason(), "malformed");
+        }
+    }
+
+    #[test]
+    fn identities_follow_the_acl_rules() {
+        let long = "x".repeat(65);
+        let bad = [
+            ("", "d", IdentityError::EmptyTenant),
+            ("t", "", IdentityError::EmptyDevice),
+            ("a:b", "d", IdentityError::ColonCount),
+            ("t", "d:e", IdentityError::ColonCount),
+            ("t", "a/b", IdentityError::BadCharacter),
+            ("t", "+", IdentityError::BadCharacter),
+            ("t", "#", IdentityError::BadCharacter),
+            ("$SYS", "d", IdentityError::BadCharacter),
+            ("t", "d e", IdentityError::BadCharacter),
+            ("t", "dé", IdentityError::BadCharacter),
+            ("t", "d\0", IdentityError::BadCharacter),
+            (long.as_str(), "d", IdentityError::TooLong),
+        ];
+        for (tenant, device, reason) in bad {
+            let event = json!({"event": "configure", "meta": {"service": tenant}, "data": {"id": device, "attrs": {}}});
+            let err = interpret(&event).unwrap_err();
+            assert_eq!(err, EventError::Identity { tenant: tenant.into(), device: device.into(), reason }, "{event}");
+            assert_eq!(err.reason(), "invalid_device");
+        }
+    }
+
+    #[test]
+    fn the_configured_charset_applies() {
+        let rules = EventRules { id_charset: IdCharset::from_chars("abc").unwrap(), ..rules() };
+        let ok = json!({"event": "configure", "meta": {"service": "ab"}, "data": {"id": "cab", "attrs": {}}});
+        assert!(rules.interpret(ok.to_string().as_bytes()).is_ok());
+        let bad = json!({"event": "configure", "meta": {"service": "ab"}, "data": {"id": "d", "attrs": {}}});
+        assert!(matches!(rules.interpret(bad.to_string().as_bytes()), Err(EventError::Identity { .. })));
+    }
+
+    #[test]
+    fn extra_fields_are_tolerated() {
+        let event = json!({
+            "event": "configure", "extra": true,
+            "meta": {"service": "admin", "timestamp": "now"},
+            "data": {"id": "a1998e", "label": "x", "attrs": {"k": "v"}, "templates": [1]}
+        });
+        assert_eq!(interpret(&event).unwrap(), publish("admin:a1998e/config", &json!({"k": "v"})));
+    }
+}
