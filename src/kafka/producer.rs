@@ -32,10 +32,10 @@ pub enum ProduceError {
     /// No ack within the caller's deadline; the record is still queued and retried by the producer.
     #[error("no ack within {0:?}; the record stays queued")]
     Pending(Duration),
-    /// The producer gave up after its delivery timeout (Kafka unreachable too long); sending again may succeed.
-    #[error("delivery expired: {0}")]
+    /// Not delivered (the producer's delivery timeout passed, or an error that may clear); sending again may succeed.
+    #[error("not delivered: {0}")]
     Expired(KafkaError),
-    /// Kafka refused the record for good (too large, unknown topic, not authorised, fatal producer state).
+    /// Kafka refused the record for good (too large, invalid, not authorised).
     #[error("delivery failed for good: {0}")]
     Final(KafkaError),
 }
@@ -52,24 +52,24 @@ impl ProduceError {
     }
 }
 
+/// Only errors that sending the same record again can never fix are final; everything else (including errors
+/// this code does not know, such as a broker's "unknown error" after a restart) is worth another attempt, because
+/// treating it as final would drop the record.
 fn classify(error: KafkaError) -> ProduceError {
     use RDKafkaErrorCode as C;
     match error.rdkafka_error_code() {
         Some(C::QueueFull) => ProduceError::QueueFull,
         Some(
-            C::MessageTimedOut
-            | C::AllBrokersDown
-            | C::BrokerTransportFailure
-            | C::RequestTimedOut
-            | C::NetworkException
-            | C::LeaderNotAvailable
-            | C::NotLeaderForPartition
-            | C::NotEnoughReplicas
-            | C::NotEnoughReplicasAfterAppend
-            | C::PurgeQueue
-            | C::PurgeInflight,
-        ) => ProduceError::Expired(error),
-        _ => ProduceError::Final(error),
+            C::InvalidMessage
+            | C::InvalidMessageSize
+            | C::MessageSizeTooLarge
+            | C::InvalidRecord
+            | C::InvalidTopic
+            | C::TopicAuthorizationFailed
+            | C::ClusterAuthorizationFailed
+            | C::UnsupportedForMessageFormat,
+        ) => ProduceError::Final(error),
+        _ => ProduceError::Expired(error),
     }
 }
 
@@ -209,7 +209,8 @@ mod tests {
         assert!(matches!(classify(produce(C::AllBrokersDown)), ProduceError::Expired(_)));
         assert!(matches!(classify(produce(C::MessageSizeTooLarge)), ProduceError::Final(_)));
         assert!(matches!(classify(produce(C::TopicAuthorizationFailed)), ProduceError::Final(_)));
-        assert!(matches!(classify(produce(C::UnknownTopicOrPartition)), ProduceError::Final(_)));
+        assert!(matches!(classify(produce(C::UnknownTopicOrPartition)), ProduceError::Expired(_)));
+        assert!(matches!(classify(produce(C::Unknown)), ProduceError::Expired(_)), "unknown is not final");
         assert_eq!(ProduceError::Pending(Duration::from_secs(1)).class(), "pending");
     }
 }

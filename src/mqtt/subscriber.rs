@@ -117,7 +117,6 @@ pub async fn run<H, F>(
             }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                    probe.set(true);
                     backoff = Duration::from_millis(100);
                     tracing::info!(session_present = connack.session_present, %filter, "MQTT subscription connected");
                     if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
@@ -125,10 +124,12 @@ pub async fn run<H, F>(
                     }
                 }
                 Ok(Event::Incoming(Packet::SubAck(suback))) => {
-                    if suback.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure)) {
+                    // Ready means subscribed: before the SUBACK, messages for the group may have no taker.
+                    let refused = suback.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
+                    if refused {
                         tracing::error!(%filter, "the broker refused the subscription");
-                        probe.set(false);
                     }
+                    probe.set(!refused);
                 }
                 Ok(Event::Incoming(Packet::Publish(publish))) => {
                     let message = Message { topic: publish.topic.clone(), payload: publish.payload.clone() };

@@ -4,3 +4,4 @@ mod captures;
 mod common;
 mod examples;
 mod seed_cases;
+mod v2k;

@@ -148,7 +148,10 @@ impl Tansu {
                         .map(|h| {
                             h.iter()
                                 .map(|h| {
-                                    (h.key.to_string(), String::from_utf8_lossy(h.value.unwrap_or_default()).to_string())
+                                    (
+                                        h.key.to_string(),
+                                        String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
+                                    )
                                 })
                                 .collect()
                         })
@@ -184,9 +187,11 @@ impl Record {
     }
 }
 
-/// A Mosquitto broker with a plain listener protected by a password file.
+/// A Mosquitto broker with a plain listener protected by a password file, and a second, anonymous one for devices
+/// (Mosquitto's password file cannot hold `tenant:device` names: they contain its separator).
 pub struct Mosquitto {
     pub port: u16,
+    pub device_port: u16,
     dir: TempDir,
     child: Option<Child>,
 }
@@ -202,7 +207,7 @@ impl Mosquitto {
         let dir = tempfile::tempdir().expect("mosquitto dir");
         let passwd = dir.path().join("passwd");
         std::fs::write(&passwd, "").expect("passwd file");
-        for (user, password) in users {
+        for (user, password) in users.iter().filter(|(user, _)| !user.contains(':')) {
             let status = Command::new(binary("mosquitto_passwd"))
                 .args(["-b", passwd.to_str().expect("utf-8 path"), user, password])
                 .status()
@@ -210,15 +215,17 @@ impl Mosquitto {
             assert!(status.success(), "mosquitto_passwd failed");
         }
         let port = free_port();
+        let device_port = free_port();
         let config = format!(
             "user root\nper_listener_settings true\npersistence true\npersistence_location {dir}/\n\
              log_dest file {dir}/mosquitto.log\nmax_queued_messages 100000\n\
-             listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n{extra}\n",
+             listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n\
+             listener {device_port} 127.0.0.1\nallow_anonymous true\n{extra}\n",
             dir = dir.path().display(),
             passwd = passwd.display(),
         );
         std::fs::write(dir.path().join("mosquitto.conf"), config).expect("mosquitto.conf");
-        let mut m = Self { port, dir, child: None };
+        let mut m = Self { port, device_port, dir, child: None };
         m.spawn();
         m
     }

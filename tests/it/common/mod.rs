@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod brokers;
 pub mod shape;
 
 use std::collections::BTreeMap;
@@ -204,4 +205,42 @@ pub async fn wait_until(timeout: Duration, mut check: impl AsyncFnMut() -> bool)
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// An MQTT client acting as a device or backend, its event loop driven in the background (reconnecting). Device
+/// names (`tenant:device`) connect to the broker's anonymous device listener.
+pub async fn mqtt_client(
+    broker: &brokers::Mosquitto,
+    username: &str,
+    password: &str,
+    client_id: &str,
+    clean_session: bool,
+) -> rumqttc::AsyncClient {
+    let device = username.contains(':');
+    let port = if device { broker.device_port } else { broker.port };
+    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    if !device {
+        options.set_credentials(username, password);
+    }
+    options.set_clean_session(clean_session);
+    options.set_keep_alive(Duration::from_secs(10));
+    options.set_max_packet_size(1 << 20, 1 << 20);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 100_000);
+    let (connected_tx, connected_rx) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let mut connected = Some(connected_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    if let Some(tx) = connected.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), connected_rx).await.expect("MQTT client connects").ok();
+    client
 }
