@@ -464,3 +464,52 @@ async fn subscription_mode_loses_nothing_when_kafka_restarts() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn sigterm_mid_stream_flushes_every_answered_publish() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    // A long linger keeps QoS 0 records (answered at once) in the producer until the flush at shutdown.
+    let service = ServiceProcess::start(&[
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("KAFKA_LINGER_MS", "500".to_string()),
+        ("MQTT_USERNAME", "k2v-bridge".to_string()),
+    ]);
+    service.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/vmq/on_publish", service.port);
+    let mut tasks = Vec::new();
+    for d in 0..4 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let device = format!("admin:sig{d}");
+            let http = reqwest::Client::new();
+            let mut answered = 0u64;
+            loop {
+                let body = publish_body(
+                    &device,
+                    &format!("{device}/attrs"),
+                    format!(r#"{{"n": {answered}}}"#).as_bytes(),
+                    d % 2,
+                );
+                match http.post(&url).header("vernemq-hook", "on_publish").body(body).send().await {
+                    Ok(r) if r.status() == 200 => answered += 1,
+                    _ => break,
+                }
+            }
+            (device, answered)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(service.terminate().success(), "SIGTERM ends the service cleanly");
+    let mut expected = BTreeMap::new();
+    for t in tasks {
+        let (device, answered) = t.await.unwrap();
+        assert!(answered > 0, "{device} streamed before the stop");
+        expected.insert(device, answered);
+    }
+    let total: u64 = expected.values().sum();
+    let records = kafka.read("admin.device-data", total as usize, Duration::from_secs(30)).await;
+    let (lost, duplicates) = lost_and_duplicates(&sequence_by_device(&records), &expected);
+    println!("SIGTERM mid-stream: answered {total}, in Kafka {}, lost {lost}, duplicates {duplicates}", records.len());
+    assert_eq!(lost, 0, "an answered publish was not flushed at shutdown");
+}
