@@ -85,6 +85,8 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         cache.publish = None;
     }
     let hooks = HookState::new(policy, sessions.clone(), cache, config.webhook_max_body_bytes, v2k.clone(), &metrics);
+    let k2v_settings = crate::k2v::settings(&config)?;
+    let k2v_probes = k2v_settings.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
     let router = crate::http::router(hooks, readiness, metrics.clone());
 
     let upkeep = tokio::spawn({
@@ -111,6 +113,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
 
     let address = listeners.http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
+    // K2V starts once the webhook listener is up: the broker authorises the service's connection through it.
+    let k2v = match (k2v_settings, k2v_probes) {
+        (Some(settings), Some((kafka, mqtt))) => Some(
+            crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, config.shutdown_timeout())
+                .context("cannot start K2V")?,
+        ),
+        _ => None,
+    };
     let server = axum::serve(listeners.http, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tokio::select! {
         result = server.into_future() => result.context("webhook server failed")?,
@@ -118,6 +128,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             shutdown.cancelled().await;
             tokio::time::sleep(config.shutdown_timeout()).await;
         } => tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway"),
+    }
+    // K2V: stop consuming, drain in-flight publishes, commit what was acknowledged, disconnect.
+    if let Some(k2v) = k2v {
+        k2v.shutdown().await;
     }
     // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same deadline).
     for task in background {

@@ -46,7 +46,7 @@ pub struct K2vArgs {
     pub k2v_auto_offset_reset: String,
 
     /// Interval of the consumer statistics that feed the lag gauge and the Kafka readiness probe (ms).
-    #[arg(long, env = "K2V_STATS_INTERVAL_MS", default_value_t = 5000, value_parser = clap::value_parser!(u64).range(100..))]
+    #[arg(long, env = "K2V_STATS_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
     pub k2v_stats_interval_ms: u64,
 }
 

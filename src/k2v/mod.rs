@@ -4,4 +4,319 @@
 mod config;
 pub mod event;
 
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use metrics::{Counter, Gauge};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
 pub use config::K2vArgs;
+pub use event::{Action, EventError, EventRules};
+
+use crate::health::Probe;
+use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received};
+use crate::metrics::Metrics;
+use crate::mqtt::MqttSettings;
+use crate::mqtt::publisher::{PublishError, Publisher};
+
+/// Client id role of the K2V publisher (`<MQTT_CLIENT_ID>-k2v`).
+const ROLE: &str = "k2v";
+/// How often the lag and in-flight gauges are refreshed.
+const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
+/// Pause after a consumer error, so a broker outage does not spin.
+const ERROR_PAUSE: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Clone)]
+pub struct K2vSettings {
+    pub rules: EventRules,
+    pub retain: bool,
+    pub max_in_flight: u16,
+    pub consumer: ConsumerSettings,
+    pub mqtt: MqttSettings,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum K2vError {
+    #[error(transparent)]
+    Kafka(#[from] ConsumeError),
+    #[error("MQTT client: {0}")]
+    Mqtt(#[from] crate::mqtt::MqttConfigError),
+}
+
+struct K2vMetrics {
+    consumed: Counter,
+    published: Counter,
+    acked: Counter,
+    skipped: HashMap<&'static str, Counter>,
+    in_flight: Gauge,
+    lag: Gauge,
+}
+
+/// Every reason a message is completed without a publish.
+const SKIP_REASONS: [&str; 5] = ["not_configure", "remove", "malformed", "invalid_device", "too_large"];
+
+impl K2vMetrics {
+    fn new(metrics: &Metrics) -> Self {
+        let skipped = SKIP_REASONS
+            .iter()
+            .map(|reason| {
+                let counter = metrics.counter(
+                    "iotagent_k2v_skipped_total",
+                    "Kafka messages completed without a publish, by reason",
+                    &[("reason", reason)],
+                );
+                (*reason, counter)
+            })
+            .collect();
+        Self {
+            consumed: metrics.counter("iotagent_k2v_consumed_total", "Device-manager events consumed from Kafka", &[]),
+            published: metrics.counter("iotagent_k2v_published_total", "Configurations published to devices", &[]),
+            acked: metrics.counter("iotagent_k2v_acked_total", "Publishes acknowledged by the broker (PUBACK)", &[]),
+            skipped,
+            in_flight: metrics.gauge("iotagent_k2v_in_flight", "Publishes awaiting the broker's PUBACK", &[]),
+            lag: metrics.gauge("iotagent_k2v_lag", "Messages in the assigned partitions not yet acknowledged", &[]),
+        }
+    }
+
+    fn skip(&self, reason: &'static str) {
+        if let Some(counter) = self.skipped.get(reason) {
+            counter.increment(1);
+        }
+    }
+}
+
+/// The running bridge. Dropping it aborts everything at once (no drain, no commit beyond the periodic ones — which
+/// never pass an un-acknowledged message); [`K2v::shutdown`] stops in order.
+pub struct K2v {
+    stop: CancellationToken,
+    task: AbortOnDropHandle<()>,
+}
+
+impl std::fmt::Debug for K2v {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("K2v")
+    }
+}
+
+impl K2v {
+    /// Connects to both brokers (in the background; the probes follow) and starts bridging.
+    ///
+    /// # Errors
+    /// Invalid consumer settings or TLS files.
+    pub fn start(
+        settings: K2vSettings,
+        metrics: &Metrics,
+        kafka_probe: Probe,
+        mqtt_probe: Probe,
+        drain: Duration,
+    ) -> Result<Self, K2vError> {
+        let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
+        let (publisher, acks) = Publisher::start(&settings.mqtt, ROLE, settings.max_in_flight, mqtt_probe)?;
+        let stop = CancellationToken::new();
+        let bridge = Bridge {
+            consumer,
+            publisher,
+            rules: settings.rules,
+            retain: settings.retain,
+            max_in_flight: usize::from(settings.max_in_flight),
+            waiting: HashMap::new(),
+            metrics: K2vMetrics::new(metrics),
+        };
+        tracing::info!(pattern = %settings.consumer.topic_pattern, group = %settings.consumer.group_id, "K2V started");
+        let task = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, stop.clone(), drain)));
+        Ok(Self { stop, task })
+    }
+
+    /// Stops consuming, waits for in-flight publishes (up to the drain deadline given at start), commits what was
+    /// acknowledged, then disconnects from the broker.
+    pub async fn shutdown(self) {
+        self.stop.cancel();
+        if let Err(error) = self.task.await {
+            tracing::error!(%error, "K2V task failed");
+        }
+    }
+}
+
+struct Bridge {
+    consumer: K2vConsumer,
+    publisher: Publisher,
+    rules: EventRules,
+    retain: bool,
+    max_in_flight: usize,
+    /// Publishes awaiting PUBACK: publisher sequence number → Kafka position.
+    waiting: HashMap<u64, Position>,
+    metrics: K2vMetrics,
+}
+
+impl Bridge {
+    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<u64>, stop: CancellationToken, drain: Duration) {
+        let mut connected = self.publisher.connected();
+        // Nothing is fetched until the broker accepted the connection.
+        self.consumer.pause();
+        let mut paused = true;
+        let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        loop {
+            tokio::select! {
+                biased;
+                () = stop.cancelled() => break,
+                Some(seq) = acks.recv() => self.acked(seq),
+                changed = connected.changed() => {
+                    if changed.is_err() {
+                        tracing::error!("MQTT publisher stopped");
+                        break;
+                    }
+                    let up = *connected.borrow_and_update();
+                    if up && paused {
+                        self.consumer.resume();
+                        paused = false;
+                    } else if !up && !paused {
+                        // Nothing more is fetched; what is in flight is re-sent after the reconnect.
+                        self.consumer.pause();
+                        paused = true;
+                    }
+                }
+                _ = gauges.tick() => {
+                    self.metrics.in_flight.set(self.waiting.len() as f64);
+                    self.metrics.lag.set(self.consumer.lag() as f64);
+                }
+                received = self.consumer.recv(), if self.waiting.len() < self.max_in_flight => match received {
+                    Ok(message) => {
+                        if !self.handle(message, &stop).await {
+                            break;
+                        }
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, "K2V consume");
+                        tokio::time::sleep(ERROR_PAUSE).await;
+                    }
+                },
+            }
+        }
+        self.stop(acks, drain).await;
+    }
+
+    fn acked(&mut self, seq: u64) {
+        if let Some(position) = self.waiting.remove(&seq) {
+            self.metrics.acked.increment(1);
+            self.consumer.complete(&position);
+        }
+    }
+
+    /// Publishes or skips one message. False when the publisher is gone.
+    async fn handle(&mut self, message: Received, stop: &CancellationToken) -> bool {
+        self.metrics.consumed.increment(1);
+        let Received { position, payload } = message;
+        let action = match payload.as_deref().map(|p| self.rules.interpret(p)) {
+            Some(Ok(action)) => action,
+            Some(Err(error)) => {
+                tracing::warn!(%error, topic = %position.topic, partition = position.partition,
+                               offset = position.offset, "K2V event skipped");
+                return self.skip(&position, error.reason());
+            }
+            None => {
+                tracing::warn!(topic = %position.topic, offset = position.offset, "K2V event without value skipped");
+                return self.skip(&position, "malformed");
+            }
+        };
+        let (topic, payload) = match action {
+            Action::Publish { topic, payload } => (topic, Bytes::from(payload)),
+            Action::Ignore { event } => {
+                tracing::debug!(event, "K2V event is not a configuration");
+                return self.skip(&position, "not_configure");
+            }
+            Action::Remove { tenant, device } => {
+                // Forced disconnect of removed devices is future work (DESIGN §6); the ACL refuses them from now on.
+                tracing::info!(tenant, device, "device removed");
+                return self.skip(&position, "remove");
+            }
+        };
+        loop {
+            match self.publisher.publish(&topic, payload.clone(), self.retain) {
+                Ok(seq) => {
+                    self.metrics.published.increment(1);
+                    self.waiting.insert(seq, position);
+                    return true;
+                }
+                Err(PublishError::TooLarge(size)) => {
+                    tracing::warn!(topic, size, "K2V configuration too large for MQTT; skipped");
+                    return self.skip(&position, "too_large");
+                }
+                Err(PublishError::Busy) => {
+                    // The request queue is sized above the in-flight bound, so this is brief.
+                    tokio::select! {
+                        () = stop.cancelled() => return true,
+                        () = tokio::time::sleep(Duration::from_millis(5)) => {}
+                    }
+                }
+                Err(PublishError::Closed) => return false,
+            }
+        }
+    }
+
+    fn skip(&self, position: &Position, reason: &'static str) -> bool {
+        self.metrics.skip(reason);
+        self.consumer.complete(position);
+        true
+    }
+
+    /// Shutdown order: no more consuming (the loop has ended) → acks of in-flight publishes until the deadline →
+    /// commit of what is acknowledged → MQTT disconnect → leave the consumer group.
+    async fn stop(mut self, mut acks: mpsc::UnboundedReceiver<u64>, drain: Duration) {
+        let deadline = tokio::time::Instant::now() + drain;
+        while !self.waiting.is_empty() {
+            match tokio::time::timeout_at(deadline, acks.recv()).await {
+                Ok(Some(seq)) => self.acked(seq),
+                Ok(None) | Err(_) => break,
+            }
+        }
+        if !self.waiting.is_empty() {
+            tracing::warn!(
+                left = self.waiting.len(),
+                "K2V publishes not acknowledged at shutdown; replayed next start"
+            );
+        }
+        match self.consumer.commit().await {
+            Ok(()) => tracing::info!("K2V offsets committed"),
+            Err(error) => tracing::error!(%error, "K2V final commit"),
+        }
+        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
+        self.publisher.close(remaining).await;
+        self.metrics.in_flight.set(0.0);
+        self.consumer.close().await;
+        tracing::info!("K2V stopped");
+    }
+}
+
+/// Settings from the configuration, or `None` when K2V is off or a broker is not configured.
+///
+/// # Errors
+/// An invalid K2V option.
+pub fn settings(config: &crate::Config) -> Result<Option<K2vSettings>, crate::config::ConfigError> {
+    let k = &config.k2v;
+    let (Some(brokers), Some(mqtt)) = (&config.kafka_brokers, config.mqtt_settings()?) else { return Ok(None) };
+    if !k.k2v_enabled {
+        return Ok(None);
+    }
+    let policy = config.policy()?;
+    let consumer = ConsumerSettings {
+        brokers: brokers.clone(),
+        group_id: k.k2v_consumer_group.clone(),
+        client_id: format!("{}-{ROLE}", mqtt.client_id),
+        topic_pattern: k.topic_pattern()?,
+        commit_interval: Duration::from_millis(k.k2v_commit_interval_ms),
+        session_timeout: Duration::from_millis(k.k2v_session_timeout_ms),
+        metadata_refresh: k.metadata_refresh(),
+        auto_offset_reset: k.k2v_auto_offset_reset.clone(),
+        stats_interval: Duration::from_millis(k.k2v_stats_interval_ms),
+    };
+    Ok(Some(K2vSettings {
+        rules: EventRules { id_charset: policy.id_charset, config_suffix: policy.config_suffix },
+        retain: k.k2v_retain,
+        max_in_flight: k.k2v_max_in_flight,
+        consumer,
+        mqtt,
+    }))
+}

@@ -1,3 +1,4 @@
 //! Kafka clients (rdkafka with its bundled librdkafka). The only module that imports rdkafka.
 
+pub mod consumer;
 pub mod producer;

@@ -1,6 +1,7 @@
 //! The service's own MQTT connections to the broker (rumqttc): connection options from configuration, plain with a
 //! password or mutual TLS with the service's certificate (OpenSSL through native-tls).
 
+pub mod publisher;
 pub mod subscriber;
 
 use std::path::PathBuf;

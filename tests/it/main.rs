@@ -3,5 +3,6 @@
 mod captures;
 mod common;
 mod examples;
+mod k2v;
 mod seed_cases;
 mod v2k;

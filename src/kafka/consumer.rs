@@ -1,0 +1,387 @@
+//! The K2V consumer: a regex subscription whose offsets advance only over messages the caller completed, in
+//! partition order, so a commit never passes a message still waiting for its MQTT acknowledgement.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::statistics::Statistics;
+use rdkafka::{Offset, TopicPartitionList};
+
+use crate::health::Probe;
+
+#[derive(Debug, Clone)]
+pub struct ConsumerSettings {
+    pub brokers: String,
+    pub group_id: String,
+    pub client_id: String,
+    /// A regex (`^…`) or an exact topic name.
+    pub topic_pattern: String,
+    pub commit_interval: Duration,
+    pub session_timeout: Duration,
+    pub metadata_refresh: Duration,
+    /// `earliest` or `latest`.
+    pub auto_offset_reset: String,
+    pub stats_interval: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConsumeError {
+    #[error("cannot create the Kafka consumer: {0}")]
+    Create(KafkaError),
+    #[error("cannot subscribe to {pattern}: {source}")]
+    Subscribe { pattern: String, source: KafkaError },
+    #[error("Kafka consumer: {0}")]
+    Receive(KafkaError),
+    #[error("commit failed: {0}")]
+    Commit(KafkaError),
+}
+
+/// Where a message came from, to complete it later. `generation` tells apart the same offset consumed again after
+/// the partition was revoked and re-assigned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Position {
+    pub topic: Arc<str>,
+    pub partition: i32,
+    pub offset: i64,
+    generation: u64,
+}
+
+/// One consumed message, copied out of librdkafka's buffer.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub position: Position,
+    /// `None` for a tombstone (no value).
+    pub payload: Option<Vec<u8>>,
+}
+
+/// Per-partition completion: offsets in consumption order with a done flag. The commit point is the end of the
+/// done prefix, so completions out of order (a skipped message before a publish still awaiting its ack) are fine.
+#[derive(Debug, Default)]
+struct Tracker {
+    partitions: HashMap<(Arc<str>, i32), Track>,
+    next_generation: u64,
+}
+
+#[derive(Debug)]
+struct Track {
+    generation: u64,
+    pending: VecDeque<(i64, bool)>,
+}
+
+impl Tracker {
+    fn fresh(&mut self) -> Track {
+        self.next_generation += 1;
+        Track { generation: self.next_generation, pending: VecDeque::new() }
+    }
+
+    /// A partition was (re-)assigned: anything still in flight from before is stale.
+    fn assign(&mut self, topic: &str, partition: i32) {
+        let track = self.fresh();
+        self.partitions.insert((Arc::from(topic), partition), track);
+    }
+
+    fn revoke(&mut self, topic: &str, partition: i32) {
+        self.partitions.remove(&(Arc::from(topic), partition));
+    }
+
+    /// Registers a consumed offset. An offset not after the last one means the consumer went back (offset reset,
+    /// re-assignment we did not see): start over, so acks of the earlier pass cannot complete the new one.
+    fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> Position {
+        let key = (Arc::<str>::from(topic), partition);
+        let start_over =
+            self.partitions.get(&key).is_none_or(|t| t.pending.back().is_some_and(|(last, _)| *last >= offset));
+        if start_over {
+            let track = self.fresh();
+            self.partitions.insert(key.clone(), track);
+        }
+        let generation = self.partitions.get_mut(&key).map_or(0, |t| {
+            t.pending.push_back((offset, false));
+            t.generation
+        });
+        Position { topic: key.0, partition, offset, generation }
+    }
+
+    /// Marks a message done; returns the new commit point (next offset to consume) if the done prefix grew.
+    fn complete(&mut self, position: &Position) -> Option<i64> {
+        let track = self.partitions.get_mut(&(position.topic.clone(), position.partition))?;
+        if track.generation != position.generation {
+            return None;
+        }
+        let index = track.pending.binary_search_by_key(&position.offset, |(o, _)| *o).ok()?;
+        track.pending[index].1 = true;
+        let mut advanced = None;
+        while let Some((offset, true)) = track.pending.front().copied() {
+            track.pending.pop_front();
+            advanced = Some(offset + 1);
+        }
+        advanced
+    }
+}
+
+/// librdkafka callbacks: assignment changes (run inside `recv`, so they are ordered with the messages), statistics
+/// (lag, broker state), errors.
+struct Context {
+    tracker: Arc<Mutex<Tracker>>,
+    paused: AtomicBool,
+    lag: AtomicI64,
+    probe: Probe,
+}
+
+fn lock(tracker: &Mutex<Tracker>) -> MutexGuard<'_, Tracker> {
+    tracker.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl ClientContext for Context {
+    fn stats(&self, statistics: Statistics) {
+        let up = statistics.brokers.values().any(|b| b.state == "UP");
+        self.probe.set(up);
+        let lag: i64 = statistics
+            .topics
+            .values()
+            .flat_map(|t| t.partitions.values())
+            .filter(|p| p.partition >= 0 && p.fetch_state != "none")
+            .map(|p| if p.consumer_lag_stored >= 0 { p.consumer_lag_stored } else { p.consumer_lag.max(0) })
+            .sum();
+        self.lag.store(lag, Ordering::Relaxed);
+    }
+
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
+        match level {
+            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
+                tracing::error!(facility = fac, "librdkafka: {message}");
+            }
+            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka: {message}"),
+            _ => tracing::debug!(facility = fac, "librdkafka: {message}"),
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            self.probe.set(false);
+        }
+        tracing::warn!(%error, reason, "Kafka consumer");
+    }
+}
+
+impl ConsumerContext for Context {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            // Commit what is acknowledged before another member takes the partitions over; the rest is replayed
+            // there (at-least-once).
+            if let Err(error) = consumer.commit_consumer_state(CommitMode::Async)
+                && error.rdkafka_error_code() != Some(RDKafkaErrorCode::NoOffset)
+            {
+                tracing::warn!(%error, "commit before revocation failed");
+            }
+            let mut tracker = lock(&self.tracker);
+            for e in tpl.elements() {
+                tracker.revoke(e.topic(), e.partition());
+            }
+            tracing::info!(partitions = tpl.count(), "K2V partitions revoked");
+        }
+    }
+
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(tpl) = rebalance {
+            let mut tracker = lock(&self.tracker);
+            for e in tpl.elements() {
+                tracker.assign(e.topic(), e.partition());
+            }
+            drop(tracker);
+            if self.paused.load(Ordering::Relaxed)
+                && let Err(error) = consumer.pause(tpl)
+            {
+                tracing::warn!(%error, "cannot pause newly assigned partitions");
+            }
+            tracing::info!(partitions = tpl.count(), "K2V partitions assigned");
+        }
+    }
+}
+
+/// The consumer. Messages must be completed ([`K2vConsumer::complete`]) in any order; offsets are stored (and
+/// auto-committed every `commit_interval`) only up to the first message not yet completed in each partition.
+pub struct K2vConsumer {
+    consumer: Arc<StreamConsumer<Context>>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl std::fmt::Debug for K2vConsumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("K2vConsumer")
+    }
+}
+
+impl K2vConsumer {
+    /// Creates the consumer and subscribes. `probe` follows whether a broker is reachable.
+    ///
+    /// # Errors
+    /// Invalid settings or subscription.
+    pub fn new(settings: &ConsumerSettings, probe: Probe) -> Result<Self, ConsumeError> {
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let context =
+            Context { tracker: tracker.clone(), paused: AtomicBool::new(false), lag: AtomicI64::new(0), probe };
+        let ms = |d: Duration| d.as_millis().to_string();
+        let consumer: StreamConsumer<Context> = ClientConfig::new()
+            .set("bootstrap.servers", &settings.brokers)
+            .set("group.id", &settings.group_id)
+            .set("client.id", &settings.client_id)
+            .set("enable.auto.commit", "true")
+            .set("auto.commit.interval.ms", ms(settings.commit_interval))
+            // Offsets are stored by hand, only over completed messages.
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", &settings.auto_offset_reset)
+            .set("session.timeout.ms", ms(settings.session_timeout))
+            .set("heartbeat.interval.ms", ms(settings.session_timeout / 4))
+            // Regex subscriptions re-match only when metadata is refreshed (librdkafka's default is 5 minutes).
+            .set("topic.metadata.refresh.interval.ms", ms(settings.metadata_refresh))
+            .set("statistics.interval.ms", ms(settings.stats_interval))
+            .create_with_context(context)
+            .map_err(ConsumeError::Create)?;
+        consumer
+            .subscribe(&[&settings.topic_pattern])
+            .map_err(|source| ConsumeError::Subscribe { pattern: settings.topic_pattern.clone(), source })?;
+        Ok(Self { consumer: Arc::new(consumer), tracker })
+    }
+
+    /// The next message (cancellation-safe). Errors are transient (broker unreachable, topic vanished): log them
+    /// and call again.
+    ///
+    /// # Errors
+    /// What librdkafka reported instead of a message.
+    pub async fn recv(&self) -> Result<Received, ConsumeError> {
+        let message = self.consumer.recv().await.map_err(ConsumeError::Receive)?;
+        let position = lock(&self.tracker).begin(message.topic(), message.partition(), message.offset());
+        self.consumer.context().probe.set(true);
+        Ok(Received { position, payload: message.payload().map(<[u8]>::to_vec) })
+    }
+
+    /// Marks a message done (acknowledged by the broker, or skipped) and stores the new commit point if it moved.
+    pub fn complete(&self, position: &Position) {
+        let Some(next) = lock(&self.tracker).complete(position) else { return };
+        let mut tpl = TopicPartitionList::new();
+        if let Err(error) = tpl.add_partition_offset(&position.topic, position.partition, Offset::Offset(next)) {
+            tracing::warn!(%error, "cannot store offset");
+            return;
+        }
+        // Fails only when the partition was revoked meanwhile; its new owner replays from the last commit.
+        if let Err(error) = self.consumer.store_offsets(&tpl) {
+            tracing::debug!(%error, topic = %position.topic, partition = position.partition, "offset not stored");
+        }
+    }
+
+    /// Stops fetching from every assigned partition (and from partitions assigned later) until [`Self::resume`].
+    pub fn pause(&self) {
+        self.consumer.context().paused.store(true, Ordering::Relaxed);
+        self.set_paused(true);
+    }
+
+    pub fn resume(&self) {
+        self.consumer.context().paused.store(false, Ordering::Relaxed);
+        self.set_paused(false);
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let Ok(assignment) = self.consumer.assignment() else { return };
+        if assignment.count() == 0 {
+            return;
+        }
+        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
+        if let Err(error) = result {
+            tracing::warn!(%error, pause, "cannot pause/resume K2V partitions");
+        }
+    }
+
+    /// Messages in the assigned partitions not yet completed and stored, from the last statistics.
+    pub fn lag(&self) -> i64 {
+        self.consumer.context().lag.load(Ordering::Relaxed)
+    }
+
+    /// Commits the stored offsets now and waits for the broker's answer.
+    ///
+    /// # Errors
+    /// The commit failed (nothing stored is not an error).
+    pub async fn commit(&self) -> Result<(), ConsumeError> {
+        let consumer = self.consumer.clone();
+        let result = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
+            .await
+            .unwrap_or(Err(KafkaError::Canceled));
+        match result {
+            Err(e) if e.rdkafka_error_code() == Some(RDKafkaErrorCode::NoOffset) => Ok(()),
+            other => other.map_err(ConsumeError::Commit),
+        }
+    }
+
+    /// Leaves the group (librdkafka's close runs on drop and blocks, so off the async threads).
+    pub async fn close(self) {
+        let consumer = self.consumer;
+        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_point_is_the_end_of_the_done_prefix() {
+        let mut t = Tracker::default();
+        t.assign("a.dojot.device-manager.device", 0);
+        let p: Vec<Position> = (10..15).map(|o| t.begin("a.dojot.device-manager.device", 0, o)).collect();
+        assert_eq!(t.complete(&p[1]), None, "10 still open");
+        assert_eq!(t.complete(&p[2]), None);
+        assert_eq!(t.complete(&p[0]), Some(13), "10, 11, 12 done");
+        assert_eq!(t.complete(&p[4]), None);
+        assert_eq!(t.complete(&p[3]), Some(15));
+        assert_eq!(t.complete(&p[3]), None, "completing twice changes nothing");
+    }
+
+    #[test]
+    fn partitions_are_independent() {
+        let mut t = Tracker::default();
+        let a = t.begin("t", 0, 5);
+        let b = t.begin("t", 1, 7);
+        let a2 = t.begin("t", 0, 6);
+        assert_eq!(t.complete(&b), Some(8));
+        assert_eq!(t.complete(&a2), None);
+        assert_eq!(t.complete(&a), Some(7));
+    }
+
+    #[test]
+    fn acks_from_before_a_reassignment_are_ignored() {
+        let mut t = Tracker::default();
+        t.assign("t", 0);
+        let old = t.begin("t", 0, 3);
+        t.revoke("t", 0);
+        assert_eq!(t.complete(&old), None, "revoked");
+        t.assign("t", 0);
+        let new = t.begin("t", 0, 3);
+        assert_eq!(t.complete(&old), None, "stale generation");
+        assert_eq!(t.complete(&new), Some(4));
+    }
+
+    #[test]
+    fn consuming_backwards_starts_over() {
+        let mut t = Tracker::default();
+        let first = t.begin("t", 0, 8);
+        let rewound = t.begin("t", 0, 4);
+        assert_eq!(t.complete(&first), None);
+        assert_eq!(t.complete(&rewound), Some(5));
+    }
+
+    #[test]
+    fn gaps_in_offsets_are_fine() {
+        // Compacted topics and transaction markers leave holes; only consumed offsets count.
+        let mut t = Tracker::default();
+        let a = t.begin("t", 0, 1);
+        let b = t.begin("t", 0, 9);
+        assert_eq!(t.complete(&b), None);
+        assert_eq!(t.complete(&a), Some(10));
+    }
+}

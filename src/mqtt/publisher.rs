@@ -1,0 +1,321 @@
+//! The service's QoS 1 publisher (K2V): every publish is tracked until the broker's PUBACK and, after any reconnect,
+//! sent again in its original order — rumqttc silently drops what it had pending when the session was not resumed.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rumqttc::{AsyncClient, ClientError, Event, EventLoop, Outgoing, Packet, Publish, QoS, Request};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+
+use super::{MAX_PACKET_BYTES, MqttConfigError, MqttSettings};
+use crate::health::Probe;
+
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Room for the MQTT fixed header, topic length and packet id around topic and payload.
+const PACKET_OVERHEAD: usize = 16;
+
+/// Why a message was not taken.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    /// Larger than the client may send: rumqttc would keep it and fail the connection with it after every reconnect.
+    #[error("message of {0} bytes exceeds the MQTT packet limit")]
+    TooLarge(usize),
+    /// The request queue is full; retry shortly.
+    #[error("publisher queue is full")]
+    Busy,
+    /// The publisher is closing or closed.
+    #[error("publisher is closed")]
+    Closed,
+}
+
+/// One message not yet acknowledged by the broker.
+#[derive(Debug, Clone)]
+struct Message {
+    topic: String,
+    payload: Bytes,
+    retain: bool,
+}
+
+/// What the submitting side and the event loop share. Publishes are written to rumqttc's request queue under this
+/// lock, so `unmatched` has exactly the queue's order, which is the order of `Outgoing::Publish(pkid)` events.
+#[derive(Debug, Default)]
+struct Book {
+    next_seq: u64,
+    closed: bool,
+    /// Every message not yet acknowledged, by sequence number.
+    messages: HashMap<u64, Message>,
+    /// Messages given to rumqttc (or to be re-sent at the next CONNACK) whose packet id is not yet known, oldest
+    /// first. The first `resend` of them were lost with a connection and are queued again at the next CONNACK.
+    unmatched: VecDeque<u64>,
+    resend: usize,
+}
+
+/// Handle to the publisher. Acknowledged sequence numbers arrive on the receiver [`Publisher::start`] returns.
+pub struct Publisher {
+    client: AsyncClient,
+    book: Arc<Mutex<Book>>,
+    connected: watch::Receiver<bool>,
+    stop: CancellationToken,
+    task: Mutex<Option<AbortOnDropHandle<()>>>,
+}
+
+impl std::fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Publisher").field("connected", &*self.connected.borrow()).finish_non_exhaustive()
+    }
+}
+
+fn lock(book: &Mutex<Book>) -> MutexGuard<'_, Book> {
+    // A panic while holding the lock leaves plain bookkeeping behind; it stays usable.
+    book.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Publisher {
+    /// Starts the client (persistent session) and its event loop; it connects and reconnects by itself.
+    /// `max_in_flight` bounds the un-acknowledged publishes the caller will submit.
+    ///
+    /// # Errors
+    /// Unusable TLS files.
+    pub fn start(
+        settings: &MqttSettings,
+        role: &str,
+        max_in_flight: u16,
+        probe: Probe,
+    ) -> Result<(Self, mpsc::UnboundedReceiver<u64>), MqttConfigError> {
+        let mut options = settings.options(role, false)?;
+        // Packet ids cycle over the in-flight window; twice the caller's bound keeps a slow ack from colliding.
+        options.set_inflight(max_in_flight.saturating_mul(2).saturating_add(10));
+        let (client, eventloop) = AsyncClient::new(options, usize::from(max_in_flight) + 64);
+        let book = Arc::new(Mutex::new(Book::default()));
+        let (connected_tx, connected) = watch::channel(false);
+        let (acks_tx, acks) = mpsc::unbounded_channel();
+        let stop = CancellationToken::new();
+        let driver = Driver {
+            eventloop,
+            book: book.clone(),
+            in_flight: HashMap::new(),
+            collided: None,
+            acks: acks_tx,
+            connected: connected_tx,
+            probe,
+            stop: stop.clone(),
+        };
+        let task = AbortOnDropHandle::new(tokio::spawn(driver.run()));
+        Ok((Self { client, book, connected, stop, task: Mutex::new(Some(task)) }, acks))
+    }
+
+    /// Queues a QoS 1 publish and returns its sequence number, which comes back on the ack receiver once the broker
+    /// acknowledged it. Accepted while disconnected too: it goes out after the reconnect.
+    ///
+    /// # Errors
+    /// Too large for an MQTT packet, queue full, or closed.
+    pub fn publish(&self, topic: &str, payload: Bytes, retain: bool) -> Result<u64, PublishError> {
+        let size = topic.len() + payload.len() + PACKET_OVERHEAD;
+        if size > MAX_PACKET_BYTES {
+            return Err(PublishError::TooLarge(size));
+        }
+        let mut book = lock(&self.book);
+        if book.closed {
+            return Err(PublishError::Closed);
+        }
+        let seq = book.next_seq;
+        match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()) {
+            Ok(()) => {}
+            Err(ClientError::TryRequest(_)) if !self.stop.is_cancelled() => return Err(PublishError::Busy),
+            Err(_) => return Err(PublishError::Closed),
+        }
+        book.next_seq += 1;
+        book.messages.insert(seq, Message { topic: topic.to_string(), payload, retain });
+        book.unmatched.push_back(seq);
+        Ok(seq)
+    }
+
+    /// Publishes not yet acknowledged.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.book).messages.len()
+    }
+
+    /// Follows the connection state (true once the broker accepted the connection).
+    pub fn connected(&self) -> watch::Receiver<bool> {
+        self.connected.clone()
+    }
+
+    /// Refuses new publishes, waits until every accepted one is acknowledged (or `deadline` passes), then
+    /// disconnects cleanly. Returns how many stayed un-acknowledged.
+    pub async fn close(&self, deadline: Duration) -> usize {
+        lock(&self.book).closed = true;
+        let until = tokio::time::Instant::now() + deadline;
+        while self.in_flight() > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let left = self.in_flight();
+        let task = lock_task(&self.task).take();
+        if *self.connected.borrow() {
+            let _ = self.client.try_disconnect();
+        } else {
+            self.stop.cancel();
+        }
+        if let Some(task) = task {
+            let remaining = until.saturating_duration_since(tokio::time::Instant::now()).max(Duration::from_secs(1));
+            if tokio::time::timeout(remaining, task).await.is_err() {
+                tracing::warn!("MQTT publisher did not disconnect in time");
+            }
+        }
+        self.stop.cancel();
+        left
+    }
+}
+
+fn lock_task(task: &Mutex<Option<AbortOnDropHandle<()>>>) -> MutexGuard<'_, Option<AbortOnDropHandle<()>>> {
+    task.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Owns rumqttc's event loop and the packet-id side of the bookkeeping.
+struct Driver {
+    eventloop: EventLoop,
+    book: Arc<Mutex<Book>>,
+    /// Sent on the current connection, awaiting PUBACK: packet id → sequence number.
+    in_flight: HashMap<u16, u64>,
+    /// A publish rumqttc holds back because its packet id is still in use (`Outgoing::AwaitAck`).
+    collided: Option<(u16, u64)>,
+    acks: mpsc::UnboundedSender<u64>,
+    connected: watch::Sender<bool>,
+    probe: Probe,
+    stop: CancellationToken,
+}
+
+impl Driver {
+    async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        loop {
+            let event = tokio::select! {
+                biased;
+                () = self.stop.cancelled() => break,
+                event = self.eventloop.poll() => event,
+            };
+            match event {
+                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                    tracing::info!(session_present = ack.session_present, "MQTT publisher connected");
+                    backoff = MIN_BACKOFF;
+                    self.requeue_lost();
+                    self.connected.send_replace(true);
+                    self.probe.set(true);
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) => {
+                    tracing::info!("MQTT publisher disconnected");
+                    break;
+                }
+                Ok(event) => self.handle(event),
+                Err(error) => {
+                    self.connected.send_replace(false);
+                    self.probe.set(false);
+                    self.connection_lost();
+                    if lock(&self.book).closed && lock(&self.book).messages.is_empty() {
+                        break;
+                    }
+                    tracing::warn!(%error, retry_in = ?backoff, "MQTT publisher connection lost");
+                    tokio::select! {
+                        () = self.stop.cancelled() => break,
+                        () = tokio::time::sleep(jitter(backoff)) => {}
+                    }
+                    backoff = (backoff * 2).min(MAX_BACKOFF);
+                }
+            }
+        }
+        self.connected.send_replace(false);
+        self.probe.set(false);
+    }
+
+    /// Matches packet ids to messages and reports acknowledgements.
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
+                if let Some((held, seq)) = self.collided
+                    && held == pkid
+                {
+                    self.collided = None;
+                    self.in_flight.insert(pkid, seq);
+                    return;
+                }
+                match lock(&self.book).unmatched.pop_front() {
+                    Some(seq) => {
+                        self.in_flight.insert(pkid, seq);
+                    }
+                    None => tracing::error!(pkid, "MQTT publish without a queued message"),
+                }
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                if let Some(seq) = lock(&self.book).unmatched.pop_front() {
+                    self.collided = Some((pkid, seq));
+                }
+            }
+            Event::Incoming(Packet::PubAck(ack)) => match self.in_flight.remove(&ack.pkid) {
+                Some(seq) => {
+                    lock(&self.book).messages.remove(&seq);
+                    let _ = self.acks.send(seq);
+                }
+                None => tracing::debug!(pkid = ack.pkid, "PUBACK for no message in flight (duplicate)"),
+            },
+            _ => {}
+        }
+    }
+
+    /// After a connection error: nothing sent on that connection and un-acknowledged, nor anything rumqttc had
+    /// queued, can be trusted to arrive (rumqttc drops its pending list when the session is not resumed, and
+    /// resends it in packet-id order otherwise). Take it all back, to be re-sent in our order at the next CONNACK.
+    fn connection_lost(&mut self) {
+        // Events read before the error are still buffered: PUBACKs among them are real acknowledgements of the old
+        // connection and must be counted now, not mistaken for acks of new packets with the same id later.
+        while let Some(event) = self.eventloop.state.events.pop_front() {
+            self.handle(event);
+        }
+        let taken = std::mem::take(&mut self.eventloop.pending);
+        self.eventloop.state.collision = None;
+        // rumqttc's pending list holds our not-yet-numbered requests (packet id 0) in queue order: they are the
+        // oldest entries of `unmatched` after those already waiting to be re-sent.
+        let unnumbered = taken.iter().filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0)).count();
+        let mut book = lock(&self.book);
+        let start = book.resend;
+        let end = (start + unnumbered).min(book.unmatched.len());
+        let mut lost: Vec<u64> = book.unmatched.drain(..end).collect();
+        lost.extend(self.in_flight.drain().map(|(_, seq)| seq));
+        lost.extend(self.collided.take().map(|(_, seq)| seq));
+        lost.retain(|seq| book.messages.contains_key(seq));
+        lost.sort_unstable();
+        book.resend = lost.len();
+        for seq in lost.into_iter().rev() {
+            book.unmatched.push_front(seq);
+        }
+    }
+
+    /// Puts the lost messages in front of everything still in the request queue, oldest first.
+    fn requeue_lost(&mut self) {
+        let mut book = lock(&self.book);
+        let count = std::mem::take(&mut book.resend);
+        if count > 0 {
+            tracing::info!(count, "re-sending MQTT publishes not acknowledged before the reconnect");
+        }
+        for seq in book.unmatched.iter().take(count) {
+            if let Some(m) = book.messages.get(seq) {
+                self.eventloop.pending.push_back(Request::Publish(Publish {
+                    dup: false,
+                    qos: QoS::AtLeastOnce,
+                    retain: m.retain,
+                    topic: m.topic.clone(),
+                    pkid: 0,
+                    payload: m.payload.clone(),
+                }));
+            }
+        }
+    }
+}
+
+/// ±20 % so that many instances do not reconnect in step.
+fn jitter(backoff: Duration) -> Duration {
+    backoff.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
