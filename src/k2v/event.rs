@@ -1,7 +1,9 @@
 //! Device-manager events on `<tenant>.dojot.device-manager.device`, read as K2V actions: pure parsing, no I/O.
 
+use std::borrow::Cow;
+
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::value::RawValue;
 
 use crate::policy::{IdCharset, IdentityError, parse_device};
 
@@ -42,23 +44,30 @@ impl EventError {
     }
 }
 
-/// The event envelope. Fields are optional here so that a missing one is reported by name.
+/// The event envelope, borrowed from the message: fields stay raw until needed, so that a missing or mistyped one
+/// is reported by name and `attrs` is never parsed into a tree only to be written out again.
 #[derive(Deserialize)]
-struct Envelope {
-    event: Option<Value>,
-    meta: Option<Meta>,
-    data: Option<Data>,
+struct Envelope<'a> {
+    #[serde(borrow)]
+    event: Option<&'a RawValue>,
+    #[serde(borrow)]
+    meta: Option<Meta<'a>>,
+    #[serde(borrow)]
+    data: Option<Data<'a>>,
 }
 
 #[derive(Deserialize)]
-struct Meta {
-    service: Option<Value>,
+struct Meta<'a> {
+    #[serde(borrow)]
+    service: Option<&'a RawValue>,
 }
 
 #[derive(Deserialize)]
-struct Data {
-    id: Option<Value>,
-    attrs: Option<Value>,
+struct Data<'a> {
+    #[serde(borrow)]
+    id: Option<&'a RawValue>,
+    #[serde(borrow)]
+    attrs: Option<&'a RawValue>,
 }
 
 /// How events become actions: the device id rules and the configuration topic level, from the ACL's configuration
@@ -69,11 +78,29 @@ pub struct EventRules {
     pub config_suffix: String,
 }
 
-fn string(value: Option<Value>, field: &'static str) -> Result<String, EventError> {
-    match value {
-        Some(Value::String(s)) => Ok(s),
-        _ => Err(EventError::Field(field)),
+fn string<'a>(value: Option<&'a RawValue>, field: &'static str) -> Result<Cow<'a, str>, EventError> {
+    value.and_then(|raw| serde_json::from_str::<Cow<'a, str>>(raw.get()).ok()).ok_or(EventError::Field(field))
+}
+
+/// Valid JSON without the whitespace between tokens (what JSON.stringify wrote for dojot), keys in their order.
+fn compact(json: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(json.len());
+    let (mut in_string, mut escaped) = (false, false);
+    for &b in json.as_bytes() {
+        if in_string {
+            out.push(b);
+            match (escaped, b) {
+                (true, _) => escaped = false,
+                (false, b'\\') => escaped = true,
+                (false, b'"') => in_string = false,
+                _ => {}
+            }
+        } else if !matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            in_string = b == b'"';
+            out.push(b);
+        }
     }
+    out
 }
 
 impl EventRules {
@@ -82,33 +109,31 @@ impl EventRules {
     /// # Errors
     /// Not JSON, a missing field, `attrs` not an object, or an identity the ACL would refuse.
     pub fn interpret(&self, value: &[u8]) -> Result<Action, EventError> {
-        let envelope: Envelope = serde_json::from_slice(value).map_err(|e| EventError::Json(e.to_string()))?;
+        let envelope: Envelope<'_> = serde_json::from_slice(value).map_err(|e| EventError::Json(e.to_string()))?;
         let event = string(envelope.event, "event")?;
         if event != "configure" && event != "remove" {
-            return Ok(Action::Ignore { event });
+            return Ok(Action::Ignore { event: event.into_owned() });
         }
         let tenant = string(envelope.meta.ok_or(EventError::Field("meta.service"))?.service, "meta.service")?;
         let data = envelope.data.ok_or(EventError::Field("data.id"))?;
         let device = string(data.id, "data.id")?;
         let username = format!("{tenant}:{device}");
         if let Err(reason) = parse_device(&username, &self.id_charset) {
-            return Err(EventError::Identity { tenant, device, reason });
+            return Err(EventError::Identity { tenant: tenant.into_owned(), device: device.into_owned(), reason });
         }
         if event == "remove" {
-            return Ok(Action::Remove { tenant, device });
+            return Ok(Action::Remove { tenant: tenant.into_owned(), device: device.into_owned() });
         }
-        let attrs = match data.attrs {
-            Some(attrs @ Value::Object(_)) => attrs,
-            _ => return Err(EventError::Attrs),
-        };
-        let payload = serde_json::to_vec(&attrs).map_err(|e| EventError::Json(e.to_string()))?;
+        // RawValue holds exactly one valid JSON value, so an opening brace means an object.
+        let attrs = data.attrs.map(RawValue::get).filter(|a| a.starts_with('{')).ok_or(EventError::Attrs)?;
+        let payload = compact(attrs);
         Ok(Action::Publish { topic: format!("{username}/{}", self.config_suffix), payload })
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -140,9 +165,16 @@ mod tests {
     #[test]
     fn payload_is_only_the_attrs_as_compact_json() {
         let raw = br#"{ "event" : "configure", "meta":{"service":"admin"},
-                       "data":{"id":"a1998e","attrs":{ "a" : [1, 2, {"b": null}] , "s":"x y"}} }"#;
+                       "data":{"id":"a1998e","attrs":{ "z" : [1, 2, {"b": null}] ,
+                        "s":"x y \" } {\\", "a": "\u00e9\t"}} }"#;
         let Action::Publish { payload, .. } = rules().interpret(raw).unwrap() else { panic!("not a publish") };
-        assert_eq!(std::str::from_utf8(&payload).unwrap(), r#"{"a":[1,2,{"b":null}],"s":"x y"}"#);
+        // Whitespace between tokens goes, strings (escapes included) and key order stay.
+        assert_eq!(
+            std::str::from_utf8(&payload).unwrap(),
+            r#"{"z":[1,2,{"b":null}],"s":"x y \" } {\\","a":"\u00e9\t"}"#
+        );
+        let value: Value = serde_json::from_slice(&payload).unwrap();
+        assert_eq!(value["s"], "x y \" } {\\");
     }
 
     #[test]

@@ -162,7 +162,14 @@ impl Bridge {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                Some(seq) = acks.recv() => self.acked(seq),
+                Some(seq) = acks.recv() => {
+                    self.acked(seq);
+                    // Acks come in bursts (several PUBACKs per read): take them all, store offsets once.
+                    while let Ok(seq) = acks.try_recv() {
+                        self.acked(seq);
+                    }
+                    self.consumer.store();
+                }
                 changed = connected.changed() => {
                     if changed.is_err() {
                         tracing::error!("MQTT publisher stopped");
@@ -184,7 +191,20 @@ impl Bridge {
                 }
                 received = self.consumer.recv(), if self.waiting.len() < self.max_in_flight => match received {
                     Ok(message) => {
-                        if !self.handle(message, &stop).await {
+                        // Take what else is already fetched, up to the in-flight bound, before looking at acks again.
+                        let mut open = self.handle(message, &stop).await;
+                        while open && self.waiting.len() < self.max_in_flight {
+                            match self.consumer.try_recv() {
+                                Some(Ok(message)) => open = self.handle(message, &stop).await,
+                                Some(Err(error)) => {
+                                    tracing::warn!(%error, "K2V consume");
+                                    break;
+                                }
+                                None => break,
+                            }
+                        }
+                        self.consumer.store();
+                        if !open {
                             break;
                         }
                     }

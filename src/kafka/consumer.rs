@@ -2,6 +2,7 @@
 //! partition order, so a commit never passes a message still waiting for its MQTT acknowledgement.
 
 use std::collections::{HashMap, VecDeque};
+use std::future::Future as _;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -67,6 +68,8 @@ pub struct Received {
 struct Tracker {
     partitions: HashMap<(Arc<str>, i32), Track>,
     next_generation: u64,
+    /// Commit points that moved since they were last handed to librdkafka (stored in batches: one store per ack).
+    moved: HashMap<(Arc<str>, i32), i64>,
 }
 
 #[derive(Debug)]
@@ -88,13 +91,20 @@ impl Tracker {
     }
 
     fn revoke(&mut self, topic: &str, partition: i32) {
-        self.partitions.remove(&(Arc::from(topic), partition));
+        let key = (Arc::from(topic), partition);
+        self.partitions.remove(&key);
+        self.moved.remove(&key);
     }
 
     /// Registers a consumed offset. An offset not after the last one means the consumer went back (offset reset,
     /// re-assignment we did not see): start over, so acks of the earlier pass cannot complete the new one.
     fn begin(&mut self, topic: &str, partition: i32, offset: i64) -> Position {
-        let key = (Arc::<str>::from(topic), partition);
+        // Reuse the tracked topic name: one allocation per partition, not per message.
+        let name = match self.partitions.keys().find(|(t, _)| &**t == topic) {
+            Some((t, _)) => t.clone(),
+            None => Arc::from(topic),
+        };
+        let key = (name, partition);
         let start_over =
             self.partitions.get(&key).is_none_or(|t| t.pending.back().is_some_and(|(last, _)| *last >= offset));
         if start_over {
@@ -108,9 +118,11 @@ impl Tracker {
         Position { topic: key.0, partition, offset, generation }
     }
 
-    /// Marks a message done; returns the new commit point (next offset to consume) if the done prefix grew.
+    /// Marks a message done; returns the new commit point (next offset to consume) if the done prefix grew, and
+    /// remembers it for the next [`Tracker::take_moved`].
     fn complete(&mut self, position: &Position) -> Option<i64> {
-        let track = self.partitions.get_mut(&(position.topic.clone(), position.partition))?;
+        let key = (position.topic.clone(), position.partition);
+        let track = self.partitions.get_mut(&key)?;
         if track.generation != position.generation {
             return None;
         }
@@ -121,7 +133,33 @@ impl Tracker {
             track.pending.pop_front();
             advanced = Some(offset + 1);
         }
+        if let Some(next) = advanced {
+            self.moved.insert(key, next);
+        }
         advanced
+    }
+
+    /// The commit points that moved, as a list to store.
+    fn take_moved(&mut self) -> Option<TopicPartitionList> {
+        if self.moved.is_empty() {
+            return None;
+        }
+        let mut tpl = TopicPartitionList::with_capacity(self.moved.len());
+        for ((topic, partition), next) in self.moved.drain() {
+            if let Err(error) = tpl.add_partition_offset(&topic, partition, Offset::Offset(next)) {
+                tracing::warn!(%error, "cannot store offset");
+            }
+        }
+        Some(tpl)
+    }
+}
+
+/// Hands moved commit points to librdkafka (the next commit sends them).
+fn store_moved<C: ConsumerContext>(consumer: &impl Consumer<C>, tracker: &Mutex<Tracker>) {
+    let Some(tpl) = lock(tracker).take_moved() else { return };
+    // Fails only for a partition revoked meanwhile; its new owner replays from the last commit.
+    if let Err(error) = consumer.store_offsets(&tpl) {
+        tracing::debug!(%error, "offsets not stored");
     }
 }
 
@@ -173,6 +211,7 @@ impl ClientContext for Context {
 impl ConsumerContext for Context {
     fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Revoke(tpl) = rebalance {
+            store_moved(consumer, &self.tracker);
             // Commit what is acknowledged before another member takes the partitions over; the rest is replayed
             // there (at-least-once).
             if let Err(error) = consumer.commit_consumer_state(CommitMode::Async)
@@ -262,18 +301,24 @@ impl K2vConsumer {
         Ok(Received { position, payload: message.payload().map(<[u8]>::to_vec) })
     }
 
-    /// Marks a message done (acknowledged by the broker, or skipped) and stores the new commit point if it moved.
+    /// A message if one is ready now, without waiting: lets the caller take a burst in one go.
+    pub fn try_recv(&self) -> Option<Result<Received, ConsumeError>> {
+        let mut next = std::pin::pin!(self.recv());
+        match next.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop())) {
+            std::task::Poll::Ready(result) => Some(result),
+            std::task::Poll::Pending => None,
+        }
+    }
+
+    /// Marks a message done (acknowledged by the broker, or skipped). The commit point moves over the done prefix
+    /// of its partition; [`Self::store`] hands it to librdkafka.
     pub fn complete(&self, position: &Position) {
-        let Some(next) = lock(&self.tracker).complete(position) else { return };
-        let mut tpl = TopicPartitionList::new();
-        if let Err(error) = tpl.add_partition_offset(&position.topic, position.partition, Offset::Offset(next)) {
-            tracing::warn!(%error, "cannot store offset");
-            return;
-        }
-        // Fails only when the partition was revoked meanwhile; its new owner replays from the last commit.
-        if let Err(error) = self.consumer.store_offsets(&tpl) {
-            tracing::debug!(%error, topic = %position.topic, partition = position.partition, "offset not stored");
-        }
+        lock(&self.tracker).complete(position);
+    }
+
+    /// Stores the commit points moved by [`Self::complete`] since the last call, for the next (auto-)commit.
+    pub fn store(&self) {
+        store_moved(self.consumer.as_ref(), &self.tracker);
     }
 
     /// Stops fetching from every assigned partition (and from partitions assigned later) until [`Self::resume`].
@@ -308,6 +353,7 @@ impl K2vConsumer {
     /// # Errors
     /// The commit failed (nothing stored is not an error).
     pub async fn commit(&self) -> Result<(), ConsumeError> {
+        self.store();
         let consumer = self.consumer.clone();
         let result = tokio::task::spawn_blocking(move || consumer.commit_consumer_state(CommitMode::Sync))
             .await
