@@ -65,6 +65,7 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             })?;
             let filter = format!("$share/{}/+/{}", config.v2k.v2k_share_group, config.attrs_suffix);
             policy_config.service_subscription = Some(filter.clone());
+            policy_config.service_max_inflight = Some(config.v2k.v2k_max_in_flight);
             let subscription = crate::v2k::subscription::run(
                 settings,
                 filter,

@@ -181,6 +181,11 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000)]
     pub v2k_delivery_timeout_ms: u64,
 
+    /// Subscription mode: unacknowledged messages VerneMQ may hand the service at once (`max_inflight_messages`
+    /// modifier on the service's session).
+    #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000)]
+    pub v2k_max_in_flight: u32,
+
     /// Subscription mode: shared subscription group.
     #[arg(long, env = "V2K_SHARE_GROUP", default_value = "v2k")]
     pub v2k_share_group: String,
@@ -282,6 +287,7 @@ impl Config {
             service_username: self.mqtt_username.clone(),
             service_password: self.mqtt_password.clone(),
             service_subscription: None,
+            service_max_inflight: None,
         })
     }
 

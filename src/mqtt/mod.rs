@@ -92,6 +92,16 @@ impl MqttSettings {
     }
 }
 
+/// A client and its event loop with Nagle's algorithm off: acks and publishes are tiny, and delaying them behind
+/// the peer's delayed ACK caps throughput at a few hundred messages per second.
+pub fn client(options: MqttOptions, request_capacity: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, request_capacity);
+    let mut network = eventloop.network_options();
+    network.set_tcp_nodelay(true);
+    eventloop.set_network_options(network);
+    (client, eventloop)
+}
+
 fn read(path: &PathBuf) -> Result<Vec<u8>, MqttConfigError> {
     std::fs::read(path).map_err(|source| MqttConfigError::Read { path: path.clone(), source })
 }

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use rumqttc::{AsyncClient, Event, Outgoing, Packet, Publish, QoS};
+use rumqttc::{Event, Outgoing, Packet, Publish, QoS};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -99,7 +99,7 @@ pub async fn run<H, F>(
         }
     };
     options.set_manual_acks(true);
-    let (client, mut eventloop) = AsyncClient::new(options, REQUEST_CAPACITY);
+    let (client, mut eventloop) = super::client(options, REQUEST_CAPACITY);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64)>();
     let mut acks = InOrderAcks::new();
     let mut backoff = Duration::from_millis(100);

@@ -64,6 +64,9 @@ pub struct PolicyConfig {
     pub service_password: Option<Secret>,
     /// The shared subscription the service holds in subscription mode (`$share/<group>/+/<attrs>`), if any.
     pub service_subscription: Option<String>,
+    /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service (its default, 20,
+    /// would cap V2K at 20 messages per Kafka round trip).
+    pub service_max_inflight: Option<u32>,
 }
 
 impl Default for PolicyConfig {
@@ -80,6 +83,7 @@ impl Default for PolicyConfig {
             service_username: "k2v-bridge".into(),
             service_password: None,
             service_subscription: None,
+            service_max_inflight: None,
         }
     }
 }
@@ -122,6 +126,8 @@ pub enum DenyReason {
 pub struct RegisterModifiers {
     pub max_connection_lifetime: Option<u64>,
     pub max_message_size: Option<u32>,
+    /// How many QoS 1/2 messages VerneMQ sends the session before waiting for acks (MQTT 3.1.1 sessions).
+    pub max_inflight_messages: Option<u32>,
     /// `(mountpoint, client_id)`: VerneMQ only accepts the two together.
     pub subscriber_id: Option<(String, String)>,
 }
@@ -203,8 +209,10 @@ impl Policy {
                     (Some(expected), Some(given)) => expected.matches(given),
                     _ => false,
                 };
+                let modifiers =
+                    RegisterModifiers { max_inflight_messages: self.config.service_max_inflight, ..Default::default() };
                 return if by_certificate || by_password {
-                    Ok((principal, RegisterModifiers::default()))
+                    Ok((principal, modifiers))
                 } else {
                     Err(DenyReason::ServiceCredentials)
                 };
@@ -224,6 +232,7 @@ impl Policy {
         let modifiers = RegisterModifiers {
             max_connection_lifetime: self.config.lifetime.seconds(jitter_unit),
             max_message_size: self.config.max_message_size,
+            max_inflight_messages: None,
             subscriber_id,
         };
         Ok((Principal::Device(device), modifiers))

@@ -141,6 +141,9 @@ fn service_identity_needs_exact_name_and_password_or_certificate() {
     let RegisterDecision::Allow { principal, modifiers } = p.register(&req, 0.5) else { panic!("denied") };
     assert_eq!(principal, Principal::Service);
     assert!(modifiers.is_empty(), "the service keeps its session: no lifetime, no client id rewrite");
+    let window = policy_with(|c| c.service_max_inflight = Some(1000));
+    let RegisterDecision::Allow { modifiers, .. } = window.register(&req, 0.5) else { panic!("denied") };
+    assert_eq!(modifiers, RegisterModifiers { max_inflight_messages: Some(1000), ..Default::default() });
 
     let mut by_cert = register(Some("k2v-bridge"), "any-id");
     by_cert.certificate_cn = Some(Some("k2v-bridge"));

@@ -14,6 +14,8 @@ struct Modifiers<'a> {
     max_connection_lifetime: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_message_size: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_inflight_messages: Option<u32>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     subscriber_id: Option<SubscriberIdModifier<'a>>,
 }
@@ -63,6 +65,7 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
             let wire_modifiers = Modifiers {
                 max_connection_lifetime: modifiers.max_connection_lifetime,
                 max_message_size: modifiers.max_message_size,
+                max_inflight_messages: modifiers.max_inflight_messages,
                 subscriber_id: modifiers
                     .subscriber_id
                     .as_ref()

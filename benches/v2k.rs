@@ -1,0 +1,446 @@
+//! V2K throughput and added latency against a plain rdkafka producer measured in the same run on the same broker
+//! (tansu, memory storage) with the same settings, plus the service's CPU time per webhook call next to a trivial
+//! axum responder's. Run with `cargo bench --bench v2k`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::routing::post;
+use base64::Engine as _;
+use hdrhistogram::Histogram;
+use http_body_util::{BodyExt, Full};
+use hyper::Request;
+use hyper_util::rt::TokioIo;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use tokio::net::TcpStream;
+
+const DEVICES: usize = 64;
+const PHASE: Duration = Duration::from_secs(5);
+const TOPIC: &str = "bench.device-data";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
+}
+
+fn wait_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} not listening");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn which(name: &str) -> PathBuf {
+    let home = std::env::var("HOME").unwrap_or_default();
+    for dir in std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .chain(["/usr/sbin"])
+        .map(String::from)
+        .chain([format!("{home}/.cargo/bin")])
+    {
+        let p = Path::new(&dir).join(name);
+        if p.is_file() {
+            return p;
+        }
+    }
+    panic!("{name} not installed (./scripts/test installs it)");
+}
+
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.0.kill().ok();
+        self.0.wait().ok();
+    }
+}
+
+impl Proc {
+    /// User + system CPU seconds so far (from /proc, in clock ticks of 10 ms).
+    fn cpu_seconds(&self) -> f64 {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.0.id())).unwrap_or_default();
+        let fields: Vec<&str> =
+            stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().collect()).unwrap_or_default();
+        let ticks: f64 = fields.get(11).and_then(|u| u.parse().ok()).unwrap_or(0.0)
+            + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
+        ticks / 100.0
+    }
+}
+
+fn payload(n: u64) -> String {
+    format!(r#"{{"temperature": 21.5, "humidity": 40, "n": {n}}}"#)
+}
+
+fn dojot_value(device: usize, n: u64) -> String {
+    format!(
+        r#"{{"metadata":{{"deviceid":"d{device}","tenant":"bench","timestamp":1732540000000}},"attrs":{}}}"#,
+        payload(n)
+    )
+}
+
+struct Outcome {
+    per_second: f64,
+    latency: Histogram<u64>,
+}
+
+fn micros(h: &Histogram<u64>, q: f64) -> u64 {
+    h.value_at_quantile(q)
+}
+
+/// Baseline: a plain producer with the service's settings, `DEVICES` concurrent senders each waiting for its ack.
+async fn plain_producer(brokers: &str) -> Outcome {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for device in 0..DEVICES {
+        let producer = producer.clone();
+        let stop = stop.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut hist = Histogram::<u64>::new(3).expect("hist");
+            let key = format!("bench:d{device}");
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let value = dojot_value(device, n);
+                let started = Instant::now();
+                producer.send(FutureRecord::to(TOPIC).key(&key).payload(&value), Duration::from_secs(5)).await.ok();
+                hist.record(started.elapsed().as_micros() as u64).ok();
+                n += 1;
+            }
+            hist
+        }));
+    }
+    collect(stop, tasks).await
+}
+
+async fn collect(stop: Arc<AtomicBool>, tasks: Vec<tokio::task::JoinHandle<Histogram<u64>>>) -> Outcome {
+    let started = Instant::now();
+    tokio::time::sleep(PHASE).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut latency = Histogram::<u64>::new(3).expect("hist");
+    for t in tasks {
+        latency.add(t.await.expect("task")).expect("bounds");
+    }
+    Outcome { per_second: latency.len() as f64 / started.elapsed().as_secs_f64(), latency }
+}
+
+/// `DEVICES` webhook sessions, each sending its next publish when the previous one was answered (as VerneMQ does).
+async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>) -> Outcome {
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+    for device in 0..DEVICES {
+        let stop = stop.clone();
+        let counter = counter.clone();
+        tasks.push(tokio::spawn(async move {
+            let stream = TcpStream::connect(addr).await.expect("connect");
+            stream.set_nodelay(true).ok();
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http");
+            tokio::spawn(conn);
+            let mut hist = Histogram::<u64>::new(3).expect("hist");
+            let username = format!("bench:d{device}");
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                let body = serde_json::json!({"username": username, "mountpoint": "", "client_id": username, "qos": 1,
+                    "topic": format!("{username}/attrs"),
+                    "payload": base64::engine::general_purpose::STANDARD.encode(payload(n)), "retain": false})
+                .to_string();
+                let request = Request::post(format!("/vmq/{hook}"))
+                    .header("host", "127.0.0.1")
+                    .header("vernemq-hook", hook)
+                    .header("content-type", "application/json")
+                    .body(Full::new(Bytes::from(body)))
+                    .expect("request");
+                let started = Instant::now();
+                let response = sender.send_request(request).await.expect("response");
+                let status = response.status();
+                let body = response.into_body().collect().await.expect("body").to_bytes();
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                hist.record(started.elapsed().as_micros() as u64).ok();
+                counter.fetch_add(1, Ordering::Relaxed);
+                n += 1;
+            }
+            hist
+        }));
+    }
+    collect(stop, tasks).await
+}
+
+fn start_service(env: &[(&str, String)]) -> (Proc, SocketAddr) {
+    let port = free_port();
+    let child = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
+        .env_clear()
+        .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
+        .env("RUST_LOG", "error")
+        .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("service");
+    wait_port(port);
+    (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// This bench binary re-executed as the trivial responder, so both servers are processes measured alike.
+fn trivial_server_main(port: u16) {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
+    rt.block_on(async move {
+        let router = Router::new().route(
+            "/vmq/{hook}",
+            post(|_b: Bytes| async { ([("content-type", "application/json")], r#"{"result":"ok"}"#) }),
+        );
+        let listener = tokio::net::TcpListener::bind(("127.0.0.1", port)).await.expect("bind");
+        axum::serve(listener, router).await.ok();
+    });
+}
+
+fn start_trivial() -> (Proc, SocketAddr) {
+    let port = free_port();
+    let child = Command::new(std::env::current_exe().expect("exe"))
+        .env("V2K_BENCH_TRIVIAL_PORT", port.to_string())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("trivial server");
+    wait_port(port);
+    (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+fn main() {
+    if let Ok(port) = std::env::var("V2K_BENCH_TRIVIAL_PORT") {
+        return trivial_server_main(port.parse().expect("port"));
+    }
+    let dir = tempfile::tempdir().expect("dir");
+    let kafka_port = free_port();
+    let url = format!("tcp://127.0.0.1:{kafka_port}");
+    let _kafka = Proc(
+        Command::new(which("tansu"))
+            .args([
+                "broker",
+                "--listener-url",
+                &url,
+                "--advertised-listener-url",
+                &url,
+                "--storage-engine",
+                "memory://tansu/",
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("tansu"),
+    );
+    wait_port(kafka_port);
+    let brokers = format!("127.0.0.1:{kafka_port}");
+    let mqtt_port = free_port();
+    std::fs::write(dir.path().join("passwd"), "").expect("passwd");
+    let status = Command::new(which("mosquitto_passwd"))
+        .args(["-b", dir.path().join("passwd").to_str().expect("path"), "k2v-bridge", "pw"])
+        .status()
+        .expect("mosquitto_passwd");
+    assert!(status.success());
+    let device_port = free_port();
+    std::fs::write(
+        dir.path().join("m.conf"),
+        format!(
+            "user root\nper_listener_settings true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n\
+             listener {mqtt_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
+             listener {device_port} 127.0.0.1\nallow_anonymous true\n",
+            dir.path().join("passwd").display()
+        ),
+    )
+    .expect("conf");
+    let _mqtt = Proc(
+        Command::new(which("mosquitto"))
+            .args(["-c", dir.path().join("m.conf").to_str().expect("path")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("mosquitto"),
+    );
+    wait_port(mqtt_port);
+
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+    rt.block_on(async {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+        let topics = [
+            NewTopic::new(TOPIC, 3, TopicReplication::Fixed(1)),
+            NewTopic::new("bench.device-data.dead-letter", 1, TopicReplication::Fixed(1)),
+        ];
+        admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics");
+    });
+
+    println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
+    let plain = rt.block_on(plain_producer(&brokers));
+    println!(
+        "plain rdkafka producer       {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs",
+        plain.per_second,
+        micros(&plain.latency, 0.5),
+        micros(&plain.latency, 0.99)
+    );
+    let kafka_env = |mode: &str| {
+        vec![
+            ("KAFKA_BROKERS", brokers.clone()),
+            ("V2K_MODE", mode.to_string()),
+            ("MQTT_USERNAME", "k2v-bridge".to_string()),
+            ("K2V_ENABLED", "false".to_string()),
+        ]
+    };
+    for (mode, hook) in [("on_publish", "on_publish"), ("auth_on_publish", "auth_on_publish")] {
+        let (service, addr) = start_service(&kafka_env(mode));
+        std::thread::sleep(Duration::from_secs(2));
+        let calls = Arc::new(AtomicU64::new(0));
+        let cpu_before = service.cpu_seconds();
+        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone()));
+        let cpu = service.cpu_seconds() - cpu_before;
+        println!(
+            "{mode:<28} {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs  ratio {:.2}  added p50 {:>5} µs p99 {:>5} µs  CPU {:.1} µs/call",
+            outcome.per_second,
+            micros(&outcome.latency, 0.5),
+            micros(&outcome.latency, 0.99),
+            outcome.per_second / plain.per_second,
+            micros(&outcome.latency, 0.5).saturating_sub(micros(&plain.latency, 0.5)),
+            micros(&outcome.latency, 0.99).saturating_sub(micros(&plain.latency, 0.99)),
+            cpu * 1e6 / calls.load(Ordering::Relaxed).max(1) as f64
+        );
+    }
+
+    // CPU per webhook call: the ACL decision (what VerneMQ calls on every uncached publish) vs a trivial responder.
+    let (acl, acl_addr) = start_service(&[]);
+    let (trivial, trivial_addr) = start_trivial();
+    for (name, proc_, addr) in
+        [("trivial axum responder", &trivial, trivial_addr), ("service auth_on_publish (ACL)", &acl, acl_addr)]
+    {
+        let calls = Arc::new(AtomicU64::new(0));
+        let before = proc_.cpu_seconds();
+        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone()));
+        let cpu = proc_.cpu_seconds() - before;
+        println!(
+            "{name:<28} {:>8.0} calls/s  CPU {:.1} µs/call",
+            outcome.per_second,
+            cpu * 1e6 / calls.load(Ordering::Relaxed).max(1) as f64
+        );
+    }
+    drop(acl);
+    drop(trivial);
+
+    // Subscription mode: devices publish QoS 1 through Mosquitto as fast as they can; the service holds up to
+    // V2K_MAX_IN_FLIGHT (1000) unacknowledged. Baseline: the same records from a plain producer with the same window.
+    let total: u64 = 100_000;
+    let window = 1000;
+    let plain_window = rt.block_on(plain_producer_window(&brokers, total, window));
+    println!("plain rdkafka producer, {window} in flight: {:>8.0} msg/s", plain_window);
+    let mut env = kafka_env("subscription");
+    env.extend([
+        ("MQTT_URL", format!("mqtt://127.0.0.1:{mqtt_port}")),
+        ("MQTT_PASSWORD", "pw".to_string()),
+        ("MQTT_CLIENT_ID", "bench".to_string()),
+        ("V2K_MAX_IN_FLIGHT", window.to_string()),
+    ]);
+    let (_service, service_addr) = start_service(&env);
+    std::thread::sleep(Duration::from_secs(2));
+    let per_second = rt.block_on(async {
+        let started = Instant::now();
+        let per_device = total / DEVICES as u64;
+        let mut clients = Vec::new();
+        for device in 0..DEVICES {
+            let mut options = rumqttc::MqttOptions::new(format!("dev{device}"), "127.0.0.1", device_port);
+            options.set_max_packet_size(1 << 20, 1 << 20);
+            let (client, mut eventloop) = iotagent_mqtt::mqtt::client(options, 10_000);
+            tokio::spawn(async move {
+                loop {
+                    if let Err(e) = eventloop.poll().await {
+                        println!("device {device}: {e}");
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            });
+            for n in 0..per_device {
+                client
+                    .publish(format!("bench:d{device}/attrs"), rumqttc::QoS::AtLeastOnce, false, payload(n))
+                    .await
+                    .ok();
+            }
+            clients.push(client);
+        }
+        let sent = per_device * DEVICES as u64;
+        loop {
+            let text = reqwest_metrics(service_addr).await;
+            let produced: u64 = text
+                .lines()
+                .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if produced >= sent || started.elapsed() > Duration::from_secs(120) {
+                println!("subscription: {produced} of {sent} acknowledged by Kafka");
+                break produced as f64 / started.elapsed().as_secs_f64();
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    println!(
+        "subscription (via Mosquitto) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
+        per_second,
+        per_second / plain_window
+    );
+}
+
+/// `total` records with at most `window` unacknowledged; returns records/s.
+async fn plain_producer_window(brokers: &str, total: u64, window: usize) -> f64 {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4")
+        .set("linger.ms", "5")
+        .create()
+        .expect("producer");
+    let started = Instant::now();
+    let mut in_flight = std::collections::VecDeque::new();
+    for n in 0..total {
+        let device = (n % DEVICES as u64) as usize;
+        let key = format!("bench:d{device}");
+        let value = dojot_value(device, n);
+        loop {
+            match producer.send_result(FutureRecord::to(TOPIC).key(&key).payload(&value)) {
+                Ok(delivery) => {
+                    in_flight.push_back(delivery);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
+            }
+        }
+        if in_flight.len() >= window {
+            if let Some(oldest) = in_flight.pop_front() {
+                let _ = oldest.await;
+            }
+        }
+    }
+    for delivery in in_flight {
+        let _ = delivery.await;
+    }
+    total as f64 / started.elapsed().as_secs_f64()
+}
+
+async fn reqwest_metrics(addr: SocketAddr) -> String {
+    let stream = TcpStream::connect(addr).await.expect("connect");
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http");
+    tokio::spawn(conn);
+    let request = Request::get("/metrics").header("host", "x").body(Full::new(Bytes::new())).expect("req");
+    let response = sender.send_request(request).await.expect("metrics");
+    String::from_utf8_lossy(&response.into_body().collect().await.expect("body").to_bytes()).to_string()
+}
