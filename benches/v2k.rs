@@ -424,10 +424,10 @@ async fn plain_producer_window(brokers: &str, total: u64, window: usize) -> f64 
                 Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
             }
         }
-        if in_flight.len() >= window {
-            if let Some(oldest) = in_flight.pop_front() {
-                let _ = oldest.await;
-            }
+        if in_flight.len() >= window
+            && let Some(oldest) = in_flight.pop_front()
+        {
+            let _ = oldest.await;
         }
     }
     for delivery in in_flight {
