@@ -3,7 +3,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -76,12 +76,14 @@ struct Tracker {
 struct Track {
     generation: u64,
     pending: VecDeque<(i64, bool)>,
+    /// Last offset consumed, to log jumps.
+    last: Option<i64>,
 }
 
 impl Tracker {
     fn fresh(&mut self) -> Track {
         self.next_generation += 1;
-        Track { generation: self.next_generation, pending: VecDeque::new() }
+        Track { generation: self.next_generation, pending: VecDeque::new(), last: None }
     }
 
     /// A partition was (re-)assigned: anything still in flight from before is stale.
@@ -112,6 +114,12 @@ impl Tracker {
             self.partitions.insert(key.clone(), track);
         }
         let generation = self.partitions.get_mut(&key).map_or(0, |t| {
+            if let Some(last) = t.last
+                && offset != last + 1
+            {
+                tracing::debug!(topic, partition, last, offset, "offsets skipped (compaction or transaction markers)");
+            }
+            t.last = Some(offset);
             t.pending.push_back((offset, false));
             t.generation
         });
@@ -167,7 +175,6 @@ fn store_moved<C: ConsumerContext>(consumer: &impl Consumer<C>, tracker: &Mutex<
 /// (lag, broker state), errors.
 struct Context {
     tracker: Arc<Mutex<Tracker>>,
-    paused: AtomicBool,
     lag: AtomicI64,
     probe: Probe,
 }
@@ -202,7 +209,13 @@ impl ClientContext for Context {
 
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
+            // librdkafka repeats this on every reconnect attempt: say it once per outage.
+            let was_up = self.probe.is_up();
             self.probe.set(false);
+            if !was_up {
+                tracing::debug!(%error, reason, "Kafka consumer");
+                return;
+            }
         }
         tracing::warn!(%error, reason, "Kafka consumer");
     }
@@ -227,18 +240,13 @@ impl ConsumerContext for Context {
         }
     }
 
-    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(tpl) = rebalance {
             let mut tracker = lock(&self.tracker);
             for e in tpl.elements() {
                 tracker.assign(e.topic(), e.partition());
             }
             drop(tracker);
-            if self.paused.load(Ordering::Relaxed)
-                && let Err(error) = consumer.pause(tpl)
-            {
-                tracing::warn!(%error, "cannot pause newly assigned partitions");
-            }
             tracing::info!(partitions = tpl.count(), "K2V partitions assigned");
         }
     }
@@ -264,8 +272,7 @@ impl K2vConsumer {
     /// Invalid settings or subscription.
     pub fn new(settings: &ConsumerSettings, probe: Probe) -> Result<Self, ConsumeError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let context =
-            Context { tracker: tracker.clone(), paused: AtomicBool::new(false), lag: AtomicI64::new(0), probe };
+        let context = Context { tracker: tracker.clone(), lag: AtomicI64::new(0), probe };
         let ms = |d: Duration| d.as_millis().to_string();
         let consumer: StreamConsumer<Context> = ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
@@ -319,28 +326,6 @@ impl K2vConsumer {
     /// Stores the commit points moved by [`Self::complete`] since the last call, for the next (auto-)commit.
     pub fn store(&self) {
         store_moved(self.consumer.as_ref(), &self.tracker);
-    }
-
-    /// Stops fetching from every assigned partition (and from partitions assigned later) until [`Self::resume`].
-    pub fn pause(&self) {
-        self.consumer.context().paused.store(true, Ordering::Relaxed);
-        self.set_paused(true);
-    }
-
-    pub fn resume(&self) {
-        self.consumer.context().paused.store(false, Ordering::Relaxed);
-        self.set_paused(false);
-    }
-
-    fn set_paused(&self, pause: bool) {
-        let Ok(assignment) = self.consumer.assignment() else { return };
-        if assignment.count() == 0 {
-            return;
-        }
-        let result = if pause { self.consumer.pause(&assignment) } else { self.consumer.resume(&assignment) };
-        if let Err(error) = result {
-            tracing::warn!(%error, pause, "cannot pause/resume K2V partitions");
-        }
     }
 
     /// Messages in the assigned partitions not yet completed and stored, from the last statistics.

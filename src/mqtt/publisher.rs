@@ -53,6 +53,8 @@ struct Book {
     /// first. The first `resend` of them were lost with a connection and are queued again at the next CONNACK.
     unmatched: VecDeque<u64>,
     resend: usize,
+    /// Publishes sent again after a connection loss, since start.
+    resent: u64,
 }
 
 /// Handle to the publisher. Acknowledged sequence numbers arrive on the receiver [`Publisher::start`] returns.
@@ -142,6 +144,11 @@ impl Publisher {
     /// Publishes not yet acknowledged.
     pub fn in_flight(&self) -> usize {
         lock(&self.book).messages.len()
+    }
+
+    /// Publishes sent again after connection losses, since start.
+    pub fn resent(&self) -> u64 {
+        lock(&self.book).resent
     }
 
     /// Follows the connection state (true once the broker accepted the connection).
@@ -301,6 +308,7 @@ impl Driver {
     fn requeue_lost(&mut self) {
         let mut book = lock(&self.book);
         let count = std::mem::take(&mut book.resend);
+        book.resent += count as u64;
         if count > 0 {
             tracing::info!(count, "re-sending MQTT publishes not acknowledged before the reconnect");
         }
