@@ -297,14 +297,18 @@ impl Bridge {
                 "K2V publishes not acknowledged at shutdown; replayed next start"
             );
         }
-        match self.consumer.commit().await {
-            Ok(()) => tracing::info!("K2V offsets committed"),
-            Err(error) => tracing::error!(%error, "K2V final commit"),
+        // Bounded: a synchronous commit waits for the group coordinator, which may be unreachable.
+        let commit_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
+        match tokio::time::timeout_at(commit_deadline, self.consumer.commit()).await {
+            Ok(Ok(())) => tracing::info!("K2V offsets committed"),
+            Ok(Err(error)) => tracing::error!(%error, "K2V final commit"),
+            Err(_) => tracing::error!("K2V final commit timed out; the periodic commits stand"),
         }
         let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
         self.publisher.close(remaining).await;
         self.metrics.in_flight.set(0.0);
-        self.consumer.close().await;
+        // Leaving the group lets another instance take the partitions over at once; with Kafka away it cannot.
+        self.consumer.close(Duration::from_secs(5)).await;
         tracing::info!("K2V stopped");
     }
 }

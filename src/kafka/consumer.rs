@@ -257,6 +257,38 @@ impl ConsumerContext for Context {
 pub struct K2vConsumer {
     consumer: Arc<StreamConsumer<Context>>,
     tracker: Arc<Mutex<Tracker>>,
+    /// Declared last, so it is dropped after `consumer` and holds the last reference.
+    owner: Owner,
+}
+
+/// Drops the librdkafka consumer on a thread of its own: its close (leave the group, last commit) blocks, and
+/// without bound while the brokers are unreachable — it must hold up neither the async runtime nor shutdown.
+struct Owner {
+    consumer: Option<Arc<StreamConsumer<Context>>>,
+    closed: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for Owner {
+    fn drop(&mut self) {
+        let Some(mut consumer) = self.consumer.take() else { return };
+        let closed = self.closed.take();
+        let spawned = std::thread::Builder::new().name("k2v-consumer-close".into()).spawn(move || {
+            // Wait for borrowed references (a commit in flight) so that the close runs here.
+            loop {
+                match Arc::try_unwrap(consumer) {
+                    Ok(last) => break drop(last),
+                    Err(shared) => consumer = shared,
+                }
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Some(closed) = closed {
+                let _ = closed.send(());
+            }
+        });
+        if let Err(error) = spawned {
+            tracing::error!(%error, "cannot start the consumer close thread; the consumer is leaked");
+        }
+    }
 }
 
 impl std::fmt::Debug for K2vConsumer {
@@ -293,7 +325,9 @@ impl K2vConsumer {
         consumer
             .subscribe(&[&settings.topic_pattern])
             .map_err(|source| ConsumeError::Subscribe { pattern: settings.topic_pattern.clone(), source })?;
-        Ok(Self { consumer: Arc::new(consumer), tracker })
+        let consumer = Arc::new(consumer);
+        let owner = Owner { consumer: Some(consumer.clone()), closed: None };
+        Ok(Self { consumer, tracker, owner })
     }
 
     /// The next message (cancellation-safe). Errors are transient (broker unreachable, topic vanished): log them
@@ -349,10 +383,14 @@ impl K2vConsumer {
         }
     }
 
-    /// Leaves the group (librdkafka's close runs on drop and blocks, so off the async threads).
-    pub async fn close(self) {
-        let consumer = self.consumer;
-        let _ = tokio::task::spawn_blocking(move || drop(consumer)).await;
+    /// Leaves the group, waiting at most `deadline` (the close goes on in the background after that).
+    pub async fn close(mut self, deadline: Duration) {
+        let (closed, done) = tokio::sync::oneshot::channel();
+        self.owner.closed = Some(closed);
+        drop(self);
+        if tokio::time::timeout(deadline, done).await.is_err() {
+            tracing::warn!("Kafka consumer did not close in time (brokers unreachable?)");
+        }
     }
 }
 

@@ -691,3 +691,17 @@ async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
     assert_eq!(publisher.close(Duration::from_secs(5)).await, 0);
     device.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_is_bounded_when_kafka_is_gone() {
+    let mut kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic("admin"), 1).await;
+    let (mqtt, _device_port) = mosquitto("");
+    let app = start_app(&k2v_env(&kafka, &mqtt.url(), "kafka-gone")).await;
+    kafka.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let started = Instant::now();
+    app.stop().await.expect("clean stop");
+    println!("stopped {:?} after Kafka went away", started.elapsed());
+    assert!(started.elapsed() < Duration::from_secs(15), "shutdown took {:?}", started.elapsed());
+}
