@@ -263,6 +263,11 @@ impl Bridge {
                     tracing::warn!(topic, size, "K2V configuration too large for MQTT; skipped");
                     return self.skip(&position, "too_large");
                 }
+                Err(error @ PublishError::InvalidTopic(_)) => {
+                    // Device ids exclude topic syntax, so only a misconfiguration gets here.
+                    tracing::warn!(%error, "K2V configuration skipped");
+                    return self.skip(&position, "invalid_device");
+                }
                 Err(PublishError::Busy) => {
                     // The request queue is sized above the in-flight bound, so this is brief.
                     tokio::select! {

@@ -25,6 +25,9 @@ pub enum PublishError {
     /// Larger than the client may send: rumqttc would keep it and fail the connection with it after every reconnect.
     #[error("message of {0} bytes exceeds the MQTT packet limit")]
     TooLarge(usize),
+    /// Not a topic one can publish to (empty, or with a wildcard or NUL).
+    #[error("invalid topic {0:?}")]
+    InvalidTopic(String),
     /// The request queue is full; retry shortly.
     #[error("publisher queue is full")]
     Busy,
@@ -125,6 +128,9 @@ impl Publisher {
         if size > MAX_PACKET_BYTES {
             return Err(PublishError::TooLarge(size));
         }
+        if topic.is_empty() || topic.contains('\0') || !rumqttc::valid_topic(topic) {
+            return Err(PublishError::InvalidTopic(topic.to_string()));
+        }
         let mut book = lock(&self.book);
         if book.closed {
             return Err(PublishError::Closed);
@@ -132,8 +138,11 @@ impl Publisher {
         let seq = book.next_seq;
         match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()) {
             Ok(()) => {}
-            Err(ClientError::TryRequest(_)) if !self.stop.is_cancelled() => return Err(PublishError::Busy),
-            Err(_) => return Err(PublishError::Closed),
+            // Full, or the event loop is gone (its watch sender went with it).
+            Err(ClientError::TryRequest(_) | ClientError::Request(_)) => {
+                let gone = self.stop.is_cancelled() || self.connected.has_changed().is_err();
+                return Err(if gone { PublishError::Closed } else { PublishError::Busy });
+            }
         }
         book.next_seq += 1;
         book.messages.insert(seq, Message { topic: topic.to_string(), payload, retain });
@@ -330,4 +339,39 @@ impl Driver {
 /// ±20 % so that many instances do not reconnect in step.
 fn jitter(backoff: Duration) -> Duration {
     backoff.mul_f64(0.8 + 0.4 * rand::random::<f64>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings() -> MqttSettings {
+        // Nothing listens on port 1 of the loopback: the publisher stays disconnected.
+        MqttSettings {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: None,
+            client_id: "unit".into(),
+            keep_alive: Duration::from_secs(30),
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_what_could_never_be_sent_and_queues_the_rest_while_disconnected() {
+        let (publisher, _acks) = Publisher::start(&settings(), "k2v", 10, Probe::default()).unwrap();
+        for topic in ["", "a/+/config", "a/#", "a\0b"] {
+            assert!(matches!(publisher.publish(topic, Bytes::new(), false), Err(PublishError::InvalidTopic(_))));
+        }
+        let huge = Bytes::from(vec![b'x'; MAX_PACKET_BYTES]);
+        assert!(matches!(publisher.publish("t:d/config", huge, false), Err(PublishError::TooLarge(_))));
+        assert_eq!(publisher.publish("t:d/config", Bytes::from_static(b"{}"), false).unwrap(), 0);
+        assert_eq!(publisher.publish("t:d/config", Bytes::from_static(b"{}"), true).unwrap(), 1);
+        assert_eq!(publisher.in_flight(), 2);
+        assert!(!*publisher.connected().borrow());
+        // Closing while disconnected gives up at once on what can no longer be delivered, and says how much.
+        assert_eq!(publisher.close(Duration::from_millis(50)).await, 2);
+        assert!(matches!(publisher.publish("t:d/config", Bytes::new(), false), Err(PublishError::Closed)));
+    }
 }
