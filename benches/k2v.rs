@@ -171,6 +171,7 @@ async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Durat
         rules: EventRules { id_charset: IdCharset::default(), config_suffix: "config".into() },
         retain: false,
         max_in_flight: IN_FLIGHT,
+        lag_interval: Duration::from_secs(10),
         consumer: ConsumerSettings {
             brokers: brokers.to_string(),
             group_id: "bench".into(),

@@ -45,7 +45,11 @@ pub struct K2vArgs {
     #[arg(long, env = "K2V_AUTO_OFFSET_RESET", default_value = "earliest", value_parser = ["earliest", "latest"])]
     pub k2v_auto_offset_reset: String,
 
-    /// Interval of the consumer statistics that feed the lag gauge and the Kafka readiness probe (ms).
+    /// How often the lag gauge is measured (ms): one watermark request per consumed partition.
+    #[arg(long, env = "K2V_LAG_INTERVAL_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub k2v_lag_interval_ms: u64,
+
+    /// Interval of the consumer statistics that feed the Kafka readiness probe (ms).
     #[arg(long, env = "K2V_STATS_INTERVAL_MS", default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
     pub k2v_stats_interval_ms: u64,
 }

@@ -291,4 +291,40 @@ mod tests {
         });
         assert_eq!(interpret(&event).unwrap(), publish("admin:a1998e/config", &json!({"k": "v"})));
     }
+
+    #[test]
+    fn every_topic_k2v_publishes_is_one_the_acl_lets_the_service_publish() {
+        use crate::policy::{Policy, PolicyConfig};
+        let policy = Policy::new(PolicyConfig::default());
+        let ids = [
+            "admin",
+            "a1998e",
+            "T_1.x-y",
+            "a/b",
+            "+",
+            "#",
+            "$SYS",
+            "a:b",
+            "",
+            "é",
+            "a b",
+            &"x".repeat(64),
+            &"x".repeat(65),
+        ];
+        for tenant in ids {
+            for device in ids {
+                let event =
+                    json!({"event": "configure", "meta": {"service": tenant}, "data": {"id": device, "attrs": {}}});
+                if let Ok(Action::Publish { topic, .. }) = interpret(&event) {
+                    assert_eq!(policy.publish(Some("k2v-bridge"), &topic, false), Ok(()), "{topic}");
+                    assert_eq!(
+                        policy.config_topic_device(&topic).map(|d| (d.tenant, d.device)),
+                        Some((tenant, device))
+                    );
+                } else {
+                    assert!(policy.publish(Some("k2v-bridge"), &format!("{tenant}:{device}/config"), false).is_err());
+                }
+            }
+        }
+    }
 }

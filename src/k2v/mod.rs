@@ -24,7 +24,7 @@ use crate::mqtt::publisher::{PublishError, Publisher};
 
 /// Client id role of the K2V publisher (`<MQTT_CLIENT_ID>-k2v`).
 const ROLE: &str = "k2v";
-/// How often the lag and in-flight gauges are refreshed.
+/// How often the in-flight gauge and the re-sent counter are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after a consumer error, so a broker outage does not spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(200);
@@ -34,6 +34,8 @@ pub struct K2vSettings {
     pub rules: EventRules,
     pub retain: bool,
     pub max_in_flight: u16,
+    /// How often the lag gauge is measured.
+    pub lag_interval: Duration,
     pub consumer: ConsumerSettings,
     pub mqtt: MqttSettings,
 }
@@ -128,6 +130,7 @@ impl K2v {
             rules: settings.rules,
             retain: settings.retain,
             max_in_flight: usize::from(settings.max_in_flight),
+            lag_interval: settings.lag_interval,
             waiting: HashMap::new(),
             metrics: K2vMetrics::new(metrics),
         };
@@ -152,6 +155,7 @@ struct Bridge {
     rules: EventRules,
     retain: bool,
     max_in_flight: usize,
+    lag_interval: Duration,
     /// Publishes awaiting PUBACK: publisher sequence number → Kafka position.
     waiting: HashMap<u64, Position>,
     metrics: K2vMetrics,
@@ -165,6 +169,21 @@ impl Bridge {
         // but not yet returned, as the fault tests showed.)
         let mut connected = self.publisher.connected();
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
+        // Off the bridge's loop: reading watermarks is a broker round trip per partition.
+        let lag = AbortOnDropHandle::new(tokio::spawn({
+            let probe = self.consumer.lag_probe();
+            let gauge = self.metrics.lag.clone();
+            let interval = self.lag_interval;
+            async move {
+                let mut tick = tokio::time::interval(interval);
+                loop {
+                    tick.tick().await;
+                    if let Some(lag) = probe.measure(Duration::from_secs(1)).await {
+                        gauge.set(lag as f64);
+                    }
+                }
+            }
+        }));
         loop {
             tokio::select! {
                 biased;
@@ -186,7 +205,6 @@ impl Bridge {
                 _ = gauges.tick() => {
                     self.metrics.in_flight.set(self.waiting.len() as f64);
                     self.metrics.resent.absolute(self.publisher.resent());
-                    self.metrics.lag.set(self.consumer.lag() as f64);
                 }
                 received = self.consumer.recv(), if self.waiting.len() < self.max_in_flight => match received {
                     Ok(message) => {
@@ -214,6 +232,8 @@ impl Bridge {
                 },
             }
         }
+        // The lag task shares the consumer, whose close waits for every other reference.
+        drop(lag);
         self.stop(acks, drain).await;
     }
 
@@ -344,6 +364,7 @@ pub fn settings(config: &crate::Config) -> Result<Option<K2vSettings>, crate::co
         rules: EventRules { id_charset: policy.id_charset, config_suffix: policy.config_suffix },
         retain: k.k2v_retain,
         max_in_flight: k.k2v_max_in_flight,
+        lag_interval: Duration::from_millis(k.k2v_lag_interval_ms),
         consumer,
         mqtt,
     }))

@@ -3,7 +3,6 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future as _;
-use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -172,10 +171,9 @@ fn store_moved<C: ConsumerContext>(consumer: &impl Consumer<C>, tracker: &Mutex<
 }
 
 /// librdkafka callbacks: assignment changes (run inside `recv`, so they are ordered with the messages), statistics
-/// (lag, broker state), errors.
+/// (broker state), errors.
 struct Context {
     tracker: Arc<Mutex<Tracker>>,
-    lag: AtomicI64,
     probe: Probe,
 }
 
@@ -187,14 +185,6 @@ impl ClientContext for Context {
     fn stats(&self, statistics: Statistics) {
         let up = statistics.brokers.values().any(|b| b.state == "UP");
         self.probe.set(up);
-        let lag: i64 = statistics
-            .topics
-            .values()
-            .flat_map(|t| t.partitions.values())
-            .filter(|p| p.partition >= 0 && p.fetch_state != "none")
-            .map(|p| if p.consumer_lag_stored >= 0 { p.consumer_lag_stored } else { p.consumer_lag.max(0) })
-            .sum();
-        self.lag.store(lag, Ordering::Relaxed);
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
@@ -304,7 +294,7 @@ impl K2vConsumer {
     /// Invalid settings or subscription.
     pub fn new(settings: &ConsumerSettings, probe: Probe) -> Result<Self, ConsumeError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
-        let context = Context { tracker: tracker.clone(), lag: AtomicI64::new(0), probe };
+        let context = Context { tracker: tracker.clone(), probe };
         let ms = |d: Duration| d.as_millis().to_string();
         let consumer: StreamConsumer<Context> = ClientConfig::new()
             .set("bootstrap.servers", &settings.brokers)
@@ -362,9 +352,9 @@ impl K2vConsumer {
         store_moved(self.consumer.as_ref(), &self.tracker);
     }
 
-    /// Messages in the assigned partitions not yet completed and stored, from the last statistics.
-    pub fn lag(&self) -> i64 {
-        self.consumer.context().lag.load(Ordering::Relaxed)
+    /// A handle that measures the lag from another task.
+    pub fn lag_probe(&self) -> LagProbe {
+        LagProbe { consumer: self.consumer.clone(), tracker: self.tracker.clone() }
     }
 
     /// Commits the stored offsets now and waits for the broker's answer.
@@ -391,6 +381,40 @@ impl K2vConsumer {
         if tokio::time::timeout(deadline, done).await.is_err() {
             tracing::warn!("Kafka consumer did not close in time (brokers unreachable?)");
         }
+    }
+}
+
+/// Measures how far behind the bridge is: per partition consumed so far, the high watermark minus the first offset
+/// not yet completed. The watermarks are asked from the brokers (librdkafka's statistics arrive only while messages
+/// are being received, so they would freeze exactly when the bridge is stuck).
+pub struct LagProbe {
+    consumer: Arc<StreamConsumer<Context>>,
+    tracker: Arc<Mutex<Tracker>>,
+}
+
+impl LagProbe {
+    /// `None` when no watermark could be read within `timeout` per partition.
+    pub async fn measure(&self, timeout: Duration) -> Option<i64> {
+        let positions: Vec<(Arc<str>, i32, i64)> = lock(&self.tracker)
+            .partitions
+            .iter()
+            .filter_map(|((topic, partition), t)| {
+                let next = t.pending.front().map(|(offset, _)| *offset).or(t.last.map(|last| last + 1))?;
+                Some((topic.clone(), *partition, next))
+            })
+            .collect();
+        let consumer = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut lag = 0;
+            for (topic, partition, next) in positions {
+                let (_, high) = consumer.fetch_watermarks(&topic, partition, timeout).ok()?;
+                lag += (high - next).max(0);
+            }
+            Some(lag)
+        })
+        .await
+        .ok()
+        .flatten()
     }
 }
 

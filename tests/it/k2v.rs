@@ -41,6 +41,7 @@ fn k2v_env(kafka: &Tansu, mqtt_url: &str, group: &str) -> Vec<(&'static str, Str
         ("K2V_KAFKA_GROUP_ID", group.into()),
         ("K2V_METADATA_REFRESH_MS", "500".into()),
         ("K2V_STATS_INTERVAL_MS", "500".into()),
+        ("K2V_LAG_INTERVAL_MS", "300".into()),
         ("K2V_SDK_COMMIT_INTERVAL_MS", "200".into()),
         ("K2V_SESSION_TIMEOUT_MS", "6000".into()),
         ("SHUTDOWN_TIMEOUT", "5".into()),
@@ -221,6 +222,11 @@ async fn configure_events_reach_the_device_and_nothing_else_is_published() {
             metric(&metrics_text(&app).await, "iotagent_k2v_acked_total") == 2.0
         })
         .await
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), async || { metric(&metrics_text(&app).await, "iotagent_k2v_lag") == 0.0 })
+            .await,
+        "lag back to 0 once everything is acknowledged"
     );
     for (reason, n) in [("not_configure", 2.0), ("remove", 1.0), ("malformed", 2.0), ("invalid_device", 1.0)] {
         assert_eq!(metric(&text, &format!("iotagent_k2v_skipped_total{{reason=\"{reason}\"}}")), n, "{reason}");
@@ -482,6 +488,13 @@ async fn fault_mosquitto_restarts_mid_stream() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     mqtt.stop();
     tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The backlog shows in the lag gauge (measured every 300 ms here, once the partitions are being consumed).
+    let mut lag = 0.0;
+    wait_until(Duration::from_secs(5), async || {
+        lag = metric(&metrics_text(&app).await, "iotagent_k2v_lag");
+        lag > 0.0
+    })
+    .await;
     let before: usize = devices.iter().map(Subscriber::count).sum();
     mqtt.restart();
     let total = async || devices.iter().map(Subscriber::count).sum::<usize>();
@@ -500,7 +513,8 @@ async fn fault_mosquitto_restarts_mid_stream() {
     // The counter is refreshed every second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let resent = metric(&metrics_text(&app).await, "iotagent_k2v_resent_total");
-    println!("publishes re-sent after reconnects: {resent}");
+    println!("publishes re-sent after reconnects: {resent}; lag while Mosquitto was down: {lag}");
+    assert!(lag > 0.0, "the lag gauge shows the backlog");
     assert!(complete && outcome.lost == 0, "lost {}", outcome.lost);
     app.stop().await.expect("clean stop");
     assert_commits_only_cover_delivered(&kafka, "fault-mqtt", &stream, &devices).await;
