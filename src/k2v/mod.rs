@@ -369,3 +369,31 @@ pub fn settings(config: &crate::Config) -> Result<Option<K2vSettings>, crate::co
         mqtt,
     }))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> crate::Config {
+        crate::Config::from_env_and_args(std::iter::once("iotagent-mqtt").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn runs_only_with_both_brokers_and_not_disabled() {
+        let both = ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--mqtt-client-id", "gw1"];
+        let on = settings(&config(&both)).unwrap().expect("K2V on");
+        assert_eq!(on.consumer.topic_pattern, r"^.+\.dojot\.device-manager\.device$");
+        assert_eq!(on.consumer.group_id, "k2v-bridge-group-id");
+        assert_eq!(on.consumer.client_id, "gw1-k2v");
+        assert_eq!(on.rules.config_suffix, "config");
+        assert!(!on.retain);
+        assert!(settings(&config(&both[..2])).unwrap().is_none(), "no MQTT_URL");
+        assert!(settings(&config(&both[2..])).unwrap().is_none(), "no KAFKA_BROKERS");
+        let off = [&both[..], &["--k2v-enabled", "off"]].concat();
+        assert!(settings(&config(&off)).unwrap().is_none(), "K2V_ENABLED=off");
+        let bad = [&both[..], &["--k2v-topic-suffix", "a b"]].concat();
+        assert_eq!(settings(&config(&bad)).unwrap_err().variable, "K2V_MESSENGER_CONSUME_TOPIC_SUFFIX");
+        let suffix = [&both[..], &["--config-suffix", "cmd"]].concat();
+        assert_eq!(settings(&config(&suffix)).unwrap().unwrap().rules.config_suffix, "cmd");
+    }
+}
