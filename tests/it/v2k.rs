@@ -357,9 +357,17 @@ impl ServiceProcess {
         self.child.wait().ok();
     }
 
+    /// SIGTERM, then waits (bounded: a shutdown that hangs is a failure, not a stuck test).
     fn terminate(mut self) -> std::process::ExitStatus {
         let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        self.child.wait().expect("service exits")
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(std::time::Instant::now() < deadline, "the service did not exit within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
     }
 }
 
