@@ -44,8 +44,9 @@ struct Message {
     retain: bool,
 }
 
-/// What the submitting side and the event loop share. Publishes are written to rumqttc's request queue under this
-/// lock, so `unmatched` has exactly the queue's order, which is the order of `Outgoing::Publish(pkid)` events.
+/// The bookkeeping, shared by the submitting side and the event loop, and pure (rumqttc's events come in as data).
+/// Publishes are written to rumqttc's request queue under this lock, so `unmatched` has exactly the queue's order,
+/// which is the order of the `Outgoing::Publish(pkid)` events.
 #[derive(Debug, Default)]
 struct Book {
     next_seq: u64,
@@ -56,8 +57,98 @@ struct Book {
     /// first. The first `resend` of them were lost with a connection and are queued again at the next CONNACK.
     unmatched: VecDeque<u64>,
     resend: usize,
+    /// Sent on the current connection, awaiting PUBACK: packet id → sequence number.
+    in_flight: HashMap<u16, u64>,
+    /// A publish rumqttc holds back because its packet id is still in use (`Outgoing::AwaitAck`).
+    collided: Option<(u16, u64)>,
     /// Publishes sent again after a connection loss, since start.
     resent: u64,
+}
+
+impl Book {
+    /// Records a message just written to rumqttc's request queue.
+    fn submitted(&mut self, message: Message) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.messages.insert(seq, message);
+        self.unmatched.push_back(seq);
+        seq
+    }
+
+    /// Matches packet ids to messages; returns the message a PUBACK acknowledges.
+    fn on_event(&mut self, event: &Event) -> Option<u64> {
+        match event {
+            Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => {
+                if let Some((held, seq)) = self.collided
+                    && held == *pkid
+                {
+                    self.collided = None;
+                    self.in_flight.insert(*pkid, seq);
+                    return None;
+                }
+                match self.unmatched.pop_front() {
+                    Some(seq) => {
+                        self.in_flight.insert(*pkid, seq);
+                    }
+                    None => tracing::error!(pkid, "MQTT publish without a queued message"),
+                }
+                None
+            }
+            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
+                if let Some(seq) = self.unmatched.pop_front() {
+                    self.collided = Some((*pkid, seq));
+                }
+                None
+            }
+            Event::Incoming(Packet::PubAck(ack)) => {
+                let Some(seq) = self.in_flight.remove(&ack.pkid) else {
+                    tracing::debug!(pkid = ack.pkid, "PUBACK for no message in flight (duplicate)");
+                    return None;
+                };
+                self.messages.remove(&seq);
+                Some(seq)
+            }
+            _ => None,
+        }
+    }
+
+    /// After a connection error: nothing sent on that connection and un-acknowledged, nor anything rumqttc had
+    /// queued, can be trusted to arrive (rumqttc drops its pending list when the session is not resumed, and
+    /// resends it in packet-id order otherwise). `unnumbered` is how many of our publishes rumqttc had queued
+    /// without a packet id (taken back from it): they are the oldest entries of `unmatched` after those already
+    /// waiting to be re-sent. Everything lost goes back to the front, in submission order.
+    fn connection_lost(&mut self, unnumbered: usize) {
+        let start = self.resend;
+        let end = (start + unnumbered).min(self.unmatched.len());
+        let mut lost: Vec<u64> = self.unmatched.drain(..end).collect();
+        lost.extend(self.in_flight.drain().map(|(_, seq)| seq));
+        lost.extend(self.collided.take().map(|(_, seq)| seq));
+        lost.retain(|seq| self.messages.contains_key(seq));
+        lost.sort_unstable();
+        self.resend = lost.len();
+        for seq in lost.into_iter().rev() {
+            self.unmatched.push_front(seq);
+        }
+    }
+
+    /// At CONNACK: the lost messages, oldest first, to be sent before anything still in the request queue.
+    fn requeue(&mut self) -> Vec<Publish> {
+        let count = std::mem::take(&mut self.resend);
+        self.resent += count as u64;
+        self.unmatched
+            .iter()
+            .take(count)
+            .filter_map(|seq| self.messages.get(seq))
+            .map(|m| Publish {
+                dup: false,
+                qos: QoS::AtLeastOnce,
+                retain: m.retain,
+                topic: m.topic.clone(),
+                pkid: 0,
+                payload: m.payload.clone(),
+            })
+            .collect()
+    }
 }
 
 /// Handle to the publisher. Acknowledged sequence numbers arrive on the receiver [`Publisher::start`] returns.
@@ -104,16 +195,8 @@ impl Publisher {
         let (connected_tx, connected) = watch::channel(false);
         let (acks_tx, acks) = mpsc::unbounded_channel();
         let stop = CancellationToken::new();
-        let driver = Driver {
-            eventloop,
-            book: book.clone(),
-            in_flight: HashMap::new(),
-            collided: None,
-            acks: acks_tx,
-            connected: connected_tx,
-            probe,
-            stop: stop.clone(),
-        };
+        let driver =
+            Driver { eventloop, book: book.clone(), acks: acks_tx, connected: connected_tx, probe, stop: stop.clone() };
         let task = AbortOnDropHandle::new(tokio::spawn(driver.run()));
         Ok((Self { client, book, connected, stop, task: Mutex::new(Some(task)) }, acks))
     }
@@ -135,7 +218,6 @@ impl Publisher {
         if book.closed {
             return Err(PublishError::Closed);
         }
-        let seq = book.next_seq;
         match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()) {
             Ok(()) => {}
             // Full, or the event loop is gone (its watch sender went with it).
@@ -144,10 +226,7 @@ impl Publisher {
                 return Err(if gone { PublishError::Closed } else { PublishError::Busy });
             }
         }
-        book.next_seq += 1;
-        book.messages.insert(seq, Message { topic: topic.to_string(), payload, retain });
-        book.unmatched.push_back(seq);
-        Ok(seq)
+        Ok(book.submitted(Message { topic: topic.to_string(), payload, retain }))
     }
 
     /// Publishes not yet acknowledged.
@@ -195,14 +274,10 @@ fn lock_task(task: &Mutex<Option<AbortOnDropHandle<()>>>) -> MutexGuard<'_, Opti
     task.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Owns rumqttc's event loop and the packet-id side of the bookkeeping.
+/// Owns rumqttc's event loop: feeds its events to the bookkeeping and its lost messages back to it.
 struct Driver {
     eventloop: EventLoop,
     book: Arc<Mutex<Book>>,
-    /// Sent on the current connection, awaiting PUBACK: packet id → sequence number.
-    in_flight: HashMap<u16, u64>,
-    /// A publish rumqttc holds back because its packet id is still in use (`Outgoing::AwaitAck`).
-    collided: Option<(u16, u64)>,
     acks: mpsc::UnboundedSender<u64>,
     connected: watch::Sender<bool>,
     probe: Probe,
@@ -230,7 +305,7 @@ impl Driver {
                     tracing::info!("MQTT publisher disconnected");
                     break;
                 }
-                Ok(event) => self.handle(event),
+                Ok(event) => self.handle(&event),
                 Err(error) => {
                     self.connected.send_replace(false);
                     self.probe.set(false);
@@ -251,88 +326,33 @@ impl Driver {
         self.probe.set(false);
     }
 
-    /// Matches packet ids to messages and reports acknowledgements.
-    fn handle(&mut self, event: Event) {
-        match event {
-            Event::Outgoing(Outgoing::Publish(pkid)) if pkid != 0 => {
-                if let Some((held, seq)) = self.collided
-                    && held == pkid
-                {
-                    self.collided = None;
-                    self.in_flight.insert(pkid, seq);
-                    return;
-                }
-                match lock(&self.book).unmatched.pop_front() {
-                    Some(seq) => {
-                        self.in_flight.insert(pkid, seq);
-                    }
-                    None => tracing::error!(pkid, "MQTT publish without a queued message"),
-                }
-            }
-            Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                if let Some(seq) = lock(&self.book).unmatched.pop_front() {
-                    self.collided = Some((pkid, seq));
-                }
-            }
-            Event::Incoming(Packet::PubAck(ack)) => match self.in_flight.remove(&ack.pkid) {
-                Some(seq) => {
-                    lock(&self.book).messages.remove(&seq);
-                    let _ = self.acks.send(seq);
-                }
-                None => tracing::debug!(pkid = ack.pkid, "PUBACK for no message in flight (duplicate)"),
-            },
-            _ => {}
+    /// Reports acknowledgements.
+    fn handle(&mut self, event: &Event) {
+        if let Some(seq) = lock(&self.book).on_event(event) {
+            let _ = self.acks.send(seq);
         }
     }
 
-    /// After a connection error: nothing sent on that connection and un-acknowledged, nor anything rumqttc had
-    /// queued, can be trusted to arrive (rumqttc drops its pending list when the session is not resumed, and
-    /// resends it in packet-id order otherwise). Take it all back, to be re-sent in our order at the next CONNACK.
+    /// Takes back from rumqttc everything it still holds of the lost connection (see [`Book::connection_lost`]).
     fn connection_lost(&mut self) {
         // Events read before the error are still buffered: PUBACKs among them are real acknowledgements of the old
         // connection and must be counted now, not mistaken for acks of new packets with the same id later.
         while let Some(event) = self.eventloop.state.events.pop_front() {
-            self.handle(event);
+            self.handle(&event);
         }
         let taken = std::mem::take(&mut self.eventloop.pending);
         self.eventloop.state.collision = None;
-        // rumqttc's pending list holds our not-yet-numbered requests (packet id 0) in queue order: they are the
-        // oldest entries of `unmatched` after those already waiting to be re-sent.
         let unnumbered = taken.iter().filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0)).count();
-        let mut book = lock(&self.book);
-        let start = book.resend;
-        let end = (start + unnumbered).min(book.unmatched.len());
-        let mut lost: Vec<u64> = book.unmatched.drain(..end).collect();
-        lost.extend(self.in_flight.drain().map(|(_, seq)| seq));
-        lost.extend(self.collided.take().map(|(_, seq)| seq));
-        lost.retain(|seq| book.messages.contains_key(seq));
-        lost.sort_unstable();
-        book.resend = lost.len();
-        for seq in lost.into_iter().rev() {
-            book.unmatched.push_front(seq);
-        }
+        lock(&self.book).connection_lost(unnumbered);
     }
 
     /// Puts the lost messages in front of everything still in the request queue, oldest first.
     fn requeue_lost(&mut self) {
-        let mut book = lock(&self.book);
-        let count = std::mem::take(&mut book.resend);
-        book.resent += count as u64;
-        if count > 0 {
-            tracing::info!(count, "re-sending MQTT publishes not acknowledged before the reconnect");
+        let publishes = lock(&self.book).requeue();
+        if !publishes.is_empty() {
+            tracing::info!(count = publishes.len(), "re-sending MQTT publishes not acknowledged before the reconnect");
         }
-        for seq in book.unmatched.iter().take(count) {
-            if let Some(m) = book.messages.get(seq) {
-                self.eventloop.pending.push_back(Request::Publish(Publish {
-                    dup: false,
-                    qos: QoS::AtLeastOnce,
-                    retain: m.retain,
-                    topic: m.topic.clone(),
-                    pkid: 0,
-                    payload: m.payload.clone(),
-                }));
-            }
-        }
+        self.eventloop.pending.extend(publishes.into_iter().map(Request::Publish));
     }
 }
 
@@ -373,5 +393,107 @@ mod tests {
         // Closing while disconnected gives up at once on what can no longer be delivered, and says how much.
         assert_eq!(publisher.close(Duration::from_millis(50)).await, 2);
         assert!(matches!(publisher.publish("t:d/config", Bytes::new(), false), Err(PublishError::Closed)));
+    }
+
+    fn message(n: u64) -> Message {
+        Message { topic: "t:d/config".into(), payload: Bytes::from(n.to_string()), retain: false }
+    }
+
+    fn sent(pkid: u16) -> Event {
+        Event::Outgoing(Outgoing::Publish(pkid))
+    }
+
+    fn acked(pkid: u16) -> Event {
+        Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid }))
+    }
+
+    fn payloads(publishes: &[Publish]) -> Vec<String> {
+        publishes.iter().map(|p| String::from_utf8_lossy(&p.payload).into_owned()).collect()
+    }
+
+    #[test]
+    fn packet_ids_follow_the_queue_order() {
+        let mut book = Book::default();
+        let seqs: Vec<u64> = (0..3).map(|n| book.submitted(message(n))).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        for pkid in [7, 8, 9] {
+            assert_eq!(book.on_event(&sent(pkid)), None);
+        }
+        assert_eq!(book.on_event(&acked(8)), Some(1));
+        assert_eq!(book.on_event(&acked(8)), None, "a second PUBACK for the same id is a duplicate");
+        assert_eq!(book.on_event(&acked(42)), None, "unknown id");
+        assert_eq!(book.on_event(&acked(7)), Some(0));
+        assert_eq!(book.on_event(&acked(9)), Some(2));
+        assert!(book.messages.is_empty() && book.in_flight.is_empty() && book.unmatched.is_empty());
+    }
+
+    #[test]
+    fn everything_unacknowledged_is_sent_again_in_order_ahead_of_newer_messages() {
+        let mut book = Book::default();
+        for n in 0..6 {
+            book.submitted(message(n));
+        }
+        // 0 and 1 went out, 0 was acknowledged; 2 and 3 were still in rumqttc's queue (taken back, unnumbered);
+        // 4 and 5 were submitted after the error and are still in the request channel.
+        book.on_event(&sent(1));
+        book.on_event(&sent(2));
+        assert_eq!(book.on_event(&acked(1)), Some(0));
+        book.connection_lost(2);
+        // Reconnection attempts that fail change nothing.
+        book.connection_lost(0);
+        book.connection_lost(0);
+        let again = book.requeue();
+        assert_eq!(payloads(&again), ["1", "2", "3"]);
+        assert_eq!(book.resent, 3);
+        assert!(book.requeue().is_empty(), "re-sent once per connection");
+        // rumqttc sends the re-queued ones first, then the channel's: packet ids map in that order.
+        for pkid in 3..=7 {
+            book.on_event(&sent(pkid));
+        }
+        let acks: Vec<Option<u64>> = (3..=7).map(|pkid| book.on_event(&acked(pkid))).collect();
+        assert_eq!(acks, [Some(1), Some(2), Some(3), Some(4), Some(5)]);
+        assert!(book.messages.is_empty());
+    }
+
+    #[test]
+    fn a_second_loss_while_re_sending_keeps_the_order() {
+        let mut book = Book::default();
+        for n in 0..4 {
+            book.submitted(message(n));
+        }
+        for pkid in 1..=4 {
+            book.on_event(&sent(pkid));
+        }
+        book.connection_lost(0);
+        assert_eq!(payloads(&book.requeue()), ["0", "1", "2", "3"]);
+        book.submitted(message(4));
+        // Only 0 and 1 went out again before the next error; 2 and 3 were still queued in rumqttc (taken back),
+        // 4 was drained from the channel with them.
+        book.on_event(&sent(5));
+        book.on_event(&sent(6));
+        assert_eq!(book.on_event(&acked(5)), Some(0));
+        book.connection_lost(3);
+        assert_eq!(payloads(&book.requeue()), ["1", "2", "3", "4"]);
+    }
+
+    #[test]
+    fn a_collided_publish_keeps_its_place() {
+        let mut book = Book::default();
+        for n in 0..3 {
+            book.submitted(message(n));
+        }
+        book.on_event(&sent(1));
+        book.on_event(&sent(2));
+        // rumqttc's next packet id (1) is still taken: it holds message 2 back until 1 is acknowledged.
+        book.on_event(&Event::Outgoing(Outgoing::AwaitAck(1)));
+        assert_eq!(book.on_event(&acked(1)), Some(0));
+        book.on_event(&sent(1));
+        assert_eq!(book.on_event(&acked(1)), Some(2));
+        assert_eq!(book.on_event(&acked(2)), Some(1));
+        // Lost while held back: it is re-sent like the others.
+        book.submitted(message(3));
+        book.on_event(&Event::Outgoing(Outgoing::AwaitAck(5)));
+        book.connection_lost(0);
+        assert_eq!(payloads(&book.requeue()), ["3"]);
     }
 }
