@@ -85,7 +85,11 @@ impl K2vMetrics {
             ),
             skipped,
             in_flight: metrics.gauge("iotagent_k2v_in_flight", "Publishes awaiting the broker's PUBACK", &[]),
-            lag: metrics.gauge("iotagent_k2v_lag", "Messages in the assigned partitions not yet acknowledged", &[]),
+            lag: metrics.gauge(
+                "iotagent_k2v_lag",
+                "Events not yet acknowledged in the partitions consumed so far (high watermark minus commit point)",
+                &[],
+            ),
         }
     }
 
@@ -96,8 +100,8 @@ impl K2vMetrics {
     }
 }
 
-/// The running bridge. Dropping it aborts everything at once (no drain, no commit beyond the periodic ones — which
-/// never pass an un-acknowledged message); [`K2v::shutdown`] stops in order.
+/// The running bridge. Dropping it aborts everything at once: no drain, and no commit beyond the periodic ones and
+/// librdkafka's own at close, which only ever cover acknowledged messages. [`K2v::shutdown`] stops in order.
 pub struct K2v {
     stop: CancellationToken,
     task: AbortOnDropHandle<()>,
