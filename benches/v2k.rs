@@ -97,16 +97,21 @@ fn micros(h: &Histogram<u64>, q: f64) -> u64 {
     h.value_at_quantile(q)
 }
 
-/// Baseline: a plain producer with the service's settings, `DEVICES` concurrent senders each waiting for its ack.
-async fn plain_producer(brokers: &str) -> Outcome {
-    let producer: FutureProducer = ClientConfig::new()
+/// A producer with the service's settings (see `iotagent_mqtt::kafka::producer`).
+fn plain_producer_client(brokers: &str) -> FutureProducer {
+    ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("compression.type", "lz4")
         .set("linger.ms", "5")
         .create()
-        .expect("producer");
+        .expect("producer")
+}
+
+/// Baseline: a plain producer with the service's settings, `DEVICES` concurrent senders each waiting for its ack.
+async fn plain_producer(brokers: &str) -> Outcome {
+    let producer = plain_producer_client(brokers);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for device in 0..DEVICES {
@@ -401,14 +406,7 @@ fn main() {
 
 /// `total` records with at most `window` unacknowledged; returns records/s.
 async fn plain_producer_window(brokers: &str, total: u64, window: usize) -> f64 {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", brokers)
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("compression.type", "lz4")
-        .set("linger.ms", "5")
-        .create()
-        .expect("producer");
+    let producer = plain_producer_client(brokers);
     let started = Instant::now();
     let mut in_flight = std::collections::VecDeque::new();
     for n in 0..total {

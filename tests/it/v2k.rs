@@ -379,7 +379,10 @@ impl Drop for ServiceProcess {
 }
 
 /// A device publishes `total` QoS 1 messages while `fault` runs; returns what Kafka holds per device afterwards.
-async fn subscription_fault(total: u64, fault: impl AsyncFnOnce(&mut Tansu, ServiceProcess, &[(&str, String)])) {
+async fn subscription_fault(
+    total: u64,
+    fault: impl AsyncFnOnce(&mut Tansu, ServiceProcess, &[(&str, String)]) -> ServiceProcess,
+) {
     let mut kafka = Tansu::start(Storage::Sqlite);
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
@@ -408,7 +411,8 @@ async fn subscription_fault(total: u64, fault: impl AsyncFnOnce(&mut Tansu, Serv
         }
         device
     });
-    fault(&mut kafka, service, &env).await;
+    // The service that runs after the fault keeps running while Kafka is read back.
+    let _service = fault(&mut kafka, service, &env).await;
     let _device = publisher.await.unwrap();
     let records = kafka.read("admin.device-data", total as usize, Duration::from_secs(60)).await;
     let all = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(3)).await;
@@ -448,11 +452,7 @@ async fn subscription_mode_loses_nothing_when_the_service_is_killed() {
         assert!(service.terminate().success());
         let service = ServiceProcess::start(env);
         service.wait_ready().await;
-        tokio::time::sleep(Duration::from_secs(3)).await;
-        std::mem::forget(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(90)).await;
-            drop(service);
-        }));
+        service
     })
     .await;
 }
@@ -464,11 +464,7 @@ async fn subscription_mode_loses_nothing_when_kafka_restarts() {
         kafka.stop();
         tokio::time::sleep(Duration::from_secs(3)).await;
         kafka.restart();
-        tokio::time::sleep(Duration::from_secs(8)).await;
-        std::mem::forget(tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(90)).await;
-            drop(service);
-        }));
+        service
     })
     .await;
 }
