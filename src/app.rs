@@ -39,8 +39,9 @@ impl Listeners {
 /// How often histogram samples are folded into buckets and the session gauge is refreshed.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Runs the service until `shutdown` is cancelled, then stops in dependency order: stop accepting webhooks and let
-/// in-flight ones finish, then stop the parts behind them.
+/// Runs the service until `shutdown` is cancelled, then stops in dependency order (DESIGN §8): stop accepting
+/// webhooks and let in-flight ones finish, let the V2K subscription acknowledge what Kafka took, flush the producer,
+/// then stop K2V (stop consuming, drain publishes, commit, disconnect).
 ///
 /// # Errors
 /// Invalid configuration, or a listener that fails.
@@ -130,10 +131,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             tokio::time::sleep(config.shutdown_timeout()).await;
         } => tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway"),
     }
-    // K2V: stop consuming, drain in-flight publishes, commit what was acknowledged, disconnect.
-    if let Some(k2v) = k2v {
-        k2v.shutdown().await;
-    }
     // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same deadline).
     for task in background {
         let _ = tokio::time::timeout(config.shutdown_timeout(), task).await;
@@ -143,6 +140,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
             Ok(()) => tracing::info!("Kafka producer flushed"),
             Err(left) => tracing::error!(left, "Kafka producer not flushed within SHUTDOWN_TIMEOUT; records lost"),
         }
+    }
+    // K2V: stop consuming, drain in-flight publishes, commit what was acknowledged, disconnect.
+    if let Some(k2v) = k2v {
+        k2v.shutdown().await;
     }
     upkeep.abort();
     tracing::info!("stopped");
