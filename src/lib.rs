@@ -3,11 +3,12 @@
 //! # Layout
 //! - [`policy`]: the access rules, pure and exhaustively tested.
 //! - [`webhooks`]: one module per hook family, translating VerneMQ's wire format to the policy and back.
-//! - [`k2v`]: commands from Kafka to devices through the service's MQTT client.
+//! - [`v2k`]: device data into Kafka (dojot contract, delivery modes); [`k2v`]: commands from Kafka to devices.
+//! - [`kafka`], [`mqtt`]: the only modules that talk to rdkafka and rumqttc.
 //! - [`sessions`]: node-local registry of connected sessions.
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface.
-//! - [`config`]: flags and environment variables; [`app`]: start and stop order.
+//! - [`config`]: flags and environment variables; [`secret`]: values kept out of logs; [`app`]: start and stop order.
 
 #![forbid(unsafe_code)]
 
