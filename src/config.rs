@@ -115,7 +115,7 @@ pub struct MqttArgs {
     pub mqtt_url: Option<String>,
 
     /// Base of the internal client ids (`-k2v`, `-v2k` appended); keep it stable per instance, since the broker keeps
-    /// its sessions [default: iotagent-mqtt-<hostname>].
+    /// its sessions (default: `iotagent-mqtt-<hostname>`).
     #[arg(long, env = "MQTT_CLIENT_ID")]
     pub mqtt_client_id: Option<String>,
 
