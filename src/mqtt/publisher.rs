@@ -186,11 +186,8 @@ impl Publisher {
         let mut options = settings.options(role, false)?;
         // Packet ids cycle over the in-flight window; twice the caller's bound keeps a slow ack from colliding.
         options.set_inflight(max_in_flight.saturating_mul(2).saturating_add(10));
-        let (client, mut eventloop) = AsyncClient::new(options, usize::from(max_in_flight) + 64);
-        // A lone configuration must not wait for the broker's delayed ACK (Nagle's algorithm).
-        let mut network = eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
+        // Nagle off: a lone configuration must not wait for the broker's delayed ACK.
+        let (client, eventloop) = super::client(options, usize::from(max_in_flight) + 64);
         let book = Arc::new(Mutex::new(Book::default()));
         let (connected_tx, connected) = watch::channel(false);
         let (acks_tx, acks) = mpsc::unbounded_channel();
