@@ -517,3 +517,44 @@ async fn sigterm_mid_stream_flushes_every_answered_publish() {
     println!("SIGTERM mid-stream: answered {total}, in Kafka {}, lost {lost}, duplicates {duplicates}", records.len());
     assert_eq!(lost, 0, "an answered publish was not flushed at shutdown");
 }
+
+#[tokio::test]
+async fn subscription_mode_instances_share_the_group() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let env = |id: &str| {
+        vec![
+            ("KAFKA_BROKERS", kafka.brokers()),
+            ("V2K_MODE", "subscription".to_string()),
+            ("MQTT_URL", mqtt.url()),
+            ("MQTT_PASSWORD", "svc-pass".to_string()),
+            ("MQTT_CLIENT_ID", id.to_string()),
+            ("K2V_ENABLED", "false".to_string()),
+        ]
+    };
+    let (one, two) = (ServiceProcess::start(&env("node-1")), ServiceProcess::start(&env("node-2")));
+    one.wait_ready().await;
+    two.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-share", true).await;
+    for n in 0..600 {
+        device
+            .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
+            .await
+            .unwrap();
+    }
+    let records = kafka.read("admin.device-data", 600, Duration::from_secs(30)).await;
+    let expected = BTreeMap::from([(DEV.to_string(), 600)]);
+    let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
+    assert_eq!((lost, duplicates), (0, 0));
+    for service in [&one, &two] {
+        let metrics =
+            reqwest::get(format!("http://127.0.0.1:{}/metrics", service.port)).await.unwrap().text().await.unwrap();
+        let produced: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(produced > 0, "both members of the group take a share");
+    }
+}
