@@ -7,7 +7,8 @@
 //! - [`kafka`], [`mqtt`]: the only modules that talk to rdkafka and rumqttc.
 //! - [`sessions`]: node-local registry of connected sessions.
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
-//! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface.
+//! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
+//!   health check (`iotagent-mqtt healthcheck`).
 //! - [`config`]: flags and environment variables; [`secret`]: values kept out of logs; [`app`]: start and stop order.
 
 #![forbid(unsafe_code)]
@@ -16,6 +17,7 @@ pub mod app;
 pub mod cert;
 pub mod config;
 pub mod health;
+pub mod healthcheck;
 pub mod http;
 pub mod k2v;
 pub mod kafka;

@@ -1,10 +1,18 @@
 use std::process::ExitCode;
 
-use iotagent_mqtt::{Config, Listeners, telemetry};
+use iotagent_mqtt::{Config, Listeners, healthcheck, telemetry};
 use tokio_util::sync::CancellationToken;
 
+fn main() -> ExitCode {
+    // Not a clap subcommand: `iotagent-mqtt healthcheck` must not need (or validate) the service's configuration.
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == healthcheck::COMMAND) {
+        return healthcheck::run();
+    }
+    service()
+}
+
 #[tokio::main]
-async fn main() -> ExitCode {
+async fn service() -> ExitCode {
     let config = match Config::from_env_and_args(std::env::args_os()) {
         Ok(config) => config,
         Err(e) => {

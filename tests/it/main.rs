@@ -2,6 +2,7 @@
 
 mod captures;
 mod common;
+mod deployment;
 mod examples;
 mod k2v;
 mod seed_cases;
