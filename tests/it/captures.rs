@@ -4,25 +4,15 @@
 
 use std::collections::BTreeMap;
 
+use iotagent_mqtt::webhooks::Hook;
 use serde_json::Value;
 
 use crate::common::{RawClient, shape, spawn_app};
 
 /// Hooks the service serves; VerneMQ must not be configured with the others (they answer 404 = denial/log line).
-const SERVED: &[&str] = &[
-    "auth_on_register",
-    "auth_on_register_m5",
-    "auth_on_publish",
-    "auth_on_publish_m5",
-    "auth_on_subscribe",
-    "auth_on_subscribe_m5",
-    "on_register",
-    "on_register_m5",
-    "on_publish",
-    "on_publish_m5",
-    "on_client_offline",
-    "on_client_gone",
-];
+fn served() -> Vec<&'static str> {
+    Hook::ALL.iter().map(|h| h.name()).collect()
+}
 
 struct Captured {
     file: String,
@@ -110,7 +100,7 @@ async fn every_captured_request_gets_the_designed_decision() {
             }
         }
         let response = client.send("POST", &format!("/vmq/{}", c.hook), &headers, c.body_raw.as_bytes()).await;
-        if !SERVED.contains(&c.hook.as_str()) {
+        if !served().contains(&c.hook.as_str()) {
             assert_eq!(response.status, 404, "{context}: hooks we do not implement must not be answered");
             continue;
         }
@@ -183,7 +173,7 @@ async fn every_captured_request_gets_the_designed_decision() {
     }
 
     // The captures must exercise both outcomes of every auth hook, or this test proves little.
-    for hook in &SERVED[..6] {
+    for hook in shape::AUTH_HOOKS {
         let t = tally.get(*hook).unwrap_or_else(|| panic!("no capture for {hook}"));
         assert!(t.allowed > 0 && t.denied > 0, "{hook}: {t:?}");
     }

@@ -289,6 +289,19 @@ async fn shutdown_flushes_what_was_answered() {
     assert_eq!(seen[DEV], (0..200).collect::<Vec<_>>());
 }
 
+/// A device publishes `{"n": n}` for each n to its attrs topic at QoS 1, `pause` apart.
+async fn publish_numbered(device: &rumqttc::AsyncClient, numbers: std::ops::Range<u64>, pause: Duration) {
+    for n in numbers {
+        device
+            .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
+            .await
+            .unwrap();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
 fn value_n(v: &Value) -> u64 {
     v["attrs"]["n"].as_u64().unwrap()
 }
@@ -309,12 +322,7 @@ async fn subscription_mode_forwards_device_publishes_through_the_shared_subscrip
     )
     .await;
     let device = crate::common::mqtt_client(&mqtt, DEV, "dev-pass", "dev-1", true).await;
-    for n in 0..50 {
-        device
-            .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
-            .await
-            .unwrap();
-    }
+    publish_numbered(&device, 0..50, Duration::ZERO).await;
     let records = kafka.read("admin.device-data", 50, Duration::from_secs(20)).await;
     assert_eq!(records.iter().map(|r| value_n(&r.json())).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>());
     assert_eq!(records[0].key.as_deref(), Some(DEV));
@@ -402,13 +410,7 @@ async fn subscription_fault(
     service.wait_ready().await;
     let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-fault", true).await;
     let publisher = tokio::spawn(async move {
-        for n in 0..total {
-            device
-                .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
-                .await
-                .unwrap();
-            tokio::time::sleep(Duration::from_millis(3)).await;
-        }
+        publish_numbered(&device, 0..total, Duration::from_millis(3)).await;
         device
     });
     // The service that runs after the fault keeps running while Kafka is read back.
@@ -537,12 +539,7 @@ async fn subscription_mode_instances_share_the_group() {
     one.wait_ready().await;
     two.wait_ready().await;
     let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-share", true).await;
-    for n in 0..600 {
-        device
-            .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
-            .await
-            .unwrap();
-    }
+    publish_numbered(&device, 0..600, Duration::ZERO).await;
     let records = kafka.read("admin.device-data", 600, Duration::from_secs(30)).await;
     let expected = BTreeMap::from([(DEV.to_string(), 600)]);
     let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);

@@ -5,7 +5,7 @@ use serde_json::{Map, Value};
 
 use super::RawResponse;
 
-const AUTH_HOOKS: &[&str] = &[
+pub const AUTH_HOOKS: &[&str] = &[
     "auth_on_register",
     "auth_on_register_m5",
     "auth_on_publish",
