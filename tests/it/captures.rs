@@ -14,15 +14,15 @@ fn served() -> Vec<&'static str> {
     Hook::ALL.iter().map(|h| h.name()).collect()
 }
 
-struct Captured {
+pub struct Captured {
     file: String,
     seq: u64,
-    hook: String,
+    pub hook: String,
     headers: Vec<(String, String)>,
-    body_raw: String,
+    pub body_raw: String,
 }
 
-fn load_captures() -> Vec<Captured> {
+pub fn load_captures() -> Vec<Captured> {
     let dir = crate::common::shared_dir().join("vernemq-captures");
     let mut files: Vec<_> = std::fs::read_dir(&dir)
         .expect("captures folder")

@@ -5,5 +5,6 @@ mod common;
 mod deployment;
 mod examples;
 mod k2v;
+mod robustness;
 mod seed_cases;
 mod v2k;

@@ -1,0 +1,79 @@
+//! Mutated VerneMQ requests (bytes flipped, cut short, values swapped for other JSON types) never crash the service
+//! and always get an answer VerneMQ can read: a well-formed decision or a 400 with a JSON error.
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde_json::Value;
+
+use crate::captures::load_captures;
+use crate::common::{shape, spawn_app};
+
+fn mutate(body: &str, rng: &mut StdRng) -> Vec<u8> {
+    let mut bytes = body.as_bytes().to_vec();
+    match rng.random_range(0..4) {
+        0 => {
+            for _ in 0..rng.random_range(1..4) {
+                let i = rng.random_range(0..bytes.len());
+                bytes[i] = rng.random();
+            }
+            bytes
+        }
+        1 => {
+            bytes.truncate(rng.random_range(0..bytes.len()));
+            bytes
+        }
+        _ => {
+            // Valid JSON with one field's value replaced by another type or an edge value.
+            let Ok(Value::Object(mut map)) = serde_json::from_str::<Value>(body) else { return bytes };
+            let keys: Vec<String> = map.keys().cloned().collect();
+            let key = &keys[rng.random_range(0..keys.len())];
+            let replacements = [
+                Value::Null,
+                Value::Bool(true),
+                serde_json::json!(-1),
+                serde_json::json!(1e300),
+                serde_json::json!(u64::MAX),
+                serde_json::json!("\u{0000}\u{fffd}/+#"),
+                serde_json::json!([]),
+                serde_json::json!({}),
+                serde_json::json!([{"topic": null, "qos": 9}]),
+                Value::String("A".repeat(5000)),
+            ];
+            map.insert(key.clone(), replacements[rng.random_range(0..replacements.len())].clone());
+            if rng.random_bool(0.2) {
+                map.remove(&keys[rng.random_range(0..keys.len())]);
+            }
+            Value::Object(map).to_string().into_bytes()
+        }
+    }
+}
+
+#[tokio::test]
+async fn mutated_requests_never_crash_the_service_or_get_an_unreadable_reply() {
+    let captures = load_captures();
+    let app = spawn_app(&[]).await;
+    let mut client = app.client().await;
+    let mut rng = StdRng::seed_from_u64(0x1071_a6e7);
+    let (mut answered, mut refused) = (0, 0);
+    for c in captures.iter().filter(|c| shape::AUTH_HOOKS.contains(&c.hook.as_str()) || c.hook.starts_with("on_")) {
+        for _ in 0..3 {
+            let body = mutate(&c.body_raw, &mut rng);
+            let response = client.hook(&c.hook, &body).await;
+            let request: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            match response.status {
+                // Hooks the service does not implement.
+                404 => continue,
+                200 => answered += 1,
+                400 => refused += 1,
+                other => panic!("{}: status {other} for {:?}", c.hook, String::from_utf8_lossy(&body)),
+            }
+            shape::check(&c.hook, &request, &response)
+                .unwrap_or_else(|e| panic!("{}: {e} for {:?}", c.hook, String::from_utf8_lossy(&body)));
+        }
+    }
+    println!("mutated requests: {answered} answered, {refused} refused with 400");
+    assert!(answered > 100 && refused > 100, "the mutations exercise both paths");
+    // Still serving after all of it.
+    let health = reqwest::get(app.url("/health/live")).await.unwrap();
+    assert_eq!(health.status(), 200);
+}
