@@ -145,6 +145,15 @@ pub enum Principal<'a> {
     Service,
 }
 
+impl Principal<'_> {
+    /// Whether VerneMQ may cache an allowed publish of this identity. The service publishes to one topic per device,
+    /// and VerneMQ never evicts expired cache entries that are not looked up again: caching those would grow the
+    /// broker's memory with the device count for no gain (K2V traffic is low).
+    pub fn publish_cacheable(self) -> bool {
+        matches!(self, Principal::Device(_))
+    }
+}
+
 /// The outcome of an `auth_on_register`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RegisterDecision<'a> {
@@ -248,7 +257,19 @@ impl Policy {
 
     /// Decides a PUBLISH (also the last will, which VerneMQ authorises the same way at CONNECT).
     pub fn publish(&self, username: Option<&str>, topic: &str, retain: bool) -> Result<(), DenyReason> {
-        match self.principal(username)? {
+        self.authorize_publish(username, topic, retain).map(|_| ())
+    }
+
+    /// Decides a PUBLISH and says who the allowed publisher is, so callers need not parse the username again: a
+    /// device allowed to publish is publishing its own data.
+    pub fn authorize_publish<'a>(
+        &self,
+        username: Option<&'a str>,
+        topic: &str,
+        retain: bool,
+    ) -> Result<Principal<'a>, DenyReason> {
+        let principal = self.principal(username)?;
+        match principal {
             Principal::Device(device) => {
                 if !self.is_device_topic(device, topic, &self.config.attrs_suffix) {
                     return Err(DenyReason::Topic);
@@ -256,20 +277,12 @@ impl Policy {
                 if retain && !self.config.device_retain_allowed {
                     return Err(DenyReason::Retain);
                 }
-                Ok(())
             }
-            Principal::Service => self.config_topic_device(topic).map(|_| ()).ok_or(DenyReason::Topic),
+            Principal::Service => {
+                self.config_topic_device(topic).ok_or(DenyReason::Topic)?;
+            }
         }
-    }
-
-    /// Whether VerneMQ may cache an allowed publish of this identity. The service publishes to one topic per device,
-    /// and VerneMQ never evicts expired cache entries that are not looked up again: caching those would grow the
-    /// broker's memory with the device count for no gain (K2V traffic is low).
-    pub fn publish_cacheable(&self, username: Option<&str>) -> bool {
-        match self.principal(username) {
-            Ok(Principal::Device(_)) => true,
-            Ok(Principal::Service) | Err(_) => false,
-        }
+        Ok(principal)
     }
 
     /// Decides each filter of a SUBSCRIBE, in the order given.

@@ -223,9 +223,10 @@ fn service_publishes_only_config_of_valid_devices() {
 #[test]
 fn only_device_publishes_are_cacheable() {
     let p = policy();
-    assert!(p.publish_cacheable(Some(DEV)));
-    assert!(!p.publish_cacheable(Some("k2v-bridge")));
-    assert!(!p.publish_cacheable(None));
+    let attrs = "admin:a1998e/attrs";
+    assert!(p.authorize_publish(Some(DEV), attrs, false).unwrap().publish_cacheable());
+    assert!(!p.authorize_publish(Some("k2v-bridge"), "admin:a1998e/config", false).unwrap().publish_cacheable());
+    assert!(p.authorize_publish(None, attrs, false).is_err(), "nothing to cache for an unknown publisher");
 }
 
 #[test]

@@ -114,8 +114,8 @@ impl HookState {
     }
 
     fn metrics(&self, hook: Hook) -> &HookMetrics {
-        let index = Hook::ALL.iter().position(|h| *h == hook).unwrap_or_default();
-        &self.metrics[index]
+        // `Hook::ALL` lists the variants in declaration order.
+        &self.metrics[hook as usize]
     }
 }
 
@@ -204,5 +204,17 @@ fn check_hook_header(hook: Hook, headers: &HeaderMap) -> Result<(), Reply> {
             String::from_utf8_lossy(value.as_bytes()),
             hook.path()
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Hook;
+
+    #[test]
+    fn all_lists_hooks_in_declaration_order() {
+        for (index, hook) in Hook::ALL.iter().enumerate() {
+            assert_eq!(*hook as usize, index, "{}", hook.name());
+        }
     }
 }

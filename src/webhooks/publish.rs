@@ -4,6 +4,7 @@
 use super::{HookState, Reply, wire};
 use crate::config::V2kMode;
 use crate::kafka::producer::ProduceError;
+use crate::policy::Principal;
 use crate::v2k::Payload;
 
 pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
@@ -12,11 +13,18 @@ pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
         Err(reply) => return reply,
     };
     let username = req.username.as_deref();
-    if let Err(reason) = state.policy.publish(username, &req.topic, req.retain) {
-        tracing::info!(?username, client_id = %req.client_id, topic = %req.topic, %reason, "publish denied");
-        return Reply::Deny(reason);
-    }
-    let device = state.policy.device_data_source(username, &req.topic);
+    // One parse of the username decides, names the data source and tells whether the answer may be cached.
+    let principal = match state.policy.authorize_publish(username, &req.topic, req.retain) {
+        Ok(principal) => principal,
+        Err(reason) => {
+            tracing::info!(?username, client_id = %req.client_id, topic = %req.topic, %reason, "publish denied");
+            return Reply::Deny(reason);
+        }
+    };
+    let device = match principal {
+        Principal::Device(device) => Some(device),
+        Principal::Service => None,
+    };
     match (&state.v2k, device) {
         (Some(v2k), Some(device)) if v2k.mode() == V2kMode::AuthOnPublish => {
             let Some(payload) = req.payload.as_deref() else {
@@ -29,7 +37,7 @@ pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
             }
         }
         (Some(v2k), Some(_)) if !v2k.accepting() => Reply::Unavailable("V2K gate closed: Kafka is behind".into()),
-        _ => Reply::ok(state.cache.publish.filter(|_| state.policy.publish_cacheable(username))),
+        _ => Reply::ok(state.cache.publish.filter(|_| principal.publish_cacheable())),
     }
 }
 
