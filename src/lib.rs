@@ -24,6 +24,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod policy;
+pub mod schedule;
 pub mod secret;
 pub mod sessions;
 pub mod telemetry;
