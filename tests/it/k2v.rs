@@ -1,7 +1,6 @@
 //! K2V against real brokers: tansu (Kafka) and Mosquitto; devices are rumqttc clients with persistent sessions.
 
 use std::collections::{BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -14,7 +13,8 @@ use serde_json::{Value, json};
 use tokio::task::JoinHandle;
 
 use crate::common::brokers::{Mosquitto, Storage, Tansu, free_port};
-use crate::common::{TestApp, flags, spawn_app, wait_until};
+use crate::common::process::ServiceProcess;
+use crate::common::{TestApp, flags, pki, spawn_app, wait_ready, wait_until};
 
 const SERVICE_PASSWORD: &str = "k2v-secret";
 const TOPIC_SUFFIX: &str = "dojot.device-manager.device";
@@ -23,12 +23,12 @@ fn topic(tenant: &str) -> String {
     format!("{tenant}.{TOPIC_SUFFIX}")
 }
 
-/// Mosquitto with the service user and an extra anonymous listener for devices (Mosquitto's password file cannot
-/// hold `tenant:device` names).
+/// Mosquitto with the service user, and the port of its anonymous listener for devices (Mosquitto's password file
+/// cannot hold `tenant:device` names).
 fn mosquitto(extra: &str) -> (Mosquitto, u16) {
-    let device_port = free_port();
-    let extra = format!("listener {device_port} 127.0.0.1\nallow_anonymous true\n{extra}");
-    (Mosquitto::start_with(&[("k2v-bridge", SERVICE_PASSWORD)], &extra), device_port)
+    let mqtt = Mosquitto::start_with(&[("k2v-bridge", SERVICE_PASSWORD)], extra);
+    let device_port = mqtt.device_port;
+    (mqtt, device_port)
 }
 
 /// Environment of a K2V service: short intervals so tests see new topics and commits quickly.
@@ -53,12 +53,6 @@ async fn start_app(env: &[(&'static str, String)]) -> TestApp {
     let app = spawn_app(&flags(&pairs)).await;
     wait_ready(&app.url("/health/ready")).await;
     app
-}
-
-async fn wait_ready(url: &str) {
-    let ready =
-        wait_until(Duration::from_secs(20), async || reqwest::get(url).await.is_ok_and(|r| r.status() == 200)).await;
-    assert!(ready, "K2V ready (Kafka and MQTT probes up)");
 }
 
 fn producer(kafka: &Tansu) -> FutureProducer {
@@ -259,32 +253,11 @@ async fn topics_of_a_tenant_created_after_start_are_consumed() {
     device.stop().await;
 }
 
-/// Throwaway PKI (openssl CLI): a CA, a server certificate for localhost, and the service's client certificate.
-fn pki(dir: &std::path::Path) {
-    let run = |args: &[&str]| {
-        let status = Command::new("openssl").args(args).current_dir(dir).stderr(Stdio::null()).status().unwrap();
-        assert!(status.success(), "openssl {args:?}");
-    };
-    std::fs::write(dir.join("san.ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
-    let ca = ["-x509", "-keyout", "ca.key", "-out", "ca.pem", "-subj", "/CN=Test CA"];
-    run(&[&["req", "-newkey", "rsa:2048", "-nodes", "-days", "2"][..], &ca[..]].concat());
-    for (name, cn, ext) in [("server", "/CN=localhost", Some("san.ext")), ("k2v", "/CN=k2v-bridge", None)] {
-        let (key, csr, pem) = (format!("{name}.key"), format!("{name}.csr"), format!("{name}.pem"));
-        run(&["req", "-newkey", "rsa:2048", "-nodes", "-keyout", &key, "-out", &csr, "-subj", cn]);
-        let mut sign = vec!["x509", "-req", "-in", &csr, "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial"];
-        sign.extend(["-out", &pem, "-days", "2"]);
-        if let Some(ext) = ext {
-            sign.extend(["-extfile", ext]);
-        }
-        run(&sign);
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_service_publishes_over_mutual_tls() {
     let pki_dir = tempfile::tempdir().unwrap();
     let d = pki_dir.path();
-    pki(d);
+    pki::write(d);
     let tls_port = free_port();
     let extra = format!(
         "listener {tls_port} 127.0.0.1\nallow_anonymous false\ncafile {d}/ca.pem\ncertfile {d}/server.pem\n\
@@ -520,44 +493,6 @@ async fn fault_mosquitto_restarts_mid_stream() {
     assert_commits_only_cover_delivered(&kafka, "fault-mqtt", &stream, &devices).await;
     for d in devices {
         d.stop().await;
-    }
-}
-
-/// The service as a separate process, so that it can be killed with SIGKILL.
-struct ServiceProcess {
-    child: Child,
-    port: u16,
-}
-
-impl ServiceProcess {
-    fn start(env: &[(&'static str, String)]) -> Self {
-        let port = free_port();
-        let child = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
-            .env_clear()
-            .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
-            .env("LOG_FORMAT", "text")
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("start iotagent-mqtt");
-        Self { child, port }
-    }
-
-    async fn wait_ready(&self) {
-        wait_ready(&format!("http://127.0.0.1:{}/health/ready", self.port)).await;
-    }
-
-    fn kill(mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
     }
 }
 

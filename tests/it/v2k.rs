@@ -7,6 +7,7 @@ use base64::Engine as _;
 use serde_json::{Value, json};
 
 use crate::common::brokers::{Mosquitto, Storage, Tansu};
+use crate::common::process::ServiceProcess;
 use crate::common::{RawClient, TestApp, flags, spawn_app};
 
 const DEV: &str = "admin:a1998e";
@@ -327,63 +328,6 @@ async fn subscription_mode_forwards_device_publishes_through_the_shared_subscrip
     assert_eq!(records.iter().map(|r| value_n(&r.json())).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>());
     assert_eq!(records[0].key.as_deref(), Some(DEV));
     drop(app);
-}
-
-/// The service as a separate process, so it can be killed with SIGKILL.
-struct ServiceProcess {
-    child: std::process::Child,
-    port: u16,
-}
-
-impl ServiceProcess {
-    fn start(env: &[(&str, String)]) -> Self {
-        let port = crate::common::brokers::free_port();
-        let child = std::process::Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
-            .env_clear()
-            .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
-            .env("LOG_FORMAT", "text")
-            .env("RUST_LOG", "warn")
-            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("start iotagent-mqtt");
-        Self { child, port }
-    }
-
-    async fn wait_ready(&self) {
-        let url = format!("http://127.0.0.1:{}/health/ready", self.port);
-        let ready = crate::common::wait_until(Duration::from_secs(20), async || {
-            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
-        })
-        .await;
-        assert!(ready, "service process ready");
-    }
-
-    fn kill(mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
-
-    /// SIGTERM, then waits (bounded: a shutdown that hangs is a failure, not a stuck test).
-    fn terminate(mut self) -> std::process::ExitStatus {
-        let _ = std::process::Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
-        let deadline = std::time::Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Ok(Some(status)) = self.child.try_wait() {
-                return status;
-            }
-            assert!(std::time::Instant::now() < deadline, "the service did not exit within 60 s of SIGTERM");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for ServiceProcess {
-    fn drop(&mut self) {
-        self.child.kill().ok();
-        self.child.wait().ok();
-    }
 }
 
 /// A device publishes `total` QoS 1 messages while `fault` runs; returns what Kafka holds per device afterwards.
