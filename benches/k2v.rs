@@ -4,9 +4,6 @@
 //! `cargo bench --bench k2v` (needs `tansu` and `mosquitto`, as the tests do). `K2V_BENCH_EVENTS` overrides the
 //! backlog size (default 100 000).
 
-use std::net::{SocketAddr, TcpListener, TcpStream};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use iotagent_mqtt::health::Probe;
@@ -28,67 +25,14 @@ const PARTITIONS: i32 = 4;
 const DEVICES: usize = 100;
 const IN_FLIGHT: u16 = 500;
 
-// ---- minimal broker harness (benches cannot use tests/it/common) ----
+// ---- brokers: the test suite's harness ----
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("free port")
-}
+#[allow(dead_code)]
+#[path = "../tests/it/common/brokers.rs"]
+mod brokers;
 
-fn binary(name: &str) -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    let path = std::env::var("PATH").unwrap_or_default();
-    let dirs = path.split(':').map(PathBuf::from).chain([
-        PathBuf::from("/usr/sbin"),
-        PathBuf::from("/usr/local/bin"),
-        Path::new(&home).join(".cargo/bin"),
-    ]);
-    dirs.map(|d| d.join(name)).find(|p| p.is_file()).unwrap_or_else(|| panic!("{name} is not installed"))
-}
-
-struct Broker(Child);
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.0.kill().ok();
-        self.0.wait().ok();
-    }
-}
-
-fn spawn(command: &mut Command, port: u16) -> Broker {
-    let child = command.stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("start broker");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while TcpStream::connect(SocketAddr::from(([127, 0, 0, 1], port))).is_err() {
-        assert!(Instant::now() < deadline, "broker on {port} did not start");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    Broker(child)
-}
-
-fn tansu(port: u16) -> Broker {
-    let url = format!("tcp://127.0.0.1:{port}");
-    let mut command = Command::new(binary("tansu"));
-    command.args(["broker", "--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine"]);
-    command.arg("memory://tansu/").env("RUST_LOG", "warn");
-    spawn(&mut command, port)
-}
-
-fn mosquitto(dir: &Path, port: u16) -> Broker {
-    let passwd = dir.join("passwd");
-    std::fs::write(&passwd, "").expect("passwd");
-    let status = Command::new(binary("mosquitto_passwd"))
-        .args(["-b", passwd.to_str().expect("utf-8"), "k2v-bridge", PASSWORD])
-        .status()
-        .expect("mosquitto_passwd");
-    assert!(status.success());
-    let config = format!(
-        "user root\nper_listener_settings true\npersistence false\nlog_dest none\nmax_queued_messages 1000000\n\
-         listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n",
-        passwd.display()
-    );
-    let config_path = dir.join("mosquitto.conf");
-    std::fs::write(&config_path, config).expect("config");
-    spawn(Command::new(binary("mosquitto")).arg("-c").arg(&config_path), port)
-}
+/// Mosquitto as the bench always ran it: no persistence, a queue long enough for the whole backlog.
+const MOSQUITTO_SETTINGS: &str = "persistence false\nmax_queued_messages 1000000\n";
 
 // ---- workloads ----
 
@@ -217,11 +161,9 @@ async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Durat
 fn main() {
     let events: usize = std::env::var("K2V_BENCH_EVENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime");
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (kafka_port, mqtt_port) = (free_port(), free_port());
-    let _tansu = tansu(kafka_port);
-    let _mosquitto = mosquitto(dir.path(), mqtt_port);
-    let brokers = format!("127.0.0.1:{kafka_port}");
+    let tansu = brokers::Tansu::start(brokers::Storage::Memory);
+    let mosquitto = brokers::Mosquitto::start_with(&[("k2v-bridge", PASSWORD)], MOSQUITTO_SETTINGS);
+    let (brokers, mqtt_port) = (tansu.brokers(), mosquitto.port);
 
     runtime.block_on(async {
         let produce = backlog(&brokers, events).await;

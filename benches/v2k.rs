@@ -3,7 +3,6 @@
 //! axum responder's. Run with `cargo bench --bench v2k`.
 
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -27,9 +26,14 @@ const DEVICES: usize = 64;
 const PHASE: Duration = Duration::from_secs(5);
 const TOPIC: &str = "bench.device-data";
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("port")
-}
+#[allow(dead_code)]
+#[path = "../tests/it/common/brokers.rs"]
+mod brokers;
+
+use brokers::free_port;
+
+/// Mosquitto as the bench always ran it: no persistence, room for every device's in-flight and queued messages.
+const MOSQUITTO_SETTINGS: &str = "persistence false\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n";
 
 fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -37,23 +41,6 @@ fn wait_port(port: u16) {
         assert!(Instant::now() < deadline, "port {port} not listening");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-fn which(name: &str) -> PathBuf {
-    let home = std::env::var("HOME").unwrap_or_default();
-    for dir in std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .chain(["/usr/sbin"])
-        .map(String::from)
-        .chain([format!("{home}/.cargo/bin")])
-    {
-        let p = Path::new(&dir).join(name);
-        if p.is_file() {
-            return p;
-        }
-    }
-    panic!("{name} not installed (./scripts/test installs it)");
 }
 
 struct Proc(Child);
@@ -229,54 +216,10 @@ fn main() {
     if let Ok(port) = std::env::var("V2K_BENCH_TRIVIAL_PORT") {
         return trivial_server_main(port.parse().expect("port"));
     }
-    let dir = tempfile::tempdir().expect("dir");
-    let kafka_port = free_port();
-    let url = format!("tcp://127.0.0.1:{kafka_port}");
-    let _kafka = Proc(
-        Command::new(which("tansu"))
-            .args([
-                "broker",
-                "--listener-url",
-                &url,
-                "--advertised-listener-url",
-                &url,
-                "--storage-engine",
-                "memory://tansu/",
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("tansu"),
-    );
-    wait_port(kafka_port);
-    let brokers = format!("127.0.0.1:{kafka_port}");
-    let mqtt_port = free_port();
-    std::fs::write(dir.path().join("passwd"), "").expect("passwd");
-    let status = Command::new(which("mosquitto_passwd"))
-        .args(["-b", dir.path().join("passwd").to_str().expect("path"), "k2v-bridge", "pw"])
-        .status()
-        .expect("mosquitto_passwd");
-    assert!(status.success());
-    let device_port = free_port();
-    std::fs::write(
-        dir.path().join("m.conf"),
-        format!(
-            "user root\nper_listener_settings true\nmax_inflight_messages 1000\nmax_queued_messages 1000000\n\
-             listener {mqtt_port} 127.0.0.1\nallow_anonymous false\npassword_file {}\n\
-             listener {device_port} 127.0.0.1\nallow_anonymous true\n",
-            dir.path().join("passwd").display()
-        ),
-    )
-    .expect("conf");
-    let _mqtt = Proc(
-        Command::new(which("mosquitto"))
-            .args(["-c", dir.path().join("m.conf").to_str().expect("path")])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("mosquitto"),
-    );
-    wait_port(mqtt_port);
+    let kafka = brokers::Tansu::start(brokers::Storage::Memory);
+    let brokers = kafka.brokers();
+    let mqtt = brokers::Mosquitto::start_with(&[("k2v-bridge", "pw")], MOSQUITTO_SETTINGS);
+    let (mqtt_port, device_port) = (mqtt.port, mqtt.device_port);
 
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
     rt.block_on(async {

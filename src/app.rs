@@ -39,7 +39,7 @@ impl Listeners {
 /// How often histogram samples are folded into buckets and the session gauge is refreshed.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Runs the service until `shutdown` is cancelled, then stops in dependency order (DESIGN §8): stop accepting
+/// Runs the service until `shutdown` is cancelled, then stops in dependency order (ARCHITECTURE.md §7): stop accepting
 /// webhooks and let in-flight ones finish, let the V2K subscription acknowledge what Kafka took, flush the producer,
 /// then stop K2V (stop consuming, drain publishes, commit, disconnect).
 ///

@@ -136,7 +136,7 @@ pub struct MqttArgs {
     pub mqtt_keep_alive: u64,
 }
 
-/// How device publishes reach Kafka (DESIGN §4).
+/// How device publishes reach Kafka (ARCHITECTURE.md §3, §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum V2kMode {
     /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS).

@@ -12,7 +12,7 @@ use crate::policy::{IdCharset, IdentityError, parse_device};
 pub enum Action {
     /// `configure`: publish `payload` (the JSON of `data.attrs`) to `topic` (`<tenant>:<device>/<config suffix>`).
     Publish { topic: String, payload: Vec<u8> },
-    /// `remove`: the device is gone. Forcing its session off the broker is future work (DESIGN §6, VerneMQ HTTP
+    /// `remove`: the device is gone. Forcing its session off the broker is future work (ARCHITECTURE.md §4: HTTP
     /// API); until then the event is only counted, and the device is refused at its next connection.
     Remove { tenant: String, device: String },
     /// Any other event (`create`, `update`, `template.update`, …): not for the device. dojot ≥ 0.5 published these

@@ -271,7 +271,7 @@ impl Bridge {
                 return self.skip(&position, "not_configure");
             }
             Action::Remove { tenant, device } => {
-                // Forced disconnect of removed devices is future work (DESIGN §6); the ACL refuses them from now on.
+                // Forcing removed devices off is future work (ARCHITECTURE.md §4); the ACL refuses them from now on.
                 tracing::info!(tenant, device, "device removed");
                 return self.skip(&position, "remove");
             }

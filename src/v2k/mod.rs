@@ -1,5 +1,5 @@
 //! Device data into Kafka (V2K): the dojot contract applied to device publishes, with the delivery guarantee of the
-//! configured mode (DESIGN §4). Kafka specifics live in `crate::kafka`, MQTT ones in `crate::mqtt`.
+//! configured mode (ARCHITECTURE.md §3, §5). Kafka specifics live in `crate::kafka`, MQTT ones in `crate::mqtt`.
 
 pub mod message;
 pub mod subscription;

@@ -1,5 +1,5 @@
 //! VerneMQ `vmq_webhooks` endpoints: one route per hook under `/vmq/<hook>`, translating the wire format to the
-//! policy and back. Every reply is one VerneMQ accepts without crashing the session (reference §1.3, §7).
+//! policy and back. Every reply is one VerneMQ accepts without crashing the session (ARCHITECTURE.md §2.3).
 
 mod publish;
 mod register;

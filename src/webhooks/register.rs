@@ -7,7 +7,7 @@ use crate::cert;
 use crate::policy::{RegisterDecision, RegisterRequest};
 use crate::sessions::SubscriberId;
 
-/// Modifier keys allowed for `auth_on_register(_m5)` (reference §2.1); `mountpoint` and `client_id` only together.
+/// Modifier keys allowed for `auth_on_register(_m5)` (ARCHITECTURE.md §2.3); `mountpoint`, `client_id` only together.
 #[derive(Serialize)]
 struct Modifiers<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -44,7 +44,7 @@ pub fn auth_on_subscribe(state: &HookState, body: &[u8], version: Version) -> Re
     };
     tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "subscription denied");
     match version {
-        // VerneMQ 2.1 subscribes a v5 filter even when its modifier entry says 135, and crashes on 128 (captures 2d):
+        // VerneMQ 2.1 subscribes a v5 filter whose modifier entry says 135, and crashes on 128 (ARCHITECTURE.md §2.3):
         // only an error result for the whole SUBSCRIBE is safe.
         Version::V5 => Reply::Deny(reason),
         // v3: one entry per filter, in request order (VerneMQ reverses both ways), refused ones with 128.

@@ -1,70 +1,18 @@
-//! Every request recorded from a real VerneMQ 2.1.2 (`../shared/vernemq-captures`), replayed byte for byte over a
-//! keep-alive connection with hackney's headers, and the decision checked against the rules of DESIGN §2–3 as
-//! restated here independently of the service's code.
+//! Every request recorded from a real VerneMQ 2.1.2 (`tests/data/vernemq-2.1.2/`), replayed byte for byte over a
+//! keep-alive connection with hackney's headers, and the decision checked against the rules of ARCHITECTURE.md
+//! ("Identities and decisions") as restated here independently of the service's code.
 
 use std::collections::BTreeMap;
 
 use iotagent_mqtt::webhooks::Hook;
 use serde_json::Value;
 
+use crate::common::captures::{self, Captured};
 use crate::common::{RawClient, shape, spawn_app};
 
 /// Hooks the service serves; VerneMQ must not be configured with the others (they answer 404 = denial/log line).
 fn served() -> Vec<&'static str> {
     Hook::ALL.iter().map(|h| h.name()).collect()
-}
-
-pub struct Captured {
-    file: String,
-    seq: u64,
-    pub hook: String,
-    headers: Vec<(String, String)>,
-    pub body_raw: String,
-}
-
-pub fn load_captures() -> Vec<Captured> {
-    let dir = crate::common::shared_dir().join("vernemq-captures");
-    let mut files: Vec<_> = std::fs::read_dir(&dir)
-        .expect("captures folder")
-        .map(|e| e.expect("dir entry").path())
-        .filter(|p| p.extension().is_some_and(|e| e == "jsonl"))
-        .collect();
-    files.sort();
-    let mut out = Vec::new();
-    for path in files {
-        let file = path.file_name().unwrap().to_string_lossy().to_string();
-        for line in std::fs::read_to_string(&path).expect("read capture").lines().filter(|l| !l.trim().is_empty()) {
-            let record: Value = serde_json::from_str(line).expect("capture line is JSON");
-            // Two recorder formats: the first run (0a/0b) kept headers as pairs and the body as a string.
-            let headers: Vec<(String, String)> = match &record["headers"] {
-                Value::Object(map) => map.iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect(),
-                Value::Array(pairs) => pairs
-                    .iter()
-                    .map(|p| (p[0].as_str().unwrap().to_string(), p[1].as_str().unwrap().to_string()))
-                    .collect(),
-                other => panic!("{file}: unexpected headers {other}"),
-            };
-            let hook = headers
-                .iter()
-                .find(|(k, _)| k.eq_ignore_ascii_case("vernemq-hook"))
-                .map(|(_, v)| v.clone())
-                .expect("every capture has a vernemq-hook header");
-            let body_raw = record
-                .get("body_raw")
-                .and_then(Value::as_str)
-                .or_else(|| record["body"].as_str())
-                .expect("raw body")
-                .to_string();
-            out.push(Captured {
-                file: file.clone(),
-                seq: record["seq"].as_u64().unwrap_or_default(),
-                hook,
-                headers,
-                body_raw,
-            });
-        }
-    }
-    out
 }
 
 /// `tenant:device_id`, each part 1–64 of `[A-Za-z0-9_.-]`.
@@ -85,7 +33,7 @@ struct Tally {
 
 #[tokio::test]
 async fn every_captured_request_gets_the_designed_decision() {
-    let captures = load_captures();
+    let captures = captures::load();
     assert!(captures.len() > 1500, "expected the full capture set, found {}", captures.len());
     let app = spawn_app(&[]).await;
     let mut client = RawClient::connect(app.addr).await;
@@ -183,7 +131,7 @@ async fn every_captured_request_gets_the_designed_decision() {
 
 #[tokio::test]
 async fn captured_client_certificate_is_checked_against_the_username() {
-    let captures = load_captures();
+    let captures = captures::load();
     let with_cert: Vec<&Captured> = captures.iter().filter(|c| c.body_raw.contains("\"client_cert\"")).collect();
     assert!(!with_cert.is_empty(), "5-tls.jsonl carries client_cert");
     let app = spawn_app(&[]).await;

@@ -5,7 +5,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 
-use crate::captures::load_captures;
+use crate::common::captures;
 use crate::common::{shape, spawn_app};
 
 fn mutate(body: &str, rng: &mut StdRng) -> Vec<u8> {
@@ -50,7 +50,7 @@ fn mutate(body: &str, rng: &mut StdRng) -> Vec<u8> {
 
 #[tokio::test]
 async fn mutated_requests_never_crash_the_service_or_get_an_unreadable_reply() {
-    let captures = load_captures();
+    let captures = captures::load();
     let app = spawn_app(&[]).await;
     let mut client = app.client().await;
     let mut rng = StdRng::seed_from_u64(0x1071_a6e7);

@@ -31,7 +31,9 @@ fn wait_for_port(port: u16, child: &mut Child, what: &str) {
     panic!("{what} did not listen on {port} within 20 s");
 }
 
-fn binary(name: &str) -> PathBuf {
+/// The path of an installed program the tests need; fails the test at once, naming the one command that installs it,
+/// when it is missing.
+pub fn binary(name: &str) -> PathBuf {
     for dir in std::env::var("PATH").unwrap_or_default().split(':').chain(["/usr/sbin", "/usr/local/bin"]) {
         let candidate = Path::new(dir).join(name);
         if candidate.is_file() {

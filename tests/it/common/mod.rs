@@ -4,11 +4,13 @@
 #![allow(dead_code)]
 
 pub mod brokers;
+pub mod captures;
+pub mod pki;
+pub mod process;
 pub mod shape;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::CommandFactory;
@@ -86,13 +88,6 @@ pub fn args_from_env(env: &BTreeMap<String, String>) -> Vec<String> {
 
 pub fn flags(pairs: &[(&str, &str)]) -> Vec<String> {
     args_from_env(&pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect())
-}
-
-/// `../shared` beside the repository (the CI layout).
-pub fn shared_dir() -> PathBuf {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
-    assert!(dir.is_dir(), "{} is missing: tests need the shared/ folder beside the repository", dir.display());
-    dir
 }
 
 #[derive(Debug)]
@@ -205,6 +200,13 @@ pub async fn wait_until(timeout: Duration, mut check: impl AsyncFnMut() -> bool)
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Waits until `url` (a `/health/ready`) answers 200: every configured dependency (Kafka, MQTT) is up.
+pub async fn wait_ready(url: &str) {
+    let ready =
+        wait_until(Duration::from_secs(20), async || reqwest::get(url).await.is_ok_and(|r| r.status() == 200)).await;
+    assert!(ready, "service ready (Kafka and MQTT probes up) at {url}");
 }
 
 /// An MQTT client acting as a device or backend, its event loop driven in the background (reconnecting). Device

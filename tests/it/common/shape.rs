@@ -1,4 +1,4 @@
-//! What VerneMQ 2.1 accepts as a webhook reply, written from the contract (reference §1.3, §2, §7), independent of
+//! What VerneMQ 2.1 accepts as a webhook reply, written from the contract (ARCHITECTURE.md §2.3), independent of
 //! the service's code. A reply that breaks one of these rules crashes the MQTT session or is silently misread.
 
 use serde_json::{Map, Value};
@@ -156,7 +156,7 @@ fn check_v5_topics(request: &Value, topics: &Value) -> Result<(), String> {
     for entry in topics {
         match entry["qos"].as_u64() {
             Some(0..=2) => {}
-            // 2.1 still subscribes a 135 entry and crashes on 128 (captures 2d).
+            // 2.1 still subscribes a 135 entry and crashes on 128 (tests/data/vernemq-2.1.2/README.md, scenario 2d).
             _ => return Err(format!("v5 modifier qos must be 0..2 on VerneMQ 2.1: {entry}")),
         }
     }

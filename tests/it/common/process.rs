@@ -1,0 +1,65 @@
+//! The service binary as a separate process, so that a test can SIGKILL or SIGTERM it mid-stream.
+
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use super::brokers::free_port;
+
+/// A running `iotagent-mqtt` process on a free loopback port; killed when dropped.
+pub struct ServiceProcess {
+    child: Child,
+    pub port: u16,
+}
+
+impl ServiceProcess {
+    /// Starts the binary with only these environment variables (plus its listen address and text logs at `warn`).
+    pub fn start(env: &[(&str, String)]) -> Self {
+        let port = free_port();
+        let child = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
+            .env_clear()
+            .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("LOG_FORMAT", "text")
+            .env("RUST_LOG", "warn")
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start iotagent-mqtt");
+        Self { child, port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// Waits until `/health/ready` answers 200 (every configured dependency up).
+    pub async fn wait_ready(&self) {
+        super::wait_ready(&self.url("/health/ready")).await;
+    }
+
+    /// SIGKILL: the harshest stop.
+    pub fn kill(mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+
+    /// SIGTERM, then waits (bounded: a shutdown that hangs is a failure, not a stuck test).
+    pub fn terminate(mut self) -> ExitStatus {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "the service did not exit within 60 s of SIGTERM");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ServiceProcess {
+    fn drop(&mut self) {
+        self.child.kill().ok();
+        self.child.wait().ok();
+    }
+}

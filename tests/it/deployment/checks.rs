@@ -1,0 +1,257 @@
+//! Each check is a function over parsed files returning the problems it found, so that
+//! `compose::checks_catch_broken_inputs` can show that every one of them fails on a deliberately broken input.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+use iotagent_mqtt::webhooks::Hook;
+
+use super::parse::{Compose, Conf, VERNEMQ_CONF_TARGET, listen_port, parse_http_url};
+
+pub type Problems = Vec<String>;
+
+pub fn result(problems: Problems) -> Result<(), Problems> {
+    if problems.is_empty() { Ok(()) } else { Err(problems) }
+}
+
+/// Every `vmq_webhooks.<name>` has `.hook` and `.endpoint`, is named after its hook, is a hook the service serves, and
+/// points at `/vmq/<hook>` on the compose service built from this repository, on the port of its IOTAGENT_LISTEN.
+pub fn check_webhooks(conf: &Conf, compose: &Compose) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    if conf.get("plugins.vmq_webhooks") != Some("on") {
+        problems.push("plugins.vmq_webhooks is not on".into());
+    }
+    let served: BTreeMap<&str, String> = Hook::ALL.iter().map(|h| (h.name(), h.path())).collect();
+    let agent = compose.agent();
+    let hooks = conf.webhooks();
+    if hooks.is_empty() {
+        problems.push("no vmq_webhooks registrations".into());
+    }
+    for (name, fields) in &hooks {
+        let (Some(hook), Some(endpoint)) = (fields.get("hook"), fields.get("endpoint")) else {
+            problems.push(format!("vmq_webhooks.{name} needs both .hook and .endpoint (has {:?})", fields.keys()));
+            continue;
+        };
+        if hook != name {
+            problems.push(format!("vmq_webhooks.{name} registers {hook}: the name must be the hook name"));
+        }
+        let Some(path) = served.get(hook.as_str()) else {
+            problems.push(format!("vmq_webhooks.{name}: the service does not serve {hook}"));
+            continue;
+        };
+        let Some((host, port, url_path)) = parse_http_url(endpoint) else {
+            problems.push(format!("vmq_webhooks.{name}: endpoint {endpoint} is not http://host:port/path"));
+            continue;
+        };
+        if &url_path != path {
+            problems
+                .push(format!("vmq_webhooks.{name}: endpoint path {url_path}, the service serves {hook} at {path}"));
+        }
+        if Some(host.as_str()) != agent {
+            problems
+                .push(format!("vmq_webhooks.{name}: host {host} is not the compose service built here ({agent:?})"));
+        } else if listen_port(compose, &host) != Some(port) {
+            problems.push(format!(
+                "vmq_webhooks.{name}: port {port}, but {host} listens on {:?} (IOTAGENT_LISTEN)",
+                listen_port(compose, &host)
+            ));
+        }
+    }
+    result(problems)
+}
+
+/// Every line of each plugin fragment appears unchanged in vernemq.conf.
+pub fn check_fragments(conf: &Conf, fragments: &[(String, Conf)]) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    for (file, fragment) in fragments {
+        for (key, value) in &fragment.entries {
+            if conf.get(key) != Some(value.as_str()) {
+                problems.push(format!("{file}: {key} = {value} is not in vernemq.conf (has {:?})", conf.get(key)));
+            }
+        }
+    }
+    result(problems)
+}
+
+/// The broker publishes exactly the ports of vernemq.conf's listeners, and only on the host's loopback.
+pub fn check_ports(conf: &Conf, compose: &Compose) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    let Some(broker) = compose.broker() else {
+        return Err(vec![format!("no compose service mounts vernemq.conf at {VERNEMQ_CONF_TARGET}")]);
+    };
+    let listening: BTreeSet<u16> = conf.listeners().iter().map(|(_, _, port)| *port).collect();
+    let published: BTreeSet<u16> = compose.ports(broker).iter().map(|(_, _, container)| *container).collect();
+    if listening != published {
+        problems.push(format!("vernemq.conf listens on {listening:?}, compose publishes {published:?}"));
+    }
+    for (ip, host, container) in compose.ports(broker) {
+        if ip != "127.0.0.1" {
+            problems.push(format!("{broker} port {host}:{container} is published on {ip:?}, not 127.0.0.1"));
+        }
+    }
+    result(problems)
+}
+
+/// KAFKA_BROKERS and MQTT_URL of the service name compose services and ports that exist, and the service identity's
+/// certificate is issued for the service's MQTT_USERNAME.
+pub fn check_service_endpoints(conf: &Conf, compose: &Compose) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    let Some(agent) = compose.agent() else { return Err(vec!["no compose service has build:".into()]) };
+    let env = compose.env(agent);
+    let services = compose.services();
+    match env.get("KAFKA_BROKERS") {
+        None => problems.push(format!("{agent}: KAFKA_BROKERS is not set")),
+        Some(brokers) => {
+            for broker in brokers.split(',') {
+                let Some((host, port)) = broker.trim().rsplit_once(':') else {
+                    problems.push(format!("KAFKA_BROKERS: {broker} is not host:port"));
+                    continue;
+                };
+                if !services.contains(&host) {
+                    problems.push(format!("KAFKA_BROKERS: {host} is not a compose service"));
+                    continue;
+                }
+                let kafka = compose.env(host);
+                let advertised = kafka.get("KAFKA_ADVERTISED_LISTENERS").cloned().unwrap_or_default();
+                if !advertised.split(',').any(|l| l.ends_with(&format!("://{host}:{port}"))) {
+                    problems.push(format!("KAFKA_BROKERS: {host} does not advertise {host}:{port} ({advertised})"));
+                }
+                let listeners = kafka.get("KAFKA_LISTENERS").cloned().unwrap_or_default();
+                if !listeners.split(',').any(|l| l.ends_with(&format!(":{port}"))) {
+                    problems.push(format!("KAFKA_BROKERS: {host} does not listen on {port} ({listeners})"));
+                }
+            }
+        }
+    }
+    match env.get("MQTT_URL") {
+        None => problems.push(format!("{agent}: MQTT_URL is not set")),
+        Some(url) => {
+            let parsed = url.split_once("://").and_then(|(scheme, rest)| {
+                let (host, port) = rest.trim_end_matches('/').rsplit_once(':')?;
+                Some((scheme, host, port.parse::<u16>().ok()?))
+            });
+            match parsed {
+                None => problems.push(format!("MQTT_URL {url} is not scheme://host:port")),
+                Some((scheme, host, port)) => {
+                    if Some(host) != compose.broker() {
+                        problems.push(format!("MQTT_URL: {host} is not the VerneMQ service ({:?})", compose.broker()));
+                    }
+                    let kind = match scheme {
+                        "mqtt" => "tcp",
+                        "mqtts" => "ssl",
+                        other => {
+                            problems.push(format!("MQTT_URL: unknown scheme {other}"));
+                            ""
+                        }
+                    };
+                    if !conf.listeners().iter().any(|(t, _, p)| t == kind && *p == port) {
+                        problems.push(format!("MQTT_URL: vernemq.conf has no {kind} listener on port {port}"));
+                    }
+                    if scheme == "mqtts" {
+                        for var in ["MQTT_CA_FILE", "MQTT_CERT_FILE", "MQTT_KEY_FILE"] {
+                            if !env.contains_key(var) {
+                                problems.push(format!("MQTT_URL is mqtts:// but {var} is not set"));
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let username = env.get("MQTT_USERNAME").map_or("k2v-bridge", String::as_str);
+    if let Some(pki) = compose.pki() {
+        let cn = compose.env(pki).get("SERVICE_CN").cloned();
+        if cn.as_deref() != Some(username) {
+            problems.push(format!("{pki}: SERVICE_CN {cn:?} is not the service's MQTT_USERNAME {username}"));
+        }
+    }
+    result(problems)
+}
+
+/// Start order: the broker and the service wait for the PKI step to finish; the service waits for Kafka and VerneMQ
+/// to be healthy; what is waited on as healthy has a health check; every one-shot is waited on, so that
+/// `docker compose up --wait` does not count its exit as a failure.
+pub fn check_start_order(compose: &Compose) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    let (Some(broker), Some(agent), Some(pki)) = (compose.broker(), compose.agent(), compose.pki()) else {
+        return Err(vec!["compose needs a broker (vernemq.conf), a built service and a pki step".into()]);
+    };
+    let completed = "service_completed_successfully";
+    let healthy = "service_healthy";
+    let mut wanted = vec![(broker, pki, completed), (agent, pki, completed), (agent, broker, healthy)];
+    let kafka = compose.env(agent).get("KAFKA_BROKERS").and_then(|b| b.split(':').next().map(str::to_string));
+    if let Some(kafka) = kafka.as_deref() {
+        wanted.push((agent, kafka, healthy));
+    }
+    for (service, dependency, condition) in wanted {
+        let actual = compose.depends_on(service).get(dependency).cloned();
+        if actual.as_deref() != Some(condition) {
+            problems.push(format!("{service} must depend on {dependency} with {condition} (has {actual:?})"));
+        }
+    }
+    for service in compose.services() {
+        for (dependency, condition) in compose.depends_on(service) {
+            let has_check = compose.service(&dependency).is_some_and(|s| s.get("healthcheck").is_some());
+            if condition == healthy && !has_check {
+                problems.push(format!("{service} waits for {dependency} to be healthy, which has no healthcheck"));
+            }
+        }
+    }
+    for service in [broker, agent] {
+        if compose.service(service).is_none_or(|s| s.get("healthcheck").is_none()) {
+            problems.push(format!("{service} has no healthcheck"));
+        }
+    }
+    let adopted = compose.services().iter().any(|s| compose.depends_on(s).get(pki).is_some_and(|c| c == completed));
+    if !adopted {
+        problems.push(format!("nothing waits for the one-shot {pki} with {completed}"));
+    }
+    result(problems)
+}
+
+/// Every TLS file vernemq.conf names, and every MQTT_*_FILE of the service, lies in a named volume that the PKI step
+/// mounts at its PKI_DIR, and the bootstrap script (already run into `pki_output`) produced it.
+pub fn check_tls_files(conf: &Conf, compose: &Compose, pki_output: &Path) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    let (Some(broker), Some(agent), Some(pki)) = (compose.broker(), compose.agent(), compose.pki()) else {
+        return Err(vec!["compose needs a broker (vernemq.conf), a built service and a pki step".into()]);
+    };
+    let pki_dir = compose.env(pki).get("PKI_DIR").cloned().unwrap_or_else(|| "/pki".into());
+    let Some((volume, _)) = compose.mounts(pki).into_iter().find(|(_, target)| *target == pki_dir) else {
+        return Err(vec![format!("{pki} mounts nothing at its PKI_DIR {pki_dir}")]);
+    };
+    if !compose.volumes().contains(&volume) {
+        problems.push(format!("{pki} writes into {volume}, which is not a named volume"));
+    }
+    let mut wanted: Vec<(&str, String, String)> = conf
+        .entries
+        .iter()
+        .filter(|(key, _)| [".cafile", ".certfile", ".keyfile", ".crlfile"].iter().any(|s| key.ends_with(s)))
+        .map(|(key, path)| (broker, key.clone(), path.clone()))
+        .collect();
+    if wanted.len() < 4 {
+        problems.push(format!(
+            "vernemq.conf names {} TLS files, expected cafile, certfile, keyfile, crlfile",
+            wanted.len()
+        ));
+    }
+    for (var, path) in compose.env(agent) {
+        if var.starts_with("MQTT_") && var.ends_with("_FILE") {
+            wanted.push((agent, var, path));
+        }
+    }
+    for (service, key, path) in wanted {
+        let mount = compose.mounts(service).into_iter().find(|(source, target)| {
+            *source == volume && Path::new(&path).parent().is_some_and(|dir| dir == Path::new(target))
+        });
+        if mount.is_none() {
+            problems.push(format!("{key} = {path}: {service} does not mount the volume {volume} at its folder"));
+            continue;
+        }
+        let file = Path::new(&path).file_name().map(PathBuf::from).unwrap_or_default();
+        if !pki_output.join(&file).is_file() {
+            problems.push(format!("{key} = {path}: deploy/pki-bootstrap.sh does not produce {}", file.display()));
+        }
+    }
+    result(problems)
+}

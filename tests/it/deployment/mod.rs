@@ -1,0 +1,55 @@
+//! The deployment files agree with each other and with the service, without Docker: `compose.yaml` and
+//! `vernemq.conf` are parsed (`parse`) and cross-checked (`checks`, tests in `compose`), `deploy/pki-bootstrap.sh`
+//! runs into a temporary directory (`pki`; it needs the openssl command line), and the webhook endpoints and the
+//! binary's `healthcheck` mode are called on a running service (`service`).
+
+mod checks;
+mod compose;
+mod parse;
+mod pki;
+mod service;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use parse::{Compose, Conf};
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn read(path: &str) -> String {
+    std::fs::read_to_string(repo().join(path)).unwrap_or_else(|e| panic!("{path}: {e}"))
+}
+
+fn conf() -> Conf {
+    Conf::parse(&read("vernemq.conf")).unwrap()
+}
+
+fn compose() -> Compose {
+    Compose::parse(&read("compose.yaml")).unwrap()
+}
+
+fn fragments() -> Vec<(String, Conf)> {
+    ["acl", "lifetime", "v2k"]
+        .iter()
+        .map(|p| {
+            let file = format!("plugins-http/{p}/vernemq.conf");
+            let conf = Conf::parse(&read(&file)).unwrap();
+            (file, conf)
+        })
+        .collect()
+}
+
+/// Runs deploy/pki-bootstrap.sh with the PKI step's compose environment, its folders moved under `dir`.
+fn run_pki(compose: &Compose, dir: &Path, args: &[&str]) -> std::process::Output {
+    crate::common::brokers::binary("openssl");
+    let pki = compose.pki().expect("pki step");
+    let mut command = Command::new("sh");
+    command.arg(repo().join("deploy/pki-bootstrap.sh")).args(args);
+    command.envs(compose.env(pki));
+    command.env("PKI_DIR", dir.join("pki")).env("CA_DIR", dir.join("ca"));
+    let output = command.output().expect("run sh deploy/pki-bootstrap.sh (needs the openssl command)");
+    assert!(output.status.success(), "pki-bootstrap.sh {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    output
+}

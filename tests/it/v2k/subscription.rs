@@ -1,0 +1,214 @@
+//! V2K subscription mode (through Mosquitto) and the service as a separate process: SIGKILL and SIGTERM mid-stream,
+//! Kafka restarts, several instances sharing the group.
+
+use super::*;
+
+/// A device publishes `{"n": n}` for each n to its attrs topic at QoS 1, `pause` apart.
+async fn publish_numbered(device: &rumqttc::AsyncClient, numbers: std::ops::Range<u64>, pause: Duration) {
+    for n in numbers {
+        device
+            .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
+            .await
+            .unwrap();
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
+    }
+}
+
+fn value_n(v: &Value) -> u64 {
+    v["attrs"]["n"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn subscription_mode_forwards_device_publishes_through_the_shared_subscription() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass"), (DEV, "dev-pass")]);
+    let app = v2k_app(
+        &kafka,
+        &[
+            ("V2K_MODE", "subscription"),
+            ("MQTT_URL", &mqtt.url()),
+            ("MQTT_PASSWORD", "svc-pass"),
+            ("MQTT_CLIENT_ID", "it-sub"),
+        ],
+    )
+    .await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "dev-pass", "dev-1", true).await;
+    publish_numbered(&device, 0..50, Duration::ZERO).await;
+    let records = kafka.read("admin.device-data", 50, Duration::from_secs(20)).await;
+    assert_eq!(records.iter().map(|r| value_n(&r.json())).collect::<Vec<_>>(), (0..50).collect::<Vec<_>>());
+    assert_eq!(records[0].key.as_deref(), Some(DEV));
+    drop(app);
+}
+
+/// A device publishes `total` QoS 1 messages while `fault` runs; returns what Kafka holds per device afterwards.
+async fn subscription_fault(
+    total: u64,
+    fault: impl AsyncFnOnce(&mut Tansu, ServiceProcess, &[(&str, String)]) -> ServiceProcess,
+) {
+    let mut kafka = Tansu::start(Storage::Sqlite);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let env = vec![
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("V2K_MODE", "subscription".to_string()),
+        ("MQTT_URL", mqtt.url()),
+        ("MQTT_PASSWORD", "svc-pass".to_string()),
+        ("MQTT_CLIENT_ID", "it-fault".to_string()),
+        // Longer than the outage: tansu does not support the idempotent producer's epoch bump (KIP-360) that
+        // librdkafka needs after a delivery timeout, so expiring during the outage would wedge this producer.
+        ("V2K_DELIVERY_TIMEOUT_MS", "60000".to_string()),
+    ];
+    // The group's subscription must exist before the device publishes: the broker routes nothing to a group that
+    // does not exist yet.
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-fault", true).await;
+    let publisher = tokio::spawn(async move {
+        publish_numbered(&device, 0..total, Duration::from_millis(3)).await;
+        device
+    });
+    // The service that runs after the fault keeps running while Kafka is read back.
+    let _service = fault(&mut kafka, service, &env).await;
+    let _device = publisher.await.unwrap();
+    let records = kafka.read("admin.device-data", total as usize, Duration::from_secs(60)).await;
+    let all = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(3)).await;
+    let records = if all.len() > records.len() { all } else { records };
+    let expected = BTreeMap::from([(DEV.to_string(), total)]);
+    let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
+    println!("subscription fault: published {total}, in Kafka {}, lost {lost}, duplicates {duplicates}", records.len());
+    assert_eq!(lost, 0, "a message the broker handed to the service is missing from Kafka");
+}
+
+/// Like `lost_and_duplicates`, for redeliveries that may come after newer messages (the broker resends unacked
+/// messages on reconnect).
+fn lost_and_duplicates_unordered(
+    seen: &BTreeMap<String, Vec<u64>>,
+    expected: &BTreeMap<String, u64>,
+) -> (usize, usize) {
+    let (mut lost, mut duplicates) = (0, 0);
+    for (device, n) in expected {
+        let got = seen.get(device).cloned().unwrap_or_default();
+        let set: std::collections::BTreeSet<u64> = got.iter().copied().collect();
+        duplicates += got.len() - set.len();
+        lost += (0..*n).filter(|i| !set.contains(i)).count();
+    }
+    (lost, duplicates)
+}
+
+#[tokio::test]
+async fn subscription_mode_loses_nothing_when_the_service_is_killed() {
+    subscription_fault(1000, async |_kafka, service, env| {
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        service.kill();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        let service = ServiceProcess::start(env);
+        service.wait_ready().await;
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        // A clean stop at the end: SIGTERM drains and exits 0.
+        assert!(service.terminate().success());
+        let service = ServiceProcess::start(env);
+        service.wait_ready().await;
+        service
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn subscription_mode_loses_nothing_when_kafka_restarts() {
+    subscription_fault(800, async |kafka, service, _env| {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        kafka.stop();
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        kafka.restart();
+        service
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_mid_stream_flushes_every_answered_publish() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    // A long linger keeps QoS 0 records (answered at once) in the producer until the flush at shutdown.
+    let service = ServiceProcess::start(&[
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("KAFKA_LINGER_MS", "500".to_string()),
+        ("MQTT_USERNAME", "k2v-bridge".to_string()),
+    ]);
+    service.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/vmq/on_publish", service.port);
+    let mut tasks = Vec::new();
+    for d in 0..4 {
+        let url = url.clone();
+        tasks.push(tokio::spawn(async move {
+            let device = format!("admin:sig{d}");
+            let http = reqwest::Client::new();
+            let mut answered = 0u64;
+            loop {
+                let body = publish_body(
+                    &device,
+                    &format!("{device}/attrs"),
+                    format!(r#"{{"n": {answered}}}"#).as_bytes(),
+                    d % 2,
+                );
+                match http.post(&url).header("vernemq-hook", "on_publish").body(body).send().await {
+                    Ok(r) if r.status() == 200 => answered += 1,
+                    _ => break,
+                }
+            }
+            (device, answered)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(service.terminate().success(), "SIGTERM ends the service cleanly");
+    let mut expected = BTreeMap::new();
+    for t in tasks {
+        let (device, answered) = t.await.unwrap();
+        assert!(answered > 0, "{device} streamed before the stop");
+        expected.insert(device, answered);
+    }
+    let total: u64 = expected.values().sum();
+    let records = kafka.read("admin.device-data", total as usize, Duration::from_secs(30)).await;
+    let (lost, duplicates) = lost_and_duplicates(&sequence_by_device(&records), &expected);
+    println!("SIGTERM mid-stream: answered {total}, in Kafka {}, lost {lost}, duplicates {duplicates}", records.len());
+    assert_eq!(lost, 0, "an answered publish was not flushed at shutdown");
+}
+
+#[tokio::test]
+async fn subscription_mode_instances_share_the_group() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let env = |id: &str| {
+        vec![
+            ("KAFKA_BROKERS", kafka.brokers()),
+            ("V2K_MODE", "subscription".to_string()),
+            ("MQTT_URL", mqtt.url()),
+            ("MQTT_PASSWORD", "svc-pass".to_string()),
+            ("MQTT_CLIENT_ID", id.to_string()),
+            ("K2V_ENABLED", "false".to_string()),
+        ]
+    };
+    let (one, two) = (ServiceProcess::start(&env("node-1")), ServiceProcess::start(&env("node-2")));
+    one.wait_ready().await;
+    two.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-share", true).await;
+    publish_numbered(&device, 0..600, Duration::ZERO).await;
+    let records = kafka.read("admin.device-data", 600, Duration::from_secs(30)).await;
+    let expected = BTreeMap::from([(DEV.to_string(), 600)]);
+    let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
+    assert_eq!((lost, duplicates), (0, 0));
+    for service in [&one, &two] {
+        let metrics =
+            reqwest::get(format!("http://127.0.0.1:{}/metrics", service.port)).await.unwrap().text().await.unwrap();
+        let produced: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        assert!(produced > 0, "both members of the group take a share");
+    }
+}
