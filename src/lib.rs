@@ -23,6 +23,7 @@ pub mod k2v;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
+pub mod ordered;
 pub mod policy;
 pub mod schedule;
 pub mod secret;

@@ -1,8 +1,8 @@
 //! Node-local registry of connected MQTT sessions, fed by the notification hooks: who is connected, since when,
 //! with which certificate.
 
+use parking_lot::Mutex;
 use std::collections::HashMap;
-use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// VerneMQ's session key.
@@ -44,7 +44,7 @@ fn now_ms() -> u64 {
 impl SessionRegistry {
     /// Remembers the certificate of an accepted CONNECT until `on_register` confirms the session.
     pub fn expect(&self, id: SubscriberId, serial: String) {
-        let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut pending = self.pending.lock();
         if pending.len() >= PENDING_MAX {
             let now = Instant::now();
             pending.retain(|_, p| now.duration_since(p.at) < PENDING_TTL);
@@ -57,23 +57,23 @@ impl SessionRegistry {
 
     pub fn connected(&self, id: SubscriberId, username: Option<String>) {
         let certificate_serial = {
-            let mut pending = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pending = self.pending.lock();
             pending.remove(&id).filter(|p| p.at.elapsed() < PENDING_TTL).map(|p| p.serial)
         };
         let session = Session { username, connected_at_ms: now_ms(), certificate_serial };
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).insert(id, session);
+        self.sessions.lock().insert(id, session);
     }
 
     pub fn disconnected(&self, id: &SubscriberId) -> Option<Session> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).remove(id)
+        self.sessions.lock().remove(id)
     }
 
     pub fn get(&self, id: &SubscriberId) -> Option<Session> {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).get(id).cloned()
+        self.sessions.lock().get(id).cloned()
     }
 
     pub fn len(&self) -> usize {
-        self.sessions.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.sessions.lock().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -82,7 +82,7 @@ impl SessionRegistry {
 
     /// Sessions whose certificate serial is in `serials` (for disconnects after a CRL refresh).
     pub fn with_serials(&self, serials: &[String]) -> Vec<SubscriberId> {
-        let sessions = self.sessions.lock().unwrap_or_else(|e| e.into_inner());
+        let sessions = self.sessions.lock();
         sessions
             .iter()
             .filter(|(_, s)| s.certificate_serial.as_ref().is_some_and(|serial| serials.contains(serial)))

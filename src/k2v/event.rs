@@ -35,11 +35,47 @@ pub enum EventError {
 }
 
 impl EventError {
-    /// Short label for the skip counter.
-    pub fn reason(&self) -> &'static str {
+    /// What the skip is counted as.
+    pub fn reason(&self) -> SkipReason {
         match self {
-            Self::Json(_) | Self::Field(_) | Self::Attrs => "malformed",
-            Self::Identity { .. } => "invalid_device",
+            Self::Json(_) | Self::Field(_) | Self::Attrs => SkipReason::Malformed,
+            Self::Identity { .. } => SkipReason::InvalidDevice,
+        }
+    }
+}
+
+/// Why a message is completed without a publish: the `reason` label of `iotagent_k2v_skipped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    /// Not a `configure` event ([`Action::Ignore`]).
+    NotConfigure,
+    /// [`Action::Remove`].
+    Remove,
+    /// No value, not JSON, or a field missing or mistyped.
+    Malformed,
+    /// An identity the ACL would refuse, or no valid topic.
+    InvalidDevice,
+    /// Larger than an MQTT packet may be.
+    TooLarge,
+}
+
+impl SkipReason {
+    /// Every variant, in declaration order (so `reason as usize` indexes it).
+    pub const ALL: [SkipReason; 5] = [
+        SkipReason::NotConfigure,
+        SkipReason::Remove,
+        SkipReason::Malformed,
+        SkipReason::InvalidDevice,
+        SkipReason::TooLarge,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            SkipReason::NotConfigure => "not_configure",
+            SkipReason::Remove => "remove",
+            SkipReason::Malformed => "malformed",
+            SkipReason::InvalidDevice => "invalid_device",
+            SkipReason::TooLarge => "too_large",
         }
     }
 }
@@ -150,6 +186,13 @@ mod tests {
     }
 
     #[test]
+    fn skip_reasons_are_listed_in_declaration_order() {
+        for (index, reason) in SkipReason::ALL.iter().enumerate() {
+            assert_eq!(*reason as usize, index, "{}", reason.name());
+        }
+    }
+
+    #[test]
     fn configure_publishes_the_attrs_to_the_config_topic() {
         let event = json!({
             "event": "configure",
@@ -214,7 +257,7 @@ mod tests {
         for raw in [&b"not json"[..], b"", b"[1,2]", b"\"configure\"", b"null", b"{\"event\":", b"\xff\xfe"] {
             let err = rules().interpret(raw).unwrap_err();
             assert!(matches!(err, EventError::Json(_)), "{raw:?}: {err:?}");
-            assert_eq!(err.reason(), "malformed");
+            assert_eq!(err.reason().name(), "malformed");
         }
         let cases = [
             (json!({"meta": {"service": "t"}, "data": {"id": "d", "attrs": {}}}), EventError::Field("event")),
@@ -244,7 +287,7 @@ mod tests {
         for (event, expected) in cases {
             let err = interpret(&event).unwrap_err();
             assert_eq!(err, expected, "{event}");
-            assert_eq!(err.reason(), "malformed");
+            assert_eq!(err.reason().name(), "malformed");
         }
     }
 
@@ -269,7 +312,7 @@ mod tests {
             let event = json!({"event": "configure", "meta": {"service": tenant}, "data": {"id": device, "attrs": {}}});
             let err = interpret(&event).unwrap_err();
             assert_eq!(err, EventError::Identity { tenant: tenant.into(), device: device.into(), reason }, "{event}");
-            assert_eq!(err.reason(), "invalid_device");
+            assert_eq!(err.reason().name(), "invalid_device");
         }
     }
 

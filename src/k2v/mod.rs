@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 pub use config::K2vArgs;
-pub use event::{Action, EventError, EventRules};
+pub use event::{Action, EventError, EventRules, SkipReason};
 
 use crate::health::Probe;
 use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received};
@@ -53,27 +53,21 @@ struct K2vMetrics {
     published: Counter,
     acked: Counter,
     resent: Counter,
-    skipped: HashMap<&'static str, Counter>,
+    /// Indexed by [`SkipReason`].
+    skipped: [Counter; SkipReason::ALL.len()],
     in_flight: Gauge,
     lag: Gauge,
 }
 
-/// Every reason a message is completed without a publish.
-const SKIP_REASONS: [&str; 5] = ["not_configure", "remove", "malformed", "invalid_device", "too_large"];
-
 impl K2vMetrics {
     fn new(metrics: &Metrics) -> Self {
-        let skipped = SKIP_REASONS
-            .iter()
-            .map(|reason| {
-                let counter = metrics.counter(
-                    "iotagent_k2v_skipped_total",
-                    "Kafka messages completed without a publish, by reason",
-                    &[("reason", reason)],
-                );
-                (*reason, counter)
-            })
-            .collect();
+        let skipped = SkipReason::ALL.map(|reason| {
+            metrics.counter(
+                "iotagent_k2v_skipped_total",
+                "Kafka messages completed without a publish, by reason",
+                &[("reason", reason.name())],
+            )
+        });
         Self {
             consumed: metrics.counter("iotagent_k2v_consumed_total", "Device-manager events consumed from Kafka", &[]),
             published: metrics.counter("iotagent_k2v_published_total", "Configurations published to devices", &[]),
@@ -93,10 +87,9 @@ impl K2vMetrics {
         }
     }
 
-    fn skip(&self, reason: &'static str) {
-        if let Some(counter) = self.skipped.get(reason) {
-            counter.increment(1);
-        }
+    fn skip(&self, reason: SkipReason) {
+        // `SkipReason::ALL` lists the variants in declaration order.
+        self.skipped[reason as usize].increment(1);
     }
 }
 
@@ -236,7 +229,7 @@ impl Bridge {
                 },
             }
         }
-        // The lag task shares the consumer, whose close waits for every other reference.
+        // The lag task borrows the consumer, whose close waits for every call in progress.
         drop(lag);
         self.stop(acks, drain).await;
     }
@@ -261,19 +254,19 @@ impl Bridge {
             }
             None => {
                 tracing::warn!(topic = %position.topic, offset = position.offset, "K2V event without value skipped");
-                return self.skip(&position, "malformed");
+                return self.skip(&position, SkipReason::Malformed);
             }
         };
         let (topic, payload) = match action {
             Action::Publish { topic, payload } => (topic, Bytes::from(payload)),
             Action::Ignore { event } => {
                 tracing::debug!(event, "K2V event is not a configuration");
-                return self.skip(&position, "not_configure");
+                return self.skip(&position, SkipReason::NotConfigure);
             }
             Action::Remove { tenant, device } => {
                 // Forcing removed devices off is future work (ARCHITECTURE.md §4); the ACL refuses them from now on.
                 tracing::info!(tenant, device, "device removed");
-                return self.skip(&position, "remove");
+                return self.skip(&position, SkipReason::Remove);
             }
         };
         loop {
@@ -285,12 +278,12 @@ impl Bridge {
                 }
                 Err(PublishError::TooLarge(size)) => {
                     tracing::warn!(topic, size, "K2V configuration too large for MQTT; skipped");
-                    return self.skip(&position, "too_large");
+                    return self.skip(&position, SkipReason::TooLarge);
                 }
                 Err(error @ PublishError::InvalidTopic(_)) => {
                     // Device ids exclude topic syntax, so only a misconfiguration gets here.
                     tracing::warn!(%error, "K2V configuration skipped");
-                    return self.skip(&position, "invalid_device");
+                    return self.skip(&position, SkipReason::InvalidDevice);
                 }
                 Err(PublishError::Busy) => {
                     // The request queue is sized above the in-flight bound, so this is brief.
@@ -304,7 +297,7 @@ impl Bridge {
         }
     }
 
-    fn skip(&self, position: &Position, reason: &'static str) -> bool {
+    fn skip(&self, position: &Position, reason: SkipReason) -> bool {
         self.metrics.skip(reason);
         self.consumer.complete(position);
         true

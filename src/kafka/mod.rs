@@ -1,4 +1,5 @@
 //! Kafka clients (rdkafka with its bundled librdkafka). The only module that imports rdkafka.
 
 pub mod consumer;
+mod offsets;
 pub mod producer;

@@ -1,6 +1,8 @@
 //! The service's own MQTT connections to the broker (rumqttc): connection options from configuration, plain with a
 //! password or mutual TLS with the service's certificate (OpenSSL through native-tls).
 
+mod backoff;
+mod book;
 pub mod publisher;
 pub mod subscriber;
 
@@ -47,27 +49,31 @@ pub struct TlsFiles {
 }
 
 impl MqttSettings {
-    /// Splits `mqtt://host:port` / `mqtts://host:port` (`tcp://` and `ssl://` are accepted too).
+    /// Splits `mqtt://host:port` / `mqtts://host:port` (`tcp://` and `ssl://` are accepted too; IPv6 hosts in
+    /// brackets, the port defaults to 1883 / 8883).
     ///
     /// # Errors
-    /// Any other shape.
+    /// Any other shape: another scheme, no host, a bad port, user information, a path, query or fragment.
     pub fn parse_url(url: &str) -> Result<(String, u16, bool), MqttConfigError> {
         let bad = || MqttConfigError::Url(url.to_string());
-        let (scheme, rest) = url.split_once("://").ok_or_else(bad)?;
-        let tls = match scheme {
+        let parsed = url::Url::parse(url).map_err(|_| bad())?;
+        let tls = match parsed.scheme() {
             "mqtt" | "tcp" => false,
             "mqtts" | "ssl" => true,
             _ => return Err(bad()),
         };
-        let rest = rest.trim_end_matches('/');
-        let (host, port) = match rest.rsplit_once(':') {
-            Some((host, port)) => (host, port.parse::<u16>().map_err(|_| bad())?),
-            None => (rest, if tls { 8883 } else { 1883 }),
+        let only_an_address = parsed.username().is_empty()
+            && parsed.password().is_none()
+            && matches!(parsed.path(), "" | "/")
+            && parsed.query().is_none()
+            && parsed.fragment().is_none();
+        let host = match parsed.host() {
+            Some(url::Host::Domain(name)) if !name.is_empty() && only_an_address => name.to_string(),
+            Some(url::Host::Ipv4(ip)) if only_an_address => ip.to_string(),
+            Some(url::Host::Ipv6(ip)) if only_an_address => ip.to_string(),
+            _ => return Err(bad()),
         };
-        if host.is_empty() || host.contains(['/', '@', ' ']) {
-            return Err(bad());
-        }
-        Ok((host.trim_start_matches('[').trim_end_matches(']').to_string(), port, tls))
+        Ok((host, parsed.port().unwrap_or(if tls { 8883 } else { 1883 }), tls))
     }
 
     /// Options for one internal client. `role` makes the client id unique per client; `clean_session` false keeps
@@ -136,7 +142,14 @@ mod tests {
         assert_eq!(MqttSettings::parse_url("mqtts://vernemq").unwrap(), ("vernemq".into(), 8883, true));
         assert_eq!(MqttSettings::parse_url("tcp://127.0.0.1:18831/").unwrap(), ("127.0.0.1".into(), 18831, false));
         assert_eq!(MqttSettings::parse_url("ssl://[::1]:8883").unwrap(), ("::1".into(), 8883, true));
+        assert_eq!(MqttSettings::parse_url("mqtts://[::1]:8883").unwrap(), ("::1".into(), 8883, true));
+        assert_eq!(MqttSettings::parse_url("mqtt://[fe80::1]/").unwrap(), ("fe80::1".into(), 1883, false));
         for bad in ["vernemq:1883", "http://x:1", "mqtt://:1883", "mqtt://x:port", "mqtt://u@x:1", "mqtt://x:70000"] {
+            assert!(MqttSettings::parse_url(bad).is_err(), "{bad}");
+        }
+        for bad in
+            ["mqtt://", "mqtt://x/topic", "mqtt://x?a=1", "mqtt://x#f", "mqtt://u:p@x", "mqtt://[::1", "mqtt://a b"]
+        {
             assert!(MqttSettings::parse_url(bad).is_err(), "{bad}");
         }
     }

@@ -1,7 +1,6 @@
 //! A subscription with manual acknowledgements: each QoS 1 message is acknowledged to the broker only after its
 //! handler finished, in the order the messages arrived, so the broker keeps every message not yet handled.
 
-use std::collections::{BTreeSet, VecDeque};
 use std::future::Future;
 use std::time::Duration;
 
@@ -11,7 +10,9 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use super::MqttSettings;
+use super::backoff::Backoff;
 use crate::health::Probe;
+use crate::ordered::InOrder;
 
 /// A message handed to the handler.
 #[derive(Debug, Clone)]
@@ -22,19 +23,19 @@ pub struct Message {
 
 /// Room in the client's request queue; acknowledgements are small and the broker bounds what it sends unacked.
 const REQUEST_CAPACITY: usize = 10_000;
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Messages received on the current connection, oldest first, until acknowledged.
 struct InOrderAcks {
     connection: u64,
     next: u64,
-    waiting: VecDeque<(u64, Publish)>,
-    done: BTreeSet<u64>,
+    waiting: InOrder<u64, Publish>,
 }
 
 impl InOrderAcks {
     fn new() -> Self {
-        Self { connection: 0, next: 0, waiting: VecDeque::new(), done: BTreeSet::new() }
+        Self { connection: 0, next: 0, waiting: InOrder::default() }
     }
 
     /// A new connection: acknowledgements for messages of the old one would hit unrelated packet ids, and the
@@ -42,32 +43,21 @@ impl InOrderAcks {
     fn reconnected(&mut self) {
         self.connection += 1;
         self.waiting.clear();
-        self.done.clear();
     }
 
     fn received(&mut self, publish: Publish) -> (u64, u64) {
         let seq = self.next;
         self.next += 1;
-        self.waiting.push_back((seq, publish));
+        self.waiting.push(seq, publish);
         (self.connection, seq)
     }
 
     /// Marks a message handled and returns those that can now be acknowledged, in order.
     fn handled(&mut self, connection: u64, seq: u64) -> Vec<Publish> {
-        if connection != self.connection {
+        if connection != self.connection || !self.waiting.complete(seq) {
             return Vec::new();
         }
-        self.done.insert(seq);
-        let mut ready = Vec::new();
-        while let Some((front, _)) = self.waiting.front() {
-            if !self.done.remove(front) {
-                break;
-            }
-            if let Some((_, publish)) = self.waiting.pop_front() {
-                ready.push(publish);
-            }
-        }
-        ready
+        self.waiting.release().map(|(_, publish)| publish).collect()
     }
 
     fn is_empty(&self) -> bool {
@@ -102,7 +92,7 @@ pub async fn run<H, F>(
     let (client, mut eventloop) = super::client(options, REQUEST_CAPACITY);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64)>();
     let mut acks = InOrderAcks::new();
-    let mut backoff = Duration::from_millis(100);
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
 
     loop {
         tokio::select! {
@@ -117,7 +107,7 @@ pub async fn run<H, F>(
             }
             event = eventloop.poll() => match event {
                 Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                    backoff = Duration::from_millis(100);
+                    backoff.reset();
                     tracing::info!(session_present = connack.session_present, %filter, "MQTT subscription connected");
                     if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
                         tracing::error!(error = %e, "cannot subscribe");
@@ -145,12 +135,12 @@ pub async fn run<H, F>(
                 Err(e) => {
                     probe.set(false);
                     acks.reconnected();
-                    tracing::warn!(error = %e, retry_in = ?backoff, "MQTT subscription connection lost");
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %e, retry_in = ?delay, "MQTT subscription connection lost");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
-                        () = tokio::time::sleep(backoff) => {}
+                        () = tokio::time::sleep(delay) => {}
                     }
-                    backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
             },
         }
