@@ -99,6 +99,10 @@ fn json<T: Serialize>(value: &T) -> Body {
     Body::from(serde_json::to_vec(value).unwrap_or_default())
 }
 
+fn refused(error: &'static str) -> Body {
+    json(&Refused { result: ErrorResult { error } })
+}
+
 impl Reply {
     pub fn ok(max_age: Option<u32>) -> Self {
         Reply::Allow { body: AllowBody::Ok, max_age }
@@ -130,16 +134,15 @@ impl Reply {
                 (StatusCode::OK, json(&OkBody { result: "ok", extra: &Empty {} }), max_age)
             }
             Reply::Allow { body: AllowBody::Json(json), max_age } => (StatusCode::OK, Body::from(json), max_age),
-            Reply::Deny(_) => (StatusCode::OK, json(&Refused { result: ErrorResult { error: "not_allowed" } }), None),
+            Reply::Deny(_) => (StatusCode::OK, refused("not_allowed"), None),
             Reply::Notified => (StatusCode::OK, json(&Empty {}), None),
-            Reply::Unavailable(_) => {
-                (StatusCode::OK, json(&Refused { result: ErrorResult { error: outcome.name() } }), None)
-            }
-            Reply::BadRequest(message) => {
-                (StatusCode::BAD_REQUEST, json(&Failure { error: outcome.name(), message: &message }), None)
-            }
-            Reply::Internal(message) => {
-                (StatusCode::INTERNAL_SERVER_ERROR, json(&Failure { error: outcome.name(), message: &message }), None)
+            Reply::Unavailable(_) => (StatusCode::OK, refused(outcome.name()), None),
+            Reply::BadRequest(message) | Reply::Internal(message) => {
+                let status = match outcome {
+                    Outcome::BadRequest => StatusCode::BAD_REQUEST,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                (status, json(&Failure { error: outcome.name(), message: &message }), None)
             }
         };
         let mut response = Response::new(body);
