@@ -608,6 +608,19 @@ async fn fault_service_stopped_aborted_and_killed_mid_stream() {
     }
 }
 
+/// SIGTERM to the service process; its exit status and how long it took to exit (at most `limit`).
+async fn terminate(process: &mut ServiceProcess, limit: Duration) -> (std::process::ExitStatus, Duration) {
+    let signalled = Instant::now();
+    let _ = Command::new("kill").args(["-TERM", &process.child.id().to_string()]).status();
+    loop {
+        if let Some(status) = process.child.try_wait().expect("wait for the service") {
+            return (status, signalled.elapsed());
+        }
+        assert!(signalled.elapsed() < limit, "no exit within {limit:?} of SIGTERM");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// SIGTERM under load (K2V events streaming to devices, V2K publishes through on_publish): the process exits within
 /// SHUTDOWN_TIMEOUT (one budget for every step), the final commit covers every event the broker acknowledged, and
 /// every answered publish is in Kafka.
@@ -650,16 +663,7 @@ async fn sigterm_under_load_exits_within_the_budget_with_everything_acknowledged
         .collect();
     tokio::time::sleep(Duration::from_secs(3)).await;
 
-    let signalled = Instant::now();
-    let _ = Command::new("kill").args(["-TERM", &process.child.id().to_string()]).status();
-    let status = loop {
-        if let Some(status) = process.child.try_wait().expect("wait for the service") {
-            break status;
-        }
-        assert!(signalled.elapsed() < budget * 4, "no exit within {:?} of SIGTERM", budget * 4);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    let took = signalled.elapsed();
+    let (status, took) = terminate(&mut process, budget * 4).await;
     stream.task.abort();
     println!("SIGTERM under load: exited after {took:?} (budget {budget:?})");
     assert!(status.success(), "a clean stop exits 0: {status}");
@@ -705,6 +709,37 @@ async fn sigterm_under_load_exits_within_the_budget_with_everything_acknowledged
     for d in devices {
         d.stop().await;
     }
+}
+
+/// With Kafka gone, the producer's flush and K2V's final commit can never finish: together they still end within
+/// the one SHUTDOWN_TIMEOUT budget (each used to get a full timeout of its own, and the commit could hold the
+/// process after that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_kafka_gone_exits_within_the_budget() {
+    let mut kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic("admin"), 1).await;
+    crate::v2k::create_topics(&kafka, &["admin"]).await;
+    let (mqtt, _device_port) = mosquitto("");
+    // k2v_env's SHUTDOWN_TIMEOUT.
+    let budget = Duration::from_secs(5);
+    let mut process = ServiceProcess::start(&k2v_env(&kafka, &mqtt.url(), "sigterm-kafka-gone"));
+    process.wait_ready().await;
+    kafka.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // QoS 0 publishes are answered once queued: records the flush cannot deliver.
+    let url = format!("http://127.0.0.1:{}/vmq/on_publish", process.port);
+    let http = reqwest::Client::new();
+    let device = "admin:kafka-gone";
+    for n in 0..20 {
+        let body = crate::v2k::publish_body(device, &format!("{device}/attrs"), format!("{{\"n\":{n}}}").as_bytes(), 0);
+        let reply = http.post(&url).header("vernemq-hook", "on_publish").body(body).send().await.expect("on_publish");
+        assert_eq!(reply.status(), 200);
+    }
+    let (status, took) = terminate(&mut process, budget * 4).await;
+    println!("SIGTERM with Kafka gone: exited after {took:?} (budget {budget:?})");
+    assert!(status.success(), "the stop is clean even when it cannot flush: {status}");
+    // The process's own exit (dropping the Kafka clients) comes after the budget's last step.
+    assert!(took <= budget + Duration::from_millis(1500), "the stop took {took:?}, over the {budget:?} budget");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
