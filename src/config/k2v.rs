@@ -1,10 +1,14 @@
-//! K2V options (flags and environment variables, dojot's names where dojot had one).
+//! K2V options (flags and environment variables, dojot's names where dojot had one), validated into [`K2vSettings`].
 
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 
-use crate::config::ConfigError;
+use super::{ConfigError, kafka_topic_part};
+use crate::k2v::{EventRules, K2vSettings, ROLE};
+use crate::kafka::consumer::ConsumerSettings;
+use crate::mqtt::MqttSettings;
+use crate::policy::PolicyConfig;
 
 /// Commands to devices: Kafka device-manager events → the service's MQTT client → `<tenant>:<device>/config`.
 #[derive(Debug, Clone, clap::Args)]
@@ -60,40 +64,57 @@ impl K2vArgs {
     /// # Errors
     /// A suffix that is not a plain Kafka topic part.
     pub fn topic_pattern(&self) -> Result<String, ConfigError> {
-        let suffix = &self.k2v_topic_suffix;
-        if suffix.is_empty() || suffix.contains(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c))) {
-            return Err(ConfigError {
-                variable: "K2V_MESSENGER_CONSUME_TOPIC_SUFFIX",
-                problem: format!("{suffix:?} must be a non-empty Kafka topic part ([A-Za-z0-9._-])"),
-            });
-        }
-        Ok(format!("^.+\\.{}$", suffix.replace('.', "\\.")))
+        kafka_topic_part("K2V_MESSENGER_CONSUME_TOPIC_SUFFIX", &self.k2v_topic_suffix)?;
+        Ok(format!("^.+\\.{}$", self.k2v_topic_suffix.replace('.', "\\.")))
     }
 
-    pub fn metadata_refresh(&self) -> Duration {
-        Duration::from_millis(self.k2v_metadata_refresh_ms)
+    /// K2V's settings for these brokers, or `None` when K2V_ENABLED is off. Devices' ids and their configuration
+    /// topic follow the policy.
+    ///
+    /// # Errors
+    /// An invalid K2V option.
+    pub fn settings(
+        &self,
+        brokers: &str,
+        mqtt: MqttSettings,
+        policy: &PolicyConfig,
+    ) -> Result<Option<K2vSettings>, ConfigError> {
+        if !self.k2v_enabled {
+            return Ok(None);
+        }
+        let consumer = ConsumerSettings {
+            brokers: brokers.to_string(),
+            group_id: self.k2v_consumer_group.clone(),
+            client_id: format!("{}-{ROLE}", mqtt.client_id),
+            topic_pattern: self.topic_pattern()?,
+            commit_interval: Duration::from_millis(self.k2v_commit_interval_ms),
+            session_timeout: Duration::from_millis(self.k2v_session_timeout_ms),
+            metadata_refresh: Duration::from_millis(self.k2v_metadata_refresh_ms),
+            auto_offset_reset: self.k2v_auto_offset_reset.clone(),
+            stats_interval: Duration::from_millis(self.k2v_stats_interval_ms),
+        };
+        Ok(Some(K2vSettings {
+            rules: EventRules { id_charset: policy.id_charset.clone(), config_suffix: policy.config_suffix.clone() },
+            retain: self.k2v_retain,
+            max_in_flight: self.k2v_max_in_flight,
+            lag_interval: Duration::from_millis(self.k2v_lag_interval_ms),
+            consumer,
+            mqtt,
+        }))
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use clap::Parser;
+    use super::super::parse;
 
-    use super::*;
-
-    #[derive(Parser)]
-    struct Cli {
-        #[command(flatten)]
-        k2v: K2vArgs,
-    }
-
-    fn parse(args: &[&str]) -> K2vArgs {
-        Cli::try_parse_from(std::iter::once("t").chain(args.iter().copied())).unwrap().k2v
+    fn settings(args: &[&str]) -> Result<Option<super::K2vSettings>, super::ConfigError> {
+        parse(args).unwrap().settings().map(|s| s.k2v)
     }
 
     #[test]
     fn defaults_are_dojots() {
-        let k = parse(&[]);
+        let k = parse(&[]).unwrap().k2v;
         assert!(k.k2v_enabled);
         assert_eq!(k.k2v_consumer_group, "k2v-bridge-group-id");
         assert!(!k.k2v_retain);
@@ -102,10 +123,29 @@ mod tests {
 
     #[test]
     fn suffix_is_checked_and_escaped() {
-        assert_eq!(parse(&["--k2v-topic-suffix", "cmd"]).topic_pattern().unwrap(), r"^.+\.cmd$");
+        let pattern = |suffix| parse(&["--k2v-topic-suffix", suffix]).unwrap().k2v.topic_pattern();
+        assert_eq!(pattern("cmd").unwrap(), r"^.+\.cmd$");
         for bad in ["", "a*b", "a b", "x$", "(a)"] {
-            let err = parse(&["--k2v-topic-suffix", bad]).topic_pattern().unwrap_err();
-            assert_eq!(err.variable, "K2V_MESSENGER_CONSUME_TOPIC_SUFFIX");
+            assert_eq!(pattern(bad).unwrap_err().variable, "K2V_MESSENGER_CONSUME_TOPIC_SUFFIX");
         }
+    }
+
+    #[test]
+    fn runs_only_with_both_brokers_and_not_disabled() {
+        let both = ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--mqtt-client-id", "gw1"];
+        let on = settings(&both).unwrap().expect("K2V on");
+        assert_eq!(on.consumer.topic_pattern, r"^.+\.dojot\.device-manager\.device$");
+        assert_eq!(on.consumer.group_id, "k2v-bridge-group-id");
+        assert_eq!(on.consumer.client_id, "gw1-k2v");
+        assert_eq!(on.rules.config_suffix, "config");
+        assert!(!on.retain);
+        assert!(settings(&both[..2]).unwrap().is_none(), "no MQTT_URL");
+        assert!(settings(&both[2..]).unwrap().is_none(), "no KAFKA_BROKERS");
+        let off = [&both[..], &["--k2v-enabled", "off"]].concat();
+        assert!(settings(&off).unwrap().is_none(), "K2V_ENABLED=off");
+        let bad = [&both[..], &["--k2v-topic-suffix", "a b"]].concat();
+        assert_eq!(settings(&bad).unwrap_err().variable, "K2V_MESSENGER_CONSUME_TOPIC_SUFFIX");
+        let suffix = [&both[..], &["--config-suffix", "cmd"]].concat();
+        assert_eq!(settings(&suffix).unwrap().unwrap().rules.config_suffix, "cmd");
     }
 }
