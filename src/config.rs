@@ -139,7 +139,8 @@ pub struct MqttArgs {
 /// How device publishes reach Kafka (ARCHITECTURE.md §3, §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum V2kMode {
-    /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS).
+    /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS), but
+    /// VerneMQ sends it whatever the hook answers, so a service outage loses acknowledged data.
     #[value(name = "on_publish")]
     OnPublish,
     /// Produce inside auth_on_publish and refuse the publish when Kafka does not ack: end-to-end at-least-once.
@@ -153,8 +154,9 @@ pub enum V2kMode {
 /// Device data into Kafka.
 #[derive(Debug, Clone, clap::Args)]
 pub struct V2kArgs {
-    /// on_publish | auth_on_publish (strict) | subscription.
-    #[arg(long, env = "V2K_MODE", value_enum, default_value_t = V2kMode::OnPublish)]
+    /// auth_on_publish (strict: nothing acknowledged is lost) | on_publish (loses acknowledged data while the
+    /// service is down) | subscription.
+    #[arg(long, env = "V2K_MODE", value_enum, default_value_t = V2kMode::AuthOnPublish)]
     pub v2k_mode: V2kMode,
 
     /// on_publish mode: refuse device publishes in auth_on_publish while Kafka is unhealthy (no cache header then).
