@@ -13,8 +13,9 @@ use crate::v2k::{Contract, Mode, V2kSettings};
 /// Device data into Kafka.
 #[derive(Debug, Clone, clap::Args)]
 pub struct V2kArgs {
-    /// on_publish | auth_on_publish (strict) | subscription.
-    #[arg(long, env = "V2K_MODE", value_enum, default_value_t = Mode::OnPublish)]
+    /// auth_on_publish (strict: nothing acknowledged is lost) | on_publish (loses acknowledged data while the
+    /// service is down) | subscription.
+    #[arg(long, env = "V2K_MODE", value_enum, default_value_t = Mode::AuthOnPublish)]
     pub v2k_mode: Mode,
 
     /// on_publish mode: refuse device publishes in auth_on_publish while Kafka is unhealthy (no cache header then).
@@ -124,7 +125,7 @@ mod tests {
     #[test]
     fn defaults() {
         let p = parts(&[]).unwrap();
-        assert_eq!(p.settings.mode, Mode::OnPublish);
+        assert_eq!(p.settings.mode, Mode::AuthOnPublish); // strict: nothing acknowledged is lost
         assert_eq!(p.settings.contract.topic_suffix, "device-data");
         assert_eq!(p.settings.gate_max_queue, None);
         assert_eq!(p.producer.client_id, "iotagent-mqtt");

@@ -19,7 +19,8 @@ use crate::policy::DeviceId;
 /// How device publishes reach Kafka (ARCHITECTURE.md §3, §5).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Mode {
-    /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS).
+    /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS), but
+    /// VerneMQ sends it whatever the hook answers, so a service outage loses acknowledged data.
     #[value(name = "on_publish")]
     OnPublish,
     /// Produce inside auth_on_publish and refuse the publish when Kafka does not ack: end-to-end at-least-once.
@@ -152,6 +153,12 @@ const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 impl V2k {
     pub fn new(producer: Producer, settings: V2kSettings, metrics: &Metrics) -> Self {
+        if settings.mode == Mode::OnPublish {
+            tracing::warn!(
+                "V2K_MODE=on_publish: VerneMQ acknowledges device publishes whatever on_publish answers, so while this \
+                 service is down or restarting acknowledged data is lost; V2K_MODE=auth_on_publish (strict) loses none"
+            );
+        }
         Self { producer, settings, metrics: Arc::new(V2kMetrics::new(metrics)) }
     }
 

@@ -14,7 +14,11 @@ pub struct ServiceProcess {
 impl ServiceProcess {
     /// Starts the binary with only these environment variables (plus its listen address and text logs at `warn`).
     pub fn start(env: &[(&str, String)]) -> Self {
-        let port = free_port();
+        Self::start_on(free_port(), env)
+    }
+
+    /// Starts the binary on a given port: a restart where VerneMQ would call the same endpoint again.
+    pub fn start_on(port: u16, env: &[(&str, String)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
             .env_clear()
             .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))

@@ -255,3 +255,62 @@ pub fn check_tls_files(conf: &Conf, compose: &Compose, pki_output: &Path) -> Res
     }
     result(problems)
 }
+
+/// VerneMQ waits this long for a webhook reply when `response_timeout` is not set.
+const VERNEMQ_RESPONSE_TIMEOUT_MS: u64 = 5000;
+
+/// A setting of the service as compose runs it: its environment there, else the binary's default.
+pub fn service_setting(compose: &Compose, variable: &str) -> Option<String> {
+    let from_compose = compose.agent().and_then(|agent| compose.env(agent).get(variable).cloned());
+    from_compose.or_else(|| {
+        use clap::CommandFactory as _;
+        let command = iotagent_mqtt::Config::command();
+        let arg = command.get_arguments().find(|a| a.get_env().is_some_and(|e| e == variable))?;
+        arg.get_default_values().first().map(|v| v.to_string_lossy().into_owned())
+    })
+}
+
+/// vernemq.conf registers what the V2K mode needs and nothing more: strict mode (`auth_on_publish`) produces inside
+/// `auth_on_publish(_m5)` and must not also pay for `on_publish(_m5)`; `on_publish` mode needs both of those; and the
+/// hooks that wait for Kafka's ack give the service longer than `V2K_ACK_TIMEOUT_MS`, so VerneMQ does not refuse a
+/// message the service is about to confirm.
+pub fn check_v2k_hooks(conf: &Conf, mode: &str, ack_timeout_ms: u64) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    let hooks = conf.webhooks();
+    let registered = |hook: &str| hooks.contains_key(hook);
+    let (waiting, unwanted): (&[&str], &[&str]) = match mode {
+        "auth_on_publish" => (&["auth_on_publish", "auth_on_publish_m5"], &["on_publish", "on_publish_m5"]),
+        "on_publish" => (&["on_publish", "on_publish_m5"], &[]),
+        "subscription" => (&[], &["on_publish", "on_publish_m5"]),
+        other => return Err(vec![format!("unknown V2K_MODE {other:?}")]),
+    };
+    for hook in waiting {
+        if !registered(hook) {
+            problems.push(format!("V2K_MODE={mode} needs {hook}, which vernemq.conf does not register"));
+            continue;
+        }
+        let timeout = hooks[*hook].get("response_timeout").map_or(Ok(VERNEMQ_RESPONSE_TIMEOUT_MS), |t| t.parse());
+        match timeout {
+            Ok(timeout) if timeout > ack_timeout_ms => {}
+            Ok(timeout) => problems.push(format!(
+                "vmq_webhooks.{hook}.response_timeout = {timeout} ms is not above V2K_ACK_TIMEOUT_MS = {ack_timeout_ms} \
+                 ms: VerneMQ would give up on replies that wait for Kafka's ack"
+            )),
+            Err(e) => problems.push(format!("vmq_webhooks.{hook}.response_timeout: {e}")),
+        }
+    }
+    for hook in unwanted {
+        if registered(hook) {
+            problems
+                .push(format!("V2K_MODE={mode} does not use {hook}; registering it costs a webhook call per message"));
+        }
+    }
+    result(problems)
+}
+
+/// The V2K mode and ack deadline compose runs the service with.
+pub fn v2k_settings(compose: &Compose) -> (String, u64) {
+    let mode = service_setting(compose, "V2K_MODE").expect("V2K_MODE has a default");
+    let ack = service_setting(compose, "V2K_ACK_TIMEOUT_MS").and_then(|v| v.parse().ok()).expect("numeric ack timeout");
+    (mode, ack)
+}

@@ -1,10 +1,11 @@
 //! `compose.yaml`, `vernemq.conf` and the plugin fragments agree, and every check fails on a broken copy of them.
 
 use super::checks::{
-    check_fragments, check_ports, check_service_endpoints, check_start_order, check_tls_files, check_webhooks,
+    check_fragments, check_ports, check_service_endpoints, check_start_order, check_tls_files, check_v2k_hooks,
+    check_webhooks, v2k_settings,
 };
 use super::parse::{Compose, Conf};
-use super::{compose, conf, fragments, read, run_pki};
+use super::{compose, conf, fragments, opt_in_fragments, read, run_pki};
 
 #[test]
 fn compose_and_vernemq_conf_agree() {
@@ -16,10 +17,28 @@ fn compose_and_vernemq_conf_agree() {
         check_ports(&conf, &compose),
         check_service_endpoints(&conf, &compose),
         check_start_order(&compose),
+        {
+            let (mode, ack_timeout_ms) = v2k_settings(&compose);
+            check_v2k_hooks(&conf, &mode, ack_timeout_ms)
+        },
     ] {
         problems.extend(check.err().unwrap_or_default());
     }
     assert!(problems.is_empty(), "deployment files disagree:\n{}", problems.join("\n"));
+}
+
+/// Strict mode is what ships; the opt-in on_publish fragment is what that mode needs on top of the shipped file.
+#[test]
+fn strict_mode_ships_and_on_publish_is_opt_in() {
+    let (conf_text, compose) = (read("vernemq.conf"), compose());
+    let (mode, ack_timeout_ms) = v2k_settings(&compose);
+    assert_eq!(mode, "auth_on_publish", "compose runs the strict mode (V2K_MODE or the binary's default)");
+    let (file, _) = &opt_in_fragments()[0];
+    let with_on_publish = Conf::parse(&format!("{conf_text}\n{}", read(file))).unwrap();
+    assert!(check_webhooks(&with_on_publish, &compose).is_ok(), "{file} registers hooks the service serves");
+    assert!(check_v2k_hooks(&with_on_publish, "on_publish", ack_timeout_ms).is_ok(), "{file} fits on_publish mode");
+    assert!(check_v2k_hooks(&with_on_publish, "auth_on_publish", ack_timeout_ms).is_err(), "strict pays once");
+    assert!(check_v2k_hooks(&conf(), "on_publish", ack_timeout_ms).is_err(), "on_publish mode needs the fragment");
 }
 
 /// Each check fails on a broken copy of the real files.
@@ -48,6 +67,20 @@ fn checks_catch_broken_inputs() {
     ] {
         assert!(check_webhooks(&broken_conf(extra), &compose).is_err(), "check_webhooks passed with {extra:?}");
     }
+    let (mode, ack_timeout_ms) = v2k_settings(&compose);
+    for extra in [
+        "vmq_webhooks.auth_on_publish.response_timeout = 2000",
+        "vmq_webhooks.auth_on_publish_m5.response_timeout = 4000",
+        "vmq_webhooks.on_publish_m5.hook = on_publish_m5\nvmq_webhooks.on_publish_m5.endpoint = http://iotagent-mqtt:8080/vmq/on_publish_m5",
+    ] {
+        assert!(check_v2k_hooks(&broken_conf(extra), &mode, ack_timeout_ms).is_err(), "passed with {extra:?}");
+    }
+    let slower =
+        broken_compose("KAFKA_BROKERS: kafka:9092", "KAFKA_BROKERS: kafka:9092\n      V2K_ACK_TIMEOUT_MS: \"4900\"");
+    let (_, slower_ack) = v2k_settings(&slower);
+    assert!(check_v2k_hooks(&conf, &mode, slower_ack).is_ok(), "4900 ms is still under 5000 ms");
+    assert!(check_v2k_hooks(&conf, &mode, 5000).is_err());
+
     let moved = broken_compose("IOTAGENT_LISTEN: 0.0.0.0:8080", "IOTAGENT_LISTEN: 0.0.0.0:8081");
     assert!(check_webhooks(&conf, &moved).is_err());
 

@@ -30,8 +30,18 @@ fn compose() -> Compose {
     Compose::parse(&read("compose.yaml")).unwrap()
 }
 
+/// The plugin fragments that the shipped vernemq.conf contains.
 fn fragments() -> Vec<(String, Conf)> {
-    ["acl", "lifetime", "v2k"]
+    plugin_fragments(&["acl", "lifetime"])
+}
+
+/// Fragments an operator adds by choice: `v2k` (the `on_publish` mode).
+fn opt_in_fragments() -> Vec<(String, Conf)> {
+    plugin_fragments(&["v2k"])
+}
+
+fn plugin_fragments(plugins: &[&str]) -> Vec<(String, Conf)> {
+    plugins
         .iter()
         .map(|p| {
             let file = format!("plugins-http/{p}/vernemq.conf");

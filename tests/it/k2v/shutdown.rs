@@ -19,6 +19,7 @@ async fn sigterm_under_load_exits_within_the_budget_with_everything_acknowledged
     let mut env = k2v_env(&kafka, &mqtt.url(), group);
     // QoS 0 publishes are answered at once: the linger keeps them in the producer until the flush at shutdown.
     env.push(("KAFKA_LINGER_MS", "300".into()));
+    env.push(("V2K_MODE", "on_publish".into()));
 
     let stream = stream(&kafka, 250);
     let mut process = ServiceProcess::start(&env);
@@ -104,7 +105,9 @@ async fn sigterm_with_kafka_gone_exits_within_the_budget() {
     let (mqtt, _device_port) = mosquitto("");
     // k2v_env's SHUTDOWN_TIMEOUT.
     let budget = Duration::from_secs(5);
-    let mut process = ServiceProcess::start(&k2v_env(&kafka, &mqtt.url(), "sigterm-kafka-gone"));
+    let mut env = k2v_env(&kafka, &mqtt.url(), "sigterm-kafka-gone");
+    env.push(("V2K_MODE", "on_publish".into()));
+    let mut process = ServiceProcess::start(&env);
     process.wait_ready().await;
     kafka.stop();
     tokio::time::sleep(Duration::from_millis(500)).await;

@@ -1,6 +1,7 @@
 //! Device data into Kafka against a real Kafka-protocol broker (tansu) and, in subscription mode, Mosquitto.
 //! Subscription mode and the tests that run the service as a separate process are in `subscription.rs`.
 
+mod strict;
 mod subscription;
 
 use std::collections::BTreeMap;
@@ -33,8 +34,13 @@ pub async fn create_topics(kafka: &Tansu, tenants: &[&str]) {
     }
 }
 
+/// The service with Kafka, in `on_publish` mode unless `extra` names another `V2K_MODE` (the webhook-mode tests
+/// here call `on_publish`; strict mode is the binary's default).
 async fn v2k_app(kafka: &Tansu, extra: &[(&str, &str)]) -> TestApp {
     let mut env = vec![("KAFKA_BROKERS", kafka.brokers()), ("V2K_DELIVERY_TIMEOUT_MS", "60000".to_string())];
+    if !extra.iter().any(|(k, _)| *k == "V2K_MODE") {
+        env.push(("V2K_MODE", "on_publish".to_string()));
+    }
     env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = spawn_app(&flags(&env)).await;

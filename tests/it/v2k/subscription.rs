@@ -137,6 +137,7 @@ async fn sigterm_mid_stream_flushes_every_answered_publish() {
         ("KAFKA_BROKERS", kafka.brokers()),
         ("KAFKA_LINGER_MS", "500".to_string()),
         ("MQTT_USERNAME", "k2v-bridge".to_string()),
+        ("V2K_MODE", "on_publish".to_string()),
     ]);
     service.wait_ready().await;
     let url = format!("http://127.0.0.1:{}/vmq/on_publish", service.port);
