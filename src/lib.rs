@@ -23,6 +23,7 @@ pub mod k2v;
 pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
+pub mod pki;
 pub mod policy;
 pub mod schedule;
 pub mod secret;
