@@ -9,13 +9,15 @@
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
 //!   health check (`iotagent-mqtt healthcheck`).
-//! - [`config`]: flags and environment variables; [`secret`]: values kept out of logs; [`app`]: start and stop order.
+//! - [`pki`]: the development CA, its HTTP API and certificate upkeep (`iotagent-mqtt pki`).
+//! - [`config`] ([`config_pki`]): flags and environment variables; [`secret`]: values kept out of logs; [`app`]: start and stop order.
 
 #![forbid(unsafe_code)]
 
 pub mod app;
 pub mod cert;
 pub mod config;
+pub mod config_pki;
 pub mod health;
 pub mod healthcheck;
 pub mod http;

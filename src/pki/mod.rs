@@ -1,7 +1,11 @@
 //! The development PKI (DESIGN §7): a CA kept in `PKI_DIR`, the broker's and the service's certificates, device
 //! certificates signed from CSRs, revocation and the CRL VerneMQ reads; `iotagent-mqtt pki` and an HTTP API use it.
 
+mod api;
+pub mod cli;
 mod store;
+mod upkeep;
+mod users;
 mod x509;
 
 use std::path::PathBuf;
@@ -9,7 +13,10 @@ use std::time::Duration;
 
 use crate::policy::IdCharset;
 
+pub use api::{ApiSettings, MAX_BODY_BYTES, serve};
 pub use store::{IssuedCert, Role, Store};
+pub use upkeep::{Upkeep, UpkeepSettings, start as start_upkeep};
+pub use users::{Users, UsersError};
 
 /// What the CA store needs, validated (from `PKI_*` settings, `MQTT_USERNAME` and `DEVICE_ID_CHARS`).
 #[derive(Debug, Clone)]
@@ -72,6 +79,8 @@ pub enum PkiError {
         #[source]
         source: std::io::Error,
     },
+    #[error("token key: {0}")]
+    Token(String),
     #[error("openssl: {0}")]
     Crypto(#[from] openssl::error::ErrorStack),
     #[error("the index {path} is corrupt: {problem}")]
