@@ -135,7 +135,13 @@ async fn json_body<T: DeserializeOwned>(body: Body) -> Result<T, ApiError> {
     let bytes = axum::body::to_bytes(body, MAX_BODY_BYTES)
         .await
         .map_err(|_| ApiError(StatusCode::PAYLOAD_TOO_LARGE, format!("the body exceeds {MAX_BODY_BYTES} bytes")))?;
-    serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
+    let value: serde_json::Value =
+        serde_json::from_slice(&bytes).map_err(|e| bad_request(format!("invalid JSON body: {e}")))?;
+    // serde would also fill a struct from an array; the seed's bodies are objects.
+    if !value.is_object() {
+        return Err(bad_request("the body must be a JSON object"));
+    }
+    serde_json::from_value(value).map_err(|e| bad_request(format!("invalid JSON body: {e}")))
 }
 
 fn path<T>(extracted: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
