@@ -23,6 +23,8 @@ use crate::webhooks::HookState;
 #[derive(Debug)]
 pub struct Listeners {
     pub http: TcpListener,
+    /// The PKI API's (PKI_LISTEN), when set.
+    pub pki: Option<TcpListener>,
 }
 
 impl Listeners {
@@ -34,7 +36,13 @@ impl Listeners {
         let http = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (IOTAGENT_LISTEN)", config.listen))?;
-        Ok(Self { http })
+        let pki = match config.pki.pki_listen {
+            Some(address) => Some(
+                TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} (PKI_LISTEN)"))?,
+            ),
+            None => None,
+        };
+        Ok(Self { http, pki })
     }
 }
 
@@ -95,6 +103,19 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     });
 
+    // The PKI (API and certificate upkeep) runs where PKI_LISTEN is set; `_pki_upkeep.service_renewed` is the hook
+    // for reloading the internal MQTT clients' certificate.
+    let _pki_upkeep = match (settings.pki, listeners.pki) {
+        (Some(pki), Some(listener)) => {
+            let store = Arc::new(crate::pki::Store::new(pki.store));
+            let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
+            tasks.spawn(async move {
+                let _ = server.await;
+            });
+            Some(crate::pki::start_upkeep(store, pki.upkeep, shutdown.clone()))
+        }
+        _ => None,
+    };
     let address = listeners.http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
     // K2V starts once the webhook listener is up: the broker authorises the service's connection through it.

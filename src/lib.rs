@@ -9,6 +9,7 @@
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
 //!   health check (`iotagent-mqtt healthcheck`).
+//! - [`pki`]: the development CA, its HTTP API and certificate upkeep (`iotagent-mqtt pki`).
 //! - [`config`]: flags and environment variables, translated into each module's settings (the top layer, with
 //!   [`app`]: start and stop order); [`shutdown`]: the shutdown budget; [`secret`]: values kept out of logs.
 
@@ -25,6 +26,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod mqtt;
 pub mod ordered;
+pub mod pki;
 pub mod policy;
 pub mod schedule;
 pub mod secret;

@@ -1,12 +1,15 @@
 use std::process::ExitCode;
 
-use iotagent_mqtt::{Config, Listeners, healthcheck, telemetry};
+use iotagent_mqtt::{Config, Listeners, config, healthcheck, pki, telemetry};
 use tokio_util::sync::CancellationToken;
 
 fn main() -> ExitCode {
     // Not a clap subcommand: `iotagent-mqtt healthcheck` must not need (or validate) the service's configuration.
     if std::env::args_os().nth(1).is_some_and(|arg| arg == healthcheck::COMMAND) {
         return healthcheck::run();
+    }
+    if std::env::args_os().nth(1).is_some_and(|arg| arg == pki::cli::COMMAND) {
+        return config::pki::cli(std::env::args_os().skip(1));
     }
     service()
 }

@@ -1,10 +1,11 @@
 //! Configuration from command-line flags and environment variables, validated before anything starts.
 //!
-//! The top layer: each part (`policy`, `webhooks`, `mqtt`, `v2k`, `k2v`) is a clap `Args` struct with the function
+//! The top layer: each part (`policy`, `webhooks`, `mqtt`, `v2k`, `k2v`, `pki`) is a clap `Args` struct with the function
 //! that validates it into the owning module's settings type. Nothing below `app` imports this module.
 
 mod k2v;
 mod mqtt;
+pub mod pki;
 mod policy;
 mod v2k;
 mod webhooks;
@@ -16,6 +17,7 @@ use clap::{CommandFactory, Parser};
 
 pub use self::k2v::K2vArgs;
 pub use self::mqtt::MqttArgs;
+pub use self::pki::{PkiArgs, PkiParts};
 pub use self::policy::PolicyArgs;
 pub use self::v2k::{V2kArgs, V2kParts};
 pub use self::webhooks::WebhookArgs;
@@ -62,6 +64,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub k2v: K2vArgs,
+
+    #[command(flatten)]
+    pub pki: PkiArgs,
 }
 
 /// A configuration value that cannot work, naming the variable to fix.
@@ -95,6 +100,8 @@ pub struct Settings {
     pub v2k: Option<V2kParts>,
     /// K2V, when KAFKA_BROKERS and MQTT_URL are set and K2V_ENABLED is on.
     pub k2v: Option<K2vSettings>,
+    /// The PKI's API and upkeep, when PKI_LISTEN is set.
+    pub pki: Option<PkiParts>,
     /// The whole shutdown's budget.
     pub shutdown_timeout: Duration,
 }
@@ -131,8 +138,10 @@ impl Config {
             (Some(brokers), Some(mqtt)) => self.k2v.settings(brokers, mqtt, &policy)?,
             _ => None,
         };
+        let pki = self.pki.parts(&self.policy.mqtt_username, policy.id_charset.clone())?;
         Ok(Settings {
             cache: self.webhooks.cache(),
+            pki,
             max_body_bytes: self.webhooks.webhook_max_body_bytes,
             policy,
             v2k,

@@ -160,9 +160,10 @@ pub fn check_service_endpoints(conf: &Conf, compose: &Compose) -> Result<(), Pro
     }
     let username = env.get("MQTT_USERNAME").map_or("k2v-bridge", String::as_str);
     if let Some(pki) = compose.pki() {
-        let cn = compose.env(pki).get("SERVICE_CN").cloned();
+        let cn = compose.env(pki).get("MQTT_USERNAME").cloned();
         if cn.as_deref() != Some(username) {
-            problems.push(format!("{pki}: SERVICE_CN {cn:?} is not the service's MQTT_USERNAME {username}"));
+            problems
+                .push(format!("{pki}: MQTT_USERNAME {cn:?} (its CN) is not the service's MQTT_USERNAME {username}"));
         }
     }
     result(problems)
@@ -250,7 +251,7 @@ pub fn check_tls_files(conf: &Conf, compose: &Compose, pki_output: &Path) -> Res
         }
         let file = Path::new(&path).file_name().map(PathBuf::from).unwrap_or_default();
         if !pki_output.join(&file).is_file() {
-            problems.push(format!("{key} = {path}: deploy/pki-bootstrap.sh does not produce {}", file.display()));
+            problems.push(format!("{key} = {path}: `iotagent-mqtt pki init` does not produce {}", file.display()));
         }
     }
     result(problems)

@@ -98,7 +98,10 @@ fn checks_catch_broken_inputs() {
         ("MQTT_URL: mqtts://vernemq:8883", "MQTT_URL: mqtts://vernemq:1883"),
         ("MQTT_URL: mqtts://vernemq:8883", "MQTT_URL: mqtt://vernemq:8883"),
         ("MQTT_URL: mqtts://vernemq:8883", "MQTT_URL: mqtts://broker:8883"),
-        ("SERVICE_CN: k2v-bridge", "SERVICE_CN: other"),
+        (
+            "its MQTT_USERNAME below.\n      MQTT_USERNAME: k2v-bridge",
+            "its MQTT_USERNAME below.\n      MQTT_USERNAME: other",
+        ),
         ("      MQTT_KEY_FILE: /tls/service.key\n", ""),
     ] {
         assert!(check_service_endpoints(&conf, &broken_compose(from, to)).is_err(), "passed with {to:?}");

@@ -1,6 +1,6 @@
 //! The deployment files agree with each other and with the service, without Docker: `compose.yaml` and
-//! `vernemq.conf` are parsed (`parse`) and cross-checked (`checks`, tests in `compose`), `deploy/pki-bootstrap.sh`
-//! runs into a temporary directory (`pki`; it needs the openssl command line), and the webhook endpoints and the
+//! `vernemq.conf` are parsed (`parse`) and cross-checked (`checks`, tests in `compose`), `iotagent-mqtt pki init`
+//! (the built binary) runs into a temporary directory (`pki`), and the webhook endpoints and the
 //! binary's `healthcheck` mode are called on a running service (`service`).
 
 mod checks;
@@ -51,15 +51,17 @@ fn plugin_fragments(plugins: &[&str]) -> Vec<(String, Conf)> {
         .collect()
 }
 
-/// Runs deploy/pki-bootstrap.sh with the PKI step's compose environment, its folders moved under `dir`.
+/// Runs `iotagent-mqtt pki <args>` (the built binary, as the compose step does) with the PKI step's compose
+/// environment, its PKI_DIR moved to `dir/pki`.
 fn run_pki(compose: &Compose, dir: &Path, args: &[&str]) -> std::process::Output {
-    crate::common::brokers::binary("openssl");
-    let pki = compose.pki().expect("pki step");
-    let mut command = Command::new("sh");
-    command.arg(repo().join("deploy/pki-bootstrap.sh")).args(args);
-    command.envs(compose.env(pki));
-    command.env("PKI_DIR", dir.join("pki")).env("CA_DIR", dir.join("ca"));
-    let output = command.output().expect("run sh deploy/pki-bootstrap.sh (needs the openssl command)");
-    assert!(output.status.success(), "pki-bootstrap.sh {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
+    let output = pki_command(compose, dir, args).output().expect("run iotagent-mqtt pki");
+    assert!(output.status.success(), "pki {args:?} failed: {}", String::from_utf8_lossy(&output.stderr));
     output
+}
+
+fn pki_command(compose: &Compose, dir: &Path, args: &[&str]) -> Command {
+    let pki = compose.pki().expect("pki step");
+    let mut command = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"));
+    command.arg("pki").args(args).env_clear().envs(compose.env(pki)).env("PKI_DIR", dir.join("pki"));
+    command
 }

@@ -173,11 +173,14 @@ impl Compose {
         self.services().into_iter().find(|s| self.service(s).is_some_and(|v| v.get("build").is_some()))
     }
 
-    /// The one-shot PKI step: the service that runs deploy/pki-bootstrap.sh.
+    /// The one-shot PKI step: the service whose entrypoint is `iotagent-mqtt pki`.
     pub fn pki(&self) -> Option<&str> {
-        self.services()
-            .into_iter()
-            .find(|s| self.mounts(s).iter().any(|(source, _)| source.ends_with("deploy/pki-bootstrap.sh")))
+        self.services().into_iter().find(|s| {
+            self.service(s)
+                .and_then(|v| v.get("entrypoint"))
+                .and_then(|e| e.as_sequence())
+                .is_some_and(|e| e.iter().filter_map(|a| a.as_str()).collect::<Vec<_>>() == ["iotagent-mqtt", "pki"])
+        })
     }
 }
 

@@ -1,12 +1,10 @@
-//! `deploy/pki-bootstrap.sh` (run with the openssl command line, as the compose `pki` step does) produces what the
-//! broker and the service read, and signs and revokes a device as the README shows.
-
-use std::process::Command;
+//! `iotagent-mqtt pki` (the built binary, as the compose `pki` step runs it) produces what the broker and the
+//! service read, and signs and revokes a device as the README shows.
 
 use openssl::x509::{X509, X509Crl};
 
 use super::checks::check_tls_files;
-use super::{compose, conf, repo, run_pki};
+use super::{compose, conf, pki_command, run_pki};
 
 #[test]
 fn pki_bootstrap_produces_what_broker_and_service_read() {
@@ -47,6 +45,17 @@ fn pki_bootstrap_produces_what_broker_and_service_read() {
     assert!(crl.verify(&ca_key).unwrap(), "CRL signed by the CA");
     assert!(crl.get_revoked().is_none_or(|r| r.is_empty()), "nothing revoked yet");
 
+    // Keys are private, and (run as root, as the compose step is) owned by their readers: VerneMQ, the service.
+    use std::os::unix::fs::MetadataExt as _;
+    let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
+    for (key, uid) in [("server.key", 10000), ("service.key", 10001), ("ca/ca.key", 10001)] {
+        let meta = std::fs::metadata(out.join(key)).unwrap();
+        assert_eq!(meta.mode() & 0o777, 0o600, "{key}");
+        if root {
+            assert_eq!(meta.uid(), uid, "{key} owner");
+        }
+    }
+
     // A second run keeps keys and certificates.
     let before: Vec<Vec<u8>> = ["ca.crt", "server.crt", "server.key", "service.key"]
         .iter()
@@ -77,13 +86,7 @@ fn pki_signs_and_revokes_a_device_as_the_readme_does() {
 
     let with_stdin = |args: &[&str], input: &[u8]| {
         use std::io::Write as _;
-        let pki = compose.pki().unwrap();
-        let mut child = Command::new("sh")
-            .arg(repo().join("deploy/pki-bootstrap.sh"))
-            .args(args)
-            .envs(compose.env(pki))
-            .env("PKI_DIR", dir.path().join("pki"))
-            .env("CA_DIR", dir.path().join("ca"))
+        let mut child = pki_command(&compose, dir.path(), args)
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())
