@@ -49,7 +49,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let mut policy_config = config.policy()?;
     let mqtt = config.mqtt_settings()?;
     let metrics = Arc::new(Metrics::new());
-    let sessions = Arc::new(SessionRegistry::default());
+    // Live session control (README): entries expire with the lifetime handed out, when there is one.
+    let session_settings = config.sessions.settings(&config, !policy_config.lifetime.base.is_zero())?;
+    let sessions = Arc::new(SessionRegistry::new(&metrics, session_settings.lifetimes));
+    let mut session_tasks = crate::sessions::start(&sessions, &session_settings, &shutdown);
     let mut readiness = Readiness::default();
 
     let v2k = match &config.kafka_brokers {
@@ -89,7 +92,18 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let hooks = HookState::new(policy, sessions.clone(), cache, config.webhook_max_body_bytes, v2k.clone(), &metrics);
     let k2v_settings = crate::k2v::settings(&config)?;
     let k2v_probes = k2v_settings.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
-    let router = crate::http::router(hooks, readiness, metrics.clone());
+    let mut router = crate::http::router(hooks, readiness, metrics.clone());
+    if let Some(token) = session_settings.admin_token.clone() {
+        router =
+            router.merge(crate::sessions::admin::routes(sessions.clone(), token, session_settings.id_charset.clone()));
+    }
+    if let Some(brokers) = &config.kafka_brokers {
+        let client_id = config.mqtt.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into());
+        session_tasks.push(
+            crate::sessions::start_removed_reader(&sessions, &session_settings, brokers, &client_id, &shutdown)
+                .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
+        );
+    }
 
     let upkeep = tokio::spawn({
         let metrics = metrics.clone();
@@ -146,6 +160,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         k2v.shutdown().await;
     }
     upkeep.abort();
+    for task in session_tasks {
+        task.abort();
+    }
     tracing::info!("stopped");
     Ok(())
 }

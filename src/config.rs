@@ -105,6 +105,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub k2v: crate::k2v::K2vArgs,
+
+    #[command(flatten)]
+    pub sessions: crate::config_sessions::SessionsArgs,
 }
 
 /// The service's own MQTT client (K2V publisher, V2K subscription mode). It connects as MQTT_USERNAME.

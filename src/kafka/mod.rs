@@ -2,3 +2,4 @@
 
 pub mod consumer;
 pub mod producer;
+pub mod removed;
