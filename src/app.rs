@@ -63,7 +63,10 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let settings = config.settings()?;
     let budget = Budget::new(settings.shutdown_timeout);
     let metrics = Arc::new(Metrics::new());
-    let sessions = Arc::new(SessionRegistry::default());
+    // Live session control (README): entries expire with the lifetime handed out, when there is one.
+    let session_settings = settings.sessions;
+    let sessions = Arc::new(SessionRegistry::new(&metrics, session_settings.lifetimes));
+    let mut session_tasks = crate::sessions::start(&sessions, &session_settings, &shutdown);
     let mut readiness = Readiness::default();
     let policy = Arc::new(Policy::new(settings.policy));
     // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush.
@@ -79,7 +82,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let hooks =
         HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics);
     let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
-    let router = crate::http::router(hooks, readiness, metrics.clone());
+    let mut router = crate::http::router(hooks, readiness, metrics.clone());
+    if let Some(token) = session_settings.admin_token.clone() {
+        router =
+            router.merge(crate::sessions::admin::routes(sessions.clone(), token, session_settings.id_charset.clone()));
+    }
+    if let Some(removed) = settings.removed_reader {
+        session_tasks.push(
+            crate::sessions::start_removed_reader(
+                &sessions,
+                &session_settings,
+                &removed.brokers,
+                &removed.client_id,
+                &shutdown,
+            )
+            .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
+        );
+    }
 
     tasks.spawn({
         let metrics = metrics.clone();
@@ -152,6 +171,9 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     // K2V: stop consuming, drain in-flight publishes, commit what was acknowledged, disconnect.
     if let Some(k2v) = k2v {
         k2v.shutdown().await;
+    }
+    for task in session_tasks {
+        task.abort();
     }
     tracing::info!(took = ?budget.total().saturating_sub(budget.remaining()), "stopped");
     Ok(())

@@ -10,6 +10,10 @@ pub struct ClientCertificate {
     pub common_name: Option<String>,
     /// Upper-case hex, as `openssl x509 -serial` prints it.
     pub serial: String,
+    /// The serial as big-endian bytes without leading zeros, as CRL entries are compared (`sessions/crl.rs`).
+    pub serial_bytes: Vec<u8>,
+    /// The issuer's name, DER: with the serial, what a CRL revokes.
+    pub issuer_der: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -33,12 +37,11 @@ pub fn parse_forwarded(client_cert: &str) -> Result<ClientCertificate, Certifica
         (Some(entry), None) => openssl::asn1::Asn1StringRef::to_string(entry.data()).ok(),
         _ => None,
     };
-    let serial = x509
-        .serial_number()
-        .to_bn()
-        .and_then(|bn| bn.to_hex_str().map(|s| s.to_string()))
-        .map_err(CertificateError::Der)?;
-    Ok(ClientCertificate { common_name, serial })
+    let serial = x509.serial_number().to_bn().map_err(CertificateError::Der)?;
+    let serial_bytes = serial.to_vec();
+    let serial = serial.to_hex_str().map(|s| s.to_string()).map_err(CertificateError::Der)?;
+    let issuer_der = x509.issuer_name().to_der().map_err(CertificateError::Der)?;
+    Ok(ClientCertificate { common_name, serial, serial_bytes, issuer_der })
 }
 
 #[cfg(test)]
@@ -52,6 +55,8 @@ mod tests {
         let cert = parse_forwarded(CAPTURED.trim()).unwrap();
         assert_eq!(cert.common_name.as_deref(), Some("admin:a1998e"));
         assert_eq!(cert.serial, "1001");
+        assert_eq!(cert.serial_bytes, vec![0x10, 0x01]);
+        assert!(!cert.issuer_der.is_empty());
     }
 
     #[test]

@@ -5,7 +5,7 @@
 //! - [`webhooks`]: one module per hook family, translating VerneMQ's wire format to the policy and back.
 //! - [`v2k`]: device data into Kafka (dojot contract, delivery modes); [`k2v`]: commands from Kafka to devices.
 //! - [`kafka`], [`mqtt`]: the only modules that talk to rdkafka and rumqttc.
-//! - [`sessions`]: node-local registry of connected sessions.
+//! - [`sessions`]: live session control: the node's sessions, removed devices, revoked certificates, disconnects.
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
 //!   health check (`iotagent-mqtt healthcheck`).

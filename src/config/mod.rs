@@ -1,12 +1,13 @@
 //! Configuration from command-line flags and environment variables, validated before anything starts.
 //!
-//! The top layer: each part (`policy`, `webhooks`, `mqtt`, `v2k`, `k2v`, `pki`) is a clap `Args` struct with the function
+//! The top layer: each part (`policy`, `webhooks`, `mqtt`, `v2k`, `k2v`, `pki`, `sessions`) is a clap `Args` struct with the function
 //! that validates it into the owning module's settings type. Nothing below `app` imports this module.
 
 mod k2v;
 mod mqtt;
 pub mod pki;
 mod policy;
+mod sessions;
 mod v2k;
 mod webhooks;
 
@@ -19,6 +20,7 @@ pub use self::k2v::K2vArgs;
 pub use self::mqtt::MqttArgs;
 pub use self::pki::{PkiArgs, PkiParts};
 pub use self::policy::PolicyArgs;
+pub use self::sessions::SessionsArgs;
 pub use self::v2k::{V2kArgs, V2kParts};
 pub use self::webhooks::WebhookArgs;
 use crate::k2v::K2vSettings;
@@ -67,6 +69,9 @@ pub struct Config {
 
     #[command(flatten)]
     pub pki: PkiArgs,
+
+    #[command(flatten)]
+    pub sessions: SessionsArgs,
 }
 
 /// A configuration value that cannot work, naming the variable to fix.
@@ -89,6 +94,13 @@ fn kafka_topic_part(variable: &'static str, value: &str) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// Where the removed-device reader reads, when KAFKA_BROKERS is set.
+#[derive(Debug)]
+pub struct RemovedReader {
+    pub brokers: String,
+    pub client_id: String,
+}
+
 /// The validated configuration, each part in the terms of the module that owns it.
 #[derive(Debug)]
 pub struct Settings {
@@ -100,6 +112,9 @@ pub struct Settings {
     pub v2k: Option<V2kParts>,
     /// K2V, when KAFKA_BROKERS and MQTT_URL are set and K2V_ENABLED is on.
     pub k2v: Option<K2vSettings>,
+    /// Live session control (removed devices, revoked certificates, forced disconnects).
+    pub sessions: crate::sessions::Settings,
+    pub removed_reader: Option<RemovedReader>,
     /// The PKI's API and upkeep, when PKI_LISTEN is set.
     pub pki: Option<PkiParts>,
     /// The whole shutdown's budget.
@@ -139,7 +154,20 @@ impl Config {
             _ => None,
         };
         let pki = self.pki.parts(&self.policy.mqtt_username, policy.id_charset.clone())?;
+        let sessions = self.sessions.settings(
+            policy.id_charset.clone(),
+            &self.k2v.k2v_topic_suffix,
+            self.k2v.topic_pattern()?,
+            self.pki.upkeep()?.crl_update,
+            !policy.lifetime.base.is_zero(),
+        )?;
+        let removed_reader = self.kafka_brokers.as_ref().map(|brokers| RemovedReader {
+            brokers: brokers.clone(),
+            client_id: self.mqtt.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into()),
+        });
         Ok(Settings {
+            sessions,
+            removed_reader,
             cache: self.webhooks.cache(),
             pki,
             max_body_bytes: self.webhooks.webhook_max_body_bytes,

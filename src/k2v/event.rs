@@ -12,8 +12,8 @@ use crate::policy::{IdCharset, IdentityError, parse_device};
 pub enum Action {
     /// `configure`: publish `payload` (the JSON of `data.attrs`) to `topic` (`<tenant>:<device>/<config suffix>`).
     Publish { topic: String, payload: Vec<u8> },
-    /// `remove`: the device is gone. Forcing its session off the broker is future work (ARCHITECTURE.md §4: HTTP
-    /// API); until then the event is only counted, and the device is refused at its next connection.
+    /// `remove`: the device is gone. K2V only counts it; live session control (`sessions/`) refuses and disconnects
+    /// the device from its own reading of the same topics.
     Remove { tenant: String, device: String },
     /// Any other event (`create`, `update`, `template.update`, …): not for the device. dojot ≥ 0.5 published these
     /// too, by mistake.

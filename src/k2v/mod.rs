@@ -265,7 +265,7 @@ impl Bridge {
                 return self.skip(&position, SkipReason::NotConfigure);
             }
             Action::Remove { tenant, device } => {
-                // Forcing removed devices off is future work (ARCHITECTURE.md §4); the ACL refuses them from now on.
+                // Live session control (sessions/) reads remove events with a consumer of its own: nothing to do here.
                 tracing::info!(tenant, device, "device removed");
                 return self.skip(&position, SkipReason::Remove);
             }

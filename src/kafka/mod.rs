@@ -3,3 +3,4 @@
 pub mod consumer;
 mod offsets;
 pub mod producer;
+pub mod removed;

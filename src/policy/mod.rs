@@ -1,10 +1,12 @@
 //! The access rules: who may connect, publish and subscribe, and with which session modifiers.
 //! Pure functions of their inputs — no I/O, no clock, no randomness — so every rule is unit-tested here.
 
+mod client_id;
 mod identity;
 
 use std::time::Duration;
 
+pub use client_id::is_disconnect_safe;
 pub use identity::{DeviceId, IdCharset, IdentityError, MAX_PART_LEN, parse_device};
 
 use crate::secret::Secret;
@@ -115,6 +117,12 @@ pub enum DenyReason {
     ServiceCredentials,
     #[error("client id not allowed by the client id policy")]
     ClientId,
+    #[error("client id contains a quote, a backslash or a control character")]
+    UnsafeClientId,
+    #[error("device removed")]
+    Removed,
+    #[error("certificate revoked")]
+    Revoked,
     #[error("topic not allowed for this identity")]
     Topic,
     #[error("retained publishes are not allowed")]
@@ -228,6 +236,10 @@ impl Policy {
             }
             Principal::Device(device) => device,
         };
+        // In every client-id policy: a forced disconnect names the session by its client id (policy/client_id.rs).
+        if !is_disconnect_safe(req.client_id) {
+            return Err(DenyReason::UnsafeClientId);
+        }
         if self.config.require_client_cert && req.certificate_cn.is_none() {
             return Err(DenyReason::CertificateRequired);
         }

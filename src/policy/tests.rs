@@ -311,3 +311,15 @@ fn device_data_sources() {
     assert_eq!(p.attrs_topic_device("admin:a1998e/attrs/x"), None);
     assert_eq!(p.attrs_topic_device("admin:a:b/attrs"), None);
 }
+
+#[test]
+fn client_ids_that_would_widen_a_disconnect_are_refused_in_every_policy() {
+    for client_id_policy in [ClientIdPolicy::Any, ClientIdPolicy::Equal, ClientIdPolicy::Prefix, ClientIdPolicy::Scoped]
+    {
+        let p = policy_with(|c| c.client_id_policy = client_id_policy);
+        for id in [r#"x" OR client_id <> ""#, "admin:a1998e\"", "admin:a1998e\\", "admin:a1998e\n"] {
+            assert_eq!(denied(p.register(&register(Some(DEV), id), 0.5)), DenyReason::UnsafeClientId, "{id:?}");
+        }
+        assert!(matches!(p.register(&register(Some(DEV), DEV), 0.5), RegisterDecision::Allow { .. }));
+    }
+}

@@ -4,8 +4,7 @@ use serde::Serialize;
 
 use super::{HookState, Reply, wire};
 use crate::cert;
-use crate::policy::{RegisterDecision, RegisterRequest};
-use crate::sessions::SubscriberId;
+use crate::policy::{Principal, RegisterDecision, RegisterRequest};
 
 /// Modifier keys allowed for `auth_on_register(_m5)` (ARCHITECTURE.md §2.3); `mountpoint`, `client_id` only together.
 #[derive(Serialize)]
@@ -52,11 +51,23 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
             tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "connection denied");
             Reply::Deny(reason)
         }
-        RegisterDecision::Allow { modifiers, .. } => {
-            if let Some(certificate) = certificate {
-                let client_id = modifiers.subscriber_id.as_ref().map_or(&req.client_id, |(_, id)| id);
-                let id = SubscriberId { mountpoint: req.mountpoint.clone(), client_id: client_id.clone() };
-                state.sessions.expect(id, certificate.serial);
+        RegisterDecision::Allow { principal, modifiers } => {
+            if let Principal::Device(device) = principal {
+                // The session key VerneMQ will use: the policy's rewrite if any (live session control).
+                let (mountpoint, client_id) =
+                    modifiers.subscriber_id.as_ref().map_or((&req.mountpoint, &req.client_id), |(m, c)| (m, c));
+                let name = format!("{}:{}", device.tenant, device.device);
+                let admitted = state.sessions.admit(
+                    &name,
+                    mountpoint,
+                    client_id,
+                    certificate.as_ref(),
+                    modifiers.max_connection_lifetime,
+                );
+                if let Err(reason) = admitted {
+                    tracing::info!(device = %name, client_id = %req.client_id, %reason, "connection denied");
+                    return Reply::Deny(reason);
+                }
             }
             let max_age = state.cache.register;
             if modifiers.is_empty() {

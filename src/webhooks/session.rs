@@ -1,13 +1,12 @@
-//! Notification hooks that feed the session registry: `on_register(_m5)`, `on_client_offline`, `on_client_gone`.
+//! Notification hooks that keep the session registry exact where lifetimes do not: `on_register(_m5)` confirms a
+//! connection, `on_client_offline` and `on_client_gone` (no connection left under the key) forget it.
 
 use super::{HookState, Reply, wire};
-use crate::sessions::SubscriberId;
 
 pub fn on_register(state: &HookState, body: &[u8]) -> Reply {
     match wire::parse::<wire::Registered>(body) {
         Ok(r) => {
-            let id = SubscriberId { mountpoint: r.mountpoint, client_id: r.client_id };
-            state.sessions.connected(id, r.username);
+            state.sessions.registered(&r.mountpoint, &r.client_id);
             Reply::Notified
         }
         Err(reply) => reply,
@@ -17,7 +16,7 @@ pub fn on_register(state: &HookState, body: &[u8]) -> Reply {
 pub fn on_client_gone(state: &HookState, body: &[u8]) -> Reply {
     match wire::parse::<wire::Gone>(body) {
         Ok(g) => {
-            state.sessions.disconnected(&SubscriberId { mountpoint: g.mountpoint, client_id: g.client_id });
+            state.sessions.gone(&g.mountpoint, &g.client_id);
             Reply::Notified
         }
         Err(reply) => reply,

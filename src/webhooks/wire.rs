@@ -74,8 +74,6 @@ pub struct Subscribe {
 pub struct Registered {
     pub mountpoint: String,
     pub client_id: String,
-    #[serde(deserialize_with = "nullable")]
-    pub username: Option<String>,
 }
 
 /// `on_client_offline`, `on_client_gone`.

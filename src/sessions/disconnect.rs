@@ -1,0 +1,98 @@
+//! The disconnect worker: one API call per session to close, a bounded number at once, retried with capped backoff
+//! until done or no longer wanted (session gone, device restored, certificate no longer listed).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::SessionRegistry;
+use super::registry::Session;
+use super::vernemq_api::VernemqApi;
+
+const FIRST_RETRY: Duration = Duration::from_millis(200);
+const MAX_RETRY: Duration = Duration::from_secs(30);
+
+/// Why a session is closed (the `cause` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    Removed,
+    Revoked,
+    Operator,
+}
+
+impl Cause {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Removed => "removed",
+            Self::Revoked => "revoked",
+            Self::Operator => "operator",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub(super) struct Target {
+    pub mountpoint: Box<str>,
+    pub client_id: Box<str>,
+    pub cause: Cause,
+}
+
+impl Target {
+    pub fn new(session: &Session<'_>, cause: Cause) -> Self {
+        Self { mountpoint: session.mountpoint.into(), client_id: session.client_id.into(), cause }
+    }
+
+    pub fn key(&self) -> (Box<str>, Box<str>) {
+        (self.mountpoint.clone(), self.client_id.clone())
+    }
+}
+
+pub(super) async fn run(
+    api: VernemqApi,
+    sessions: Arc<SessionRegistry>,
+    mut queue: mpsc::UnboundedReceiver<Target>,
+    concurrency: usize,
+    shutdown: CancellationToken,
+) {
+    let permits = Arc::new(Semaphore::new(concurrency.max(1)));
+    loop {
+        let target = tokio::select! {
+            () = shutdown.cancelled() => return,
+            target = queue.recv() => match target { Some(t) => t, None => return },
+        };
+        let Ok(permit) = permits.clone().acquire_owned().await else { return };
+        let (api, sessions, shutdown) = (api.clone(), sessions.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            close(&api, &sessions, &target, &shutdown).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn close(api: &VernemqApi, sessions: &SessionRegistry, target: &Target, shutdown: &CancellationToken) {
+    let mut delay = FIRST_RETRY;
+    loop {
+        if !sessions.still_to_close(target) {
+            sessions.closed(target, false);
+            return;
+        }
+        match api.disconnect(&target.mountpoint, &target.client_id).await {
+            Ok(()) => {
+                tracing::info!(client_id = %target.client_id, cause = target.cause.name(), "session disconnected");
+                sessions.closed(target, true);
+                return;
+            }
+            Err(e) => {
+                sessions.api_error(e.reason());
+                tracing::warn!(client_id = %target.client_id, error = %e, retry_in = ?delay, "disconnect failed");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay = (delay * 2).min(MAX_RETRY);
+    }
+}

@@ -1,0 +1,121 @@
+//! VerneMQ's HTTP management API, as far as this service uses it: `GET /api/v1/session/disconnect` (reference §5.1),
+//! without `--cleanup` so the hooks fire and a persistent session keeps its queue.
+
+use std::time::Duration;
+
+use reqwest::Url;
+
+use crate::secret::Secret;
+
+/// How long one API call may take; the worker retries after that.
+const CALL_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("VerneMQ API unreachable: {0}")]
+    Unreachable(#[source] reqwest::Error),
+    #[error("VerneMQ API refused the API key (401): check VERNEMQ_API_KEY and its scope (mgmt)")]
+    Unauthorized,
+    #[error("VerneMQ API answered HTTP {0}")]
+    Status(u16),
+}
+
+impl ApiError {
+    /// The `reason` label of the error counter.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Unreachable(_) => "unreachable",
+            Self::Unauthorized => "unauthorized",
+            Self::Status(_) => "status",
+        }
+    }
+}
+
+/// A client of one VerneMQ node's API (any node will do: the v1 disconnect is cluster-wide).
+#[derive(Clone)]
+pub struct VernemqApi {
+    client: reqwest::Client,
+    disconnect_url: Url,
+    key: Option<Secret>,
+}
+
+impl std::fmt::Debug for VernemqApi {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VernemqApi").field("disconnect_url", &self.disconnect_url.as_str()).finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiConfigError {
+    #[error("{0:?} is not an http:// URL ({1})")]
+    Url(String, String),
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[source] reqwest::Error),
+}
+
+impl VernemqApi {
+    /// `base` is the API listener, e.g. `http://vernemq:8888`.
+    ///
+    /// # Errors
+    /// Not an `http://` URL (the client is built without TLS: the API is reached on the internal network).
+    pub fn new(base: &str, key: Option<Secret>) -> Result<Self, ApiConfigError> {
+        let url = Url::parse(base).map_err(|e| ApiConfigError::Url(base.into(), e.to_string()))?;
+        if url.scheme() != "http" || url.cannot_be_a_base() {
+            return Err(ApiConfigError::Url(base.into(), "only http:// is supported".into()));
+        }
+        let disconnect_url =
+            url.join("api/v1/session/disconnect").map_err(|e| ApiConfigError::Url(base.into(), e.to_string()))?;
+        let client = reqwest::Client::builder()
+            .timeout(CALL_TIMEOUT)
+            .pool_max_idle_per_host(64)
+            .build()
+            .map_err(ApiConfigError::Client)?;
+        Ok(Self { client, disconnect_url, key })
+    }
+
+    /// Disconnects one session. VerneMQ answers 200 whether or not it existed (NOTES.md scenario 4).
+    ///
+    /// # Errors
+    /// Transport errors and non-2xx answers; the caller retries.
+    pub async fn disconnect(&self, mountpoint: &str, client_id: &str) -> Result<(), ApiError> {
+        // Every parameter goes through the URL encoder: a client id is never spliced into the URL by hand.
+        let mut url = self.disconnect_url.clone();
+        {
+            let mut query = url.query_pairs_mut();
+            query.append_pair("client-id", client_id);
+            if !mountpoint.is_empty() {
+                query.append_pair("--mountpoint", mountpoint);
+            }
+        }
+        let mut request = self.client.get(url);
+        if let Some(key) = &self.key {
+            request = request.header("x-api-key", key.expose());
+        }
+        let response = request.send().await.map_err(ApiError::Unreachable)?;
+        match response.status().as_u16() {
+            200..=299 => Ok(()),
+            401 | 403 => Err(ApiError::Unauthorized),
+            status => Err(ApiError::Status(status)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_http_urls() {
+        assert!(VernemqApi::new("http://vernemq:8888", None).is_ok());
+        assert!(VernemqApi::new("http://vernemq:8888/prefix/", None).is_ok());
+        for bad in ["https://vernemq:8888", "vernemq:8888", "", "mailto:x@y"] {
+            assert!(VernemqApi::new(bad, None).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn the_key_is_not_in_debug() {
+        let api = VernemqApi::new("http://vernemq:8888", Some(Secret::new("k3y-value"))).unwrap();
+        assert!(!format!("{api:?}").contains("k3y-value"));
+    }
+}
