@@ -173,9 +173,13 @@ struct PkiCli {
     #[arg(long, env = "MQTT_USERNAME", default_value = "k2v-bridge")]
     mqtt_username: String,
 
-    /// Characters allowed in tenant and device ids [default: A-Z a-z 0-9 _ . -].
+    /// Characters allowed in device ids [default: A-Za-z0-9_.-].
     #[arg(long, env = "DEVICE_ID_CHARS")]
     device_id_chars: Option<String>,
+
+    /// Characters allowed in tenant ids, never `.` [default: A-Za-z0-9_-].
+    #[arg(long, env = "TENANT_ID_CHARS")]
+    tenant_id_chars: Option<String>,
 }
 
 /// Parses `args` (starting at `pki`) and runs the command.
@@ -190,7 +194,11 @@ pub fn cli(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let charset = match &parsed.device_id_chars {
         Some(chars) => IdCharset::from_chars(chars).map_err(|e| invalid("DEVICE_ID_CHARS", e)),
         None => Ok(IdCharset::default()),
-    };
+    }
+    .and_then(|charset| match &parsed.tenant_id_chars {
+        Some(chars) => charset.with_tenant_chars(chars).map_err(|e| invalid("TENANT_ID_CHARS", e)),
+        None => Ok(charset),
+    });
     match charset.and_then(|charset| parsed.pki.settings(&parsed.mqtt_username, charset)) {
         Ok(settings) => pki::cli::run(&parsed.command, &pki::Store::new(settings)),
         Err(e) => {
