@@ -94,7 +94,11 @@ impl K2vArgs {
             stats_interval: Duration::from_millis(self.k2v_stats_interval_ms),
         };
         Ok(Some(K2vSettings {
-            rules: EventRules { id_charset: policy.id_charset.clone(), config_suffix: policy.config_suffix.clone() },
+            rules: EventRules {
+                id_charset: policy.id_charset.clone(),
+                config_suffix: policy.config_suffix.clone(),
+                topic_suffix: self.k2v_topic_suffix.clone(),
+            },
             retain: self.k2v_retain,
             max_in_flight: self.k2v_max_in_flight,
             lag_interval: Duration::from_millis(self.k2v_lag_interval_ms),

@@ -5,7 +5,7 @@ use std::borrow::Cow;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::policy::{IdCharset, IdentityError, parse_device};
+use crate::policy::{IdCharset, IdentityError, parse_device, topic_tenant};
 
 /// What one event asks of K2V.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +32,9 @@ pub enum EventError {
     Attrs,
     #[error("tenant {tenant:?} / device {device:?} is not a valid device identity: {reason}")]
     Identity { tenant: String, device: String, reason: IdentityError },
+    /// The event names another tenant than the topic it was read from (`<tenant>.<suffix>`).
+    #[error("event tenant {event:?} is not the topic's tenant {topic:?}")]
+    TenantMismatch { event: String, topic: Option<String> },
 }
 
 impl EventError {
@@ -40,6 +43,7 @@ impl EventError {
         match self {
             Self::Json(_) | Self::Field(_) | Self::Attrs => SkipReason::Malformed,
             Self::Identity { .. } => SkipReason::InvalidDevice,
+            Self::TenantMismatch { .. } => SkipReason::TenantMismatch,
         }
     }
 }
@@ -57,16 +61,19 @@ pub enum SkipReason {
     InvalidDevice,
     /// Larger than an MQTT packet may be.
     TooLarge,
+    /// The event's tenant is not its topic's: one tenant's topic cannot command another tenant's devices.
+    TenantMismatch,
 }
 
 impl SkipReason {
     /// Every variant, in declaration order (so `reason as usize` indexes it).
-    pub const ALL: [SkipReason; 5] = [
+    pub const ALL: [SkipReason; 6] = [
         SkipReason::NotConfigure,
         SkipReason::Remove,
         SkipReason::Malformed,
         SkipReason::InvalidDevice,
         SkipReason::TooLarge,
+        SkipReason::TenantMismatch,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +83,7 @@ impl SkipReason {
             SkipReason::Malformed => "malformed",
             SkipReason::InvalidDevice => "invalid_device",
             SkipReason::TooLarge => "too_large",
+            SkipReason::TenantMismatch => "tenant_mismatch",
         }
     }
 }
@@ -112,6 +120,8 @@ struct Data<'a> {
 pub struct EventRules {
     pub id_charset: IdCharset,
     pub config_suffix: String,
+    /// The device-manager topics are `<tenant>.<topic_suffix>`.
+    pub topic_suffix: String,
 }
 
 fn string<'a>(value: Option<&'a RawValue>, field: &'static str) -> Result<Cow<'a, str>, EventError> {
@@ -140,11 +150,12 @@ fn compact(json: &str) -> Vec<u8> {
 }
 
 impl EventRules {
-    /// Reads one Kafka message value.
+    /// Reads one Kafka message value, read from `topic`.
     ///
     /// # Errors
-    /// Not JSON, a missing field, `attrs` not an object, or an identity the ACL would refuse.
-    pub fn interpret(&self, value: &[u8]) -> Result<Action, EventError> {
+    /// Not JSON, a missing field, `attrs` not an object, an identity the ACL would refuse, or a tenant that is not
+    /// the topic's.
+    pub fn interpret(&self, topic: &str, value: &[u8]) -> Result<Action, EventError> {
         let envelope: Envelope<'_> = serde_json::from_slice(value).map_err(|e| EventError::Json(e.to_string()))?;
         let event = string(envelope.event, "event")?;
         if event != "configure" && event != "remove" {
@@ -156,6 +167,10 @@ impl EventRules {
         let username = format!("{tenant}:{device}");
         if let Err(reason) = parse_device(&username, &self.id_charset) {
             return Err(EventError::Identity { tenant: tenant.into_owned(), device: device.into_owned(), reason });
+        }
+        let from = topic_tenant(topic, &self.topic_suffix);
+        if from != Some(&*tenant) {
+            return Err(EventError::TenantMismatch { event: tenant.into_owned(), topic: from.map(String::from) });
         }
         if event == "remove" {
             return Ok(Action::Remove { tenant: tenant.into_owned(), device: device.into_owned() });
@@ -174,11 +189,19 @@ mod tests {
     use super::*;
 
     fn rules() -> EventRules {
-        EventRules { id_charset: IdCharset::default(), config_suffix: "config".into() }
+        EventRules {
+            id_charset: IdCharset::default(),
+            config_suffix: "config".into(),
+            topic_suffix: "dojot.device-manager.device".into(),
+        }
     }
 
+    const ADMIN_TOPIC: &str = "admin.dojot.device-manager.device";
+
+    /// Reads `value` from its own tenant's topic.
     fn interpret(value: &Value) -> Result<Action, EventError> {
-        rules().interpret(value.to_string().as_bytes())
+        let tenant = value["meta"]["service"].as_str().unwrap_or("admin");
+        rules().interpret(&format!("{tenant}.dojot.device-manager.device"), value.to_string().as_bytes())
     }
 
     fn publish(topic: &str, payload: &Value) -> Action {
@@ -210,7 +233,9 @@ mod tests {
         let raw = br#"{ "event" : "configure", "meta":{"service":"admin"},
                        "data":{"id":"a1998e","attrs":{ "z" : [1, 2, {"b": null}] ,
                         "s":"x y \" } {\\", "a": "\u00e9\t"}} }"#;
-        let Action::Publish { payload, .. } = rules().interpret(raw).unwrap() else { panic!("not a publish") };
+        let Action::Publish { payload, .. } = rules().interpret(ADMIN_TOPIC, raw).unwrap() else {
+            panic!("not a publish")
+        };
         // Whitespace between tokens goes, strings (escapes included) and key order stay.
         assert_eq!(
             std::str::from_utf8(&payload).unwrap(),
@@ -230,7 +255,9 @@ mod tests {
     fn the_configured_suffix_is_used() {
         let rules = EventRules { config_suffix: "cmd".into(), ..rules() };
         let event = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"x": 1}}});
-        let Action::Publish { topic, .. } = rules.interpret(event.to_string().as_bytes()).unwrap() else {
+        let Action::Publish { topic, .. } =
+            rules.interpret("t.dojot.device-manager.device", event.to_string().as_bytes()).unwrap()
+        else {
             panic!("not a publish")
         };
         assert_eq!(topic, "t:d/cmd");
@@ -255,7 +282,7 @@ mod tests {
     #[test]
     fn malformed_events_are_typed_errors() {
         for raw in [&b"not json"[..], b"", b"[1,2]", b"\"configure\"", b"null", b"{\"event\":", b"\xff\xfe"] {
-            let err = rules().interpret(raw).unwrap_err();
+            let err = rules().interpret(ADMIN_TOPIC, raw).unwrap_err();
             assert!(matches!(err, EventError::Json(_)), "{raw:?}: {err:?}");
             assert_eq!(err.reason().name(), "malformed");
         }
@@ -320,9 +347,32 @@ mod tests {
     fn the_configured_charset_applies() {
         let rules = EventRules { id_charset: IdCharset::from_chars("abc").unwrap(), ..rules() };
         let ok = json!({"event": "configure", "meta": {"service": "ab"}, "data": {"id": "cab", "attrs": {}}});
-        assert!(rules.interpret(ok.to_string().as_bytes()).is_ok());
+        assert!(rules.interpret("ab.dojot.device-manager.device", ok.to_string().as_bytes()).is_ok());
         let bad = json!({"event": "configure", "meta": {"service": "ab"}, "data": {"id": "d", "attrs": {}}});
-        assert!(matches!(rules.interpret(bad.to_string().as_bytes()), Err(EventError::Identity { .. })));
+        assert!(matches!(
+            rules.interpret("ab.dojot.device-manager.device", bad.to_string().as_bytes()),
+            Err(EventError::Identity { .. })
+        ));
+    }
+
+    #[test]
+    fn an_event_acts_only_on_its_topics_tenant() {
+        let attack = json!({"event": "configure", "meta": {"service": "admin"}, "data": {"id": "a1", "attrs": {}}});
+        let remove = json!({"event": "remove", "meta": {"service": "admin"}, "data": {"id": "a1"}});
+        for (topic, event) in [
+            ("evil.dojot.device-manager.device", &attack),
+            ("evil.dojot.device-manager.device", &remove),
+            ("x.admin.dojot.device-manager.device", &attack),
+            ("dmin.dojot.device-manager.device", &attack),
+            ("admin.other", &attack),
+            (".dojot.device-manager.device", &attack),
+        ] {
+            let err = rules().interpret(topic, event.to_string().as_bytes()).unwrap_err();
+            assert_eq!(err.reason(), SkipReason::TenantMismatch, "{topic}: {err}");
+            assert!(err.to_string().contains("\"admin\""), "both tenants in the log line: {err}");
+        }
+        assert!(rules().interpret(ADMIN_TOPIC, attack.to_string().as_bytes()).is_ok());
+        assert!(rules().interpret(ADMIN_TOPIC, remove.to_string().as_bytes()).is_ok());
     }
 
     #[test]
