@@ -29,6 +29,9 @@ pub struct TlsSettings {
     pub key: PathBuf,
     /// CA certificates that sign the clients allowed in (VerneMQ's `vmq_webhooks.certfile`).
     pub client_ca: PathBuf,
+    /// Common names a client certificate may have (empty: any the CA signed). The development CA also signs
+    /// devices, so a device certificate must not pass for the broker.
+    pub client_names: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -62,7 +65,19 @@ pub fn acceptor(settings: &TlsSettings) -> Result<SslAcceptor, TlsError> {
     builder.set_ca_file(&settings.client_ca).map_err(file("client CA", &settings.client_ca))?;
     let names = X509Name::load_client_ca_file(&settings.client_ca).map_err(file("client CA", &settings.client_ca))?;
     builder.set_client_ca_list(names);
-    builder.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    let names = settings.client_names.clone();
+    builder.set_verify_callback(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT, move |chained, ctx| {
+        // Only the leaf (depth 0) names the client; the chain itself was verified by OpenSSL.
+        if !chained || ctx.error_depth() != 0 || names.is_empty() {
+            return chained;
+        }
+        let cn = ctx.current_cert().and_then(|cert| {
+            let mut entries = cert.subject_name().entries_by_nid(openssl::nid::Nid::COMMONNAME);
+            let cn = openssl::asn1::Asn1StringRef::to_string(entries.next()?.data()).ok()?;
+            entries.next().is_none().then_some(cn)
+        });
+        cn.is_some_and(|cn| names.contains(&cn))
+    });
     Ok(builder.build())
 }
 

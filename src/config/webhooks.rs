@@ -38,6 +38,11 @@ pub struct WebhookArgs {
     /// CA certificates (PEM) that sign the client certificate VerneMQ presents; every client must present one.
     #[arg(long, env = "IOTAGENT_TLS_CLIENT_CA_FILE")]
     pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Common names the client certificate may have (comma separated; empty: any that CA signed). The PKI's CA also
+    /// signs devices: only the broker's name gets in.
+    #[arg(long, env = "IOTAGENT_TLS_CLIENT_NAMES", default_value = "vernemq", value_delimiter = ',')]
+    pub tls_client_names: Vec<String>,
 }
 
 impl WebhookArgs {
@@ -49,7 +54,14 @@ impl WebhookArgs {
         match (&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file) {
             (None, None, None) => Ok(None),
             (Some(cert), Some(key), Some(client_ca)) => {
-                Ok(Some(TlsSettings { cert: cert.clone(), key: key.clone(), client_ca: client_ca.clone() }))
+                let client_names =
+                    self.tls_client_names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+                Ok(Some(TlsSettings {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: client_ca.clone(),
+                    client_names,
+                }))
             }
             (_, None, _) => Err(invalid("IOTAGENT_TLS_KEY_FILE", "HTTPS needs the certificate, key and client CA")),
             (None, _, _) => Err(invalid("IOTAGENT_TLS_CERT_FILE", "HTTPS needs the certificate, key and client CA")),
@@ -81,6 +93,7 @@ mod tests {
         let all = ["--tls-cert-file", "c", "--tls-key-file", "k", "--tls-client-ca-file", "ca"];
         let tls = parse(&all).unwrap().webhooks.tls().unwrap().unwrap();
         assert_eq!(tls.client_ca.to_str(), Some("ca"));
+        assert_eq!(tls.client_names, ["vernemq"]);
         assert_eq!(parse(&all[..4]).unwrap().webhooks.tls().unwrap_err().variable, "IOTAGENT_TLS_CLIENT_CA_FILE");
         assert_eq!(parse(&all[2..]).unwrap().webhooks.tls().unwrap_err().variable, "IOTAGENT_TLS_CERT_FILE");
         assert_eq!(

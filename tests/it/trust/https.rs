@@ -24,6 +24,8 @@ async fn https_app(dir: &Path) -> (TestApp, u16) {
         ("IOTAGENT_TLS_CERT_FILE", &file("server.pem")),
         ("IOTAGENT_TLS_KEY_FILE", &file("server.key")),
         ("IOTAGENT_TLS_CLIENT_CA_FILE", &file("ca.pem")),
+        // The test PKI's broker-like client is k2v.pem; compose's is CN vernemq (the default).
+        ("IOTAGENT_TLS_CLIENT_NAMES", "k2v-bridge"),
     ]))
     .await;
     (app, port)
@@ -76,6 +78,10 @@ async fn https_webhooks_serve_only_clients_with_a_certificate_of_the_client_ca()
     assert!(none.is_err(), "served without a client certificate: {none:?}");
     let other = call(port, ours.path(), Some((theirs.path(), "k2v"))).await;
     assert!(other.is_err(), "served with another CA's certificate: {other:?}");
+    // A device certificate from the same CA is not the broker.
+    pki::issue(ours.path(), "device", "admin:a1998e");
+    let device = call(port, ours.path(), Some((ours.path(), "device"))).await;
+    assert!(device.is_err(), "served with a device certificate: {device:?}");
 }
 
 /// 3 000 connections that never finish their request head, on the plain port and the HTTPS port, do not stop a
