@@ -58,6 +58,8 @@ async fn remove_disconnects_and_refuses_create_restores_and_a_fresh_instance_rep
     let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let app = spawn_app(&flags(&pairs)).await;
     wait_ready(&app.url("/health/ready")).await;
+    let report: serde_json::Value = reqwest::get(app.url("/health/ready")).await.unwrap().json().await.unwrap();
+    assert!(report["checks"].as_array().unwrap().contains(&json!({"name": "removed_devices", "up": true})));
     let base = app.url("");
     let mut client = app.client().await;
     assert!(!connect(&mut client, "admin:old1").await.0, "removed before the start: refused once ready");
@@ -110,4 +112,26 @@ async fn remove_disconnects_and_refuses_create_restores_and_a_fresh_instance_rep
     assert!(connect(&mut second_client, "other:dev2").await.0);
     let text = metrics_text(&second.url("")).await;
     assert_eq!(metric(&text, r#"iotagent_removed_events_skipped_total{reason="tenant_mismatch"}"#), 1.0, "{text}");
+}
+
+/// Kafka unreachable at start: the history cannot be replayed, so the instance reports `removed_devices` not ready,
+/// and devices are let through meanwhile (README: a removed device admitted then is disconnected as soon as its
+/// `remove` event is read).
+#[tokio::test]
+async fn until_the_history_is_read_the_instance_is_not_ready_and_devices_are_let_through() {
+    let closed = format!("127.0.0.1:{}", crate::common::brokers::free_port());
+    let recorder = Recorder::start().await;
+    let mut env = session_env(&recorder);
+    env.push(("KAFKA_BROKERS", closed));
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app(&flags(&pairs)).await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let response = reqwest::get(app.url("/health/ready")).await.unwrap();
+    assert_eq!(response.status(), 503);
+    let report: serde_json::Value = response.json().await.unwrap();
+    let check = report["checks"].as_array().unwrap().iter().find(|c| c["name"] == "removed_devices").cloned();
+    assert_eq!(check, Some(json!({"name": "removed_devices", "up": false})), "{report}");
+    let mut client = app.client().await;
+    assert!(connect(&mut client, DEVICE).await.0);
+    assert_eq!(reqwest::get(app.url("/health/live")).await.unwrap().status(), 200);
 }

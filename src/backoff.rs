@@ -1,4 +1,5 @@
-//! The reconnect delay of the service's MQTT clients: doubling from `min` up to `max`, back to `min` once connected.
+//! Retry delays: doubling from `min` up to `max`, back to `min` after a success (the MQTT clients' reconnects, the
+//! VerneMQ API's disconnect retries).
 
 use std::time::Duration;
 
@@ -31,7 +32,7 @@ impl Backoff {
         nominal.mul_f64(1.0 - self.jitter + 2.0 * self.jitter * rand::random::<f64>())
     }
 
-    /// Connected: the next loss starts over at the minimum.
+    /// Succeeded: the next failure starts over at the minimum.
     pub fn reset(&mut self) {
         self.next = self.min;
     }
