@@ -2,6 +2,7 @@
 //! Fault tests are in `faults.rs`.
 
 mod faults;
+mod refusals;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
