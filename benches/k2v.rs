@@ -9,7 +9,6 @@ use std::time::{Duration, Instant};
 use iotagent_mqtt::health::Probe;
 use iotagent_mqtt::k2v::{EventRules, K2v, K2vSettings};
 use iotagent_mqtt::kafka::consumer::ConsumerSettings;
-use iotagent_mqtt::kafka::producer::ProducerSettings;
 use iotagent_mqtt::metrics::Metrics;
 use iotagent_mqtt::mqtt::MqttSettings;
 use iotagent_mqtt::policy::IdCharset;
@@ -139,13 +138,6 @@ async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Durat
             password: Some(Secret::new(PASSWORD)),
             client_id: "bench".into(),
             keep_alive: Duration::from_secs(30),
-        },
-        dead_letter: ProducerSettings {
-            brokers: brokers.to_string(),
-            compression: "none".into(),
-            linger_ms: 5,
-            delivery_timeout_ms: 10_000,
-            client_id: "bench-k2v-dead-letter".into(),
         },
     };
     let metrics = Metrics::new();

@@ -44,8 +44,6 @@ pub struct K2vSettings {
     pub lag_interval: Duration,
     pub consumer: ConsumerSettings,
     pub mqtt: MqttSettings,
-    /// The producer of dead letters (refused events).
-    pub dead_letter: ProducerSettings,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +161,15 @@ impl K2v {
         drain: Duration,
     ) -> Result<Self, K2vError> {
         let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
-        let producer = Producer::new(&settings.dead_letter).map_err(|e| K2vError::DeadLetterProducer(e.to_string()))?;
+        // Dead letters are rare: no compression or batching to configure.
+        let dead_letters = ProducerSettings {
+            brokers: settings.consumer.brokers.clone(),
+            compression: "none".into(),
+            linger_ms: 0,
+            delivery_timeout_ms: DEAD_LETTER_TIMEOUT.as_millis() as u64,
+            client_id: format!("{}-dead-letter", settings.consumer.client_id),
+        };
+        let producer = Producer::new(&dead_letters).map_err(|e| K2vError::DeadLetterProducer(e.to_string()))?;
         let (publisher, acks) = Publisher::start(&settings.mqtt, ROLE, settings.max_in_flight, mqtt_probe)?;
         let stop = CancellationToken::new();
         let (dead_done, dead_rx) = mpsc::unbounded_channel();
@@ -529,13 +535,6 @@ pub fn settings(config: &crate::Config) -> Result<Option<K2vSettings>, crate::co
         retain: k.k2v_retain,
         max_in_flight: k.k2v_max_in_flight,
         lag_interval: Duration::from_millis(k.k2v_lag_interval_ms),
-        dead_letter: ProducerSettings {
-            brokers: brokers.clone(),
-            compression: config.v2k.kafka_compression.clone(),
-            linger_ms: config.v2k.kafka_linger_ms,
-            delivery_timeout_ms: DEAD_LETTER_TIMEOUT.as_millis() as u64,
-            client_id: format!("{}-{ROLE}-dead-letter", mqtt.client_id),
-        },
         consumer,
         mqtt,
     }))
