@@ -13,6 +13,7 @@ use iotagent_mqtt::metrics::Metrics;
 use iotagent_mqtt::mqtt::MqttSettings;
 use iotagent_mqtt::policy::IdCharset;
 use iotagent_mqtt::secret::Secret;
+use iotagent_mqtt::shutdown::Budget;
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -142,7 +143,7 @@ async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Durat
     };
     let metrics = Metrics::new();
     let started = Instant::now();
-    let k2v = K2v::start(settings, &metrics, Probe::default(), Probe::default(), Duration::from_secs(10))
+    let k2v = K2v::start(settings, &metrics, Probe::default(), Probe::default(), Budget::new(Duration::from_secs(10)))
         .expect("K2V starts");
     let mut first = None;
     loop {

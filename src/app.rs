@@ -7,14 +7,16 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
-use crate::config::{Config, ConfigError, V2kMode};
+use crate::config::{Config, V2kParts};
 use crate::health::{Probe, Readiness};
-use crate::kafka::producer::{Producer, ProducerSettings};
+use crate::kafka::producer::Producer;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::SessionRegistry;
-use crate::v2k::{Contract, V2k, V2kSettings};
+use crate::shutdown::Budget;
+use crate::v2k::V2k;
 use crate::webhooks::HookState;
 
 /// Sockets bound by the caller, so tests can bind port 0 and read the address before the service starts.
@@ -39,59 +41,39 @@ impl Listeners {
 /// How often histogram samples are folded into buckets and the session gauge is refreshed.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
+/// Part of the shutdown budget kept for K2V (final commit) when the earlier steps run long.
+const K2V_RESERVE: Duration = Duration::from_secs(2);
+
 /// Runs the service until `shutdown` is cancelled, then stops in dependency order (ARCHITECTURE.md §7): stop accepting
 /// webhooks and let in-flight ones finish, let the V2K subscription acknowledge what Kafka took, flush the producer,
-/// then stop K2V (stop consuming, drain publishes, commit, disconnect).
+/// then stop K2V (stop consuming, drain publishes, commit, disconnect). The steps share one budget, SHUTDOWN_TIMEOUT,
+/// whose deadline is set when shutdown starts.
 ///
 /// # Errors
 /// Invalid configuration, or a listener that fails.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut policy_config = config.policy()?;
-    let mqtt = config.mqtt_settings()?;
+    let settings = config.settings()?;
+    let budget = Budget::new(settings.shutdown_timeout);
     let metrics = Arc::new(Metrics::new());
     let sessions = Arc::new(SessionRegistry::default());
     let mut readiness = Readiness::default();
+    let policy = Arc::new(Policy::new(settings.policy));
+    // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush.
+    let tasks = TaskTracker::new();
 
-    let v2k = match &config.kafka_brokers {
-        Some(brokers) => Some(Arc::new(start_v2k(&config, brokers, &metrics)?)),
+    let v2k = match settings.v2k {
+        Some(parts) => {
+            let started = start_v2k(parts, &policy, &metrics, &mut readiness, &tasks, &shutdown, &budget)?;
+            Some(started)
+        }
         None => None,
     };
-    let mut background = Vec::new();
-    if let Some(v2k) = &v2k {
-        background.push(tokio::spawn(watch_kafka(v2k.clone(), readiness.probe("kafka"), shutdown.clone())));
-        if v2k.mode() == V2kMode::Subscription {
-            let settings = mqtt.clone().ok_or_else(|| ConfigError {
-                variable: "MQTT_URL",
-                problem: "V2K_MODE=subscription needs the internal MQTT client".into(),
-            })?;
-            let filter = format!("$share/{}/+/{}", config.v2k.v2k_share_group, config.attrs_suffix);
-            policy_config.service_subscription = Some(filter.clone());
-            policy_config.service_max_inflight = Some(config.v2k.v2k_max_in_flight);
-            let subscription = crate::v2k::subscription::run(
-                settings,
-                filter,
-                v2k.clone(),
-                Arc::new(Policy::new(policy_config.clone())),
-                readiness.probe("v2k_mqtt"),
-                shutdown.clone(),
-                config.shutdown_timeout(),
-            );
-            background.push(tokio::spawn(subscription));
-        }
-    }
-    let policy = Arc::new(Policy::new(policy_config));
-
-    let mut cache = config.cache();
-    if v2k.as_ref().is_some_and(|v| v.mode() == V2kMode::AuthOnPublish || config.v2k.v2k_gate) {
-        // Strict mode and the gate decide per message: a cached allow would skip them.
-        cache.publish = None;
-    }
-    let hooks = HookState::new(policy, sessions.clone(), cache, config.webhook_max_body_bytes, v2k.clone(), &metrics);
-    let k2v_settings = crate::k2v::settings(&config)?;
-    let k2v_probes = k2v_settings.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
+    let hooks =
+        HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics);
+    let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
     let router = crate::http::router(hooks, readiness, metrics.clone());
 
-    let upkeep = tokio::spawn({
+    tasks.spawn({
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         let sessions_gauge = metrics.gauge("iotagent_sessions", "MQTT sessions connected to this VerneMQ node", &[]);
@@ -116,27 +98,32 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let address = listeners.http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
     // K2V starts once the webhook listener is up: the broker authorises the service's connection through it.
-    let k2v = match (k2v_settings, k2v_probes) {
-        (Some(settings), Some((kafka, mqtt))) => Some(
-            crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, config.shutdown_timeout())
-                .context("cannot start K2V")?,
-        ),
+    let k2v = match (settings.k2v, k2v_probes) {
+        (Some(settings), Some((kafka, mqtt))) => {
+            Some(crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, budget.clone()).context("cannot start K2V")?)
+        }
         _ => None,
     };
+    // The steps before K2V leave it time for its final commit.
+    let before_k2v = || if k2v.is_some() { budget.before(K2V_RESERVE) } else { budget.deadline() };
     let server = axum::serve(listeners.http, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     tokio::select! {
         result = server.into_future() => result.context("webhook server failed")?,
         () = async {
             shutdown.cancelled().await;
-            tokio::time::sleep(config.shutdown_timeout()).await;
+            // The one deadline of the whole shutdown is set here.
+            budget.deadline();
+            tokio::time::sleep_until(before_k2v()).await;
         } => tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway"),
     }
-    // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same deadline).
-    for task in background {
-        let _ = tokio::time::timeout(config.shutdown_timeout(), task).await;
+    // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same budget).
+    tasks.close();
+    if tokio::time::timeout_at(before_k2v(), tasks.wait()).await.is_err() {
+        tracing::warn!("background tasks did not stop within SHUTDOWN_TIMEOUT; stopping anyway");
     }
     if let Some(v2k) = &v2k {
-        match v2k.producer().flush(config.shutdown_timeout()).await {
+        let left = before_k2v().saturating_duration_since(tokio::time::Instant::now());
+        match v2k.producer().flush(left).await {
             Ok(()) => tracing::info!("Kafka producer flushed"),
             Err(left) => tracing::error!(left, "Kafka producer not flushed within SHUTDOWN_TIMEOUT; records lost"),
         }
@@ -145,37 +132,34 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     if let Some(k2v) = k2v {
         k2v.shutdown().await;
     }
-    upkeep.abort();
-    tracing::info!("stopped");
+    tracing::info!(took = ?budget.total().saturating_sub(budget.remaining()), "stopped");
     Ok(())
 }
 
-fn start_v2k(config: &Config, brokers: &str, metrics: &Metrics) -> anyhow::Result<V2k> {
-    let v = &config.v2k;
-    if v.v2k_topic_suffix.is_empty()
-        || v.v2k_topic_suffix.contains(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c)))
-    {
-        return Err(ConfigError {
-            variable: "V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX",
-            problem: "must be a non-empty Kafka topic part ([A-Za-z0-9._-])".into(),
-        }
-        .into());
+fn start_v2k(
+    parts: V2kParts,
+    policy: &Arc<Policy>,
+    metrics: &Metrics,
+    readiness: &mut Readiness,
+    tasks: &TaskTracker,
+    shutdown: &CancellationToken,
+    budget: &Budget,
+) -> anyhow::Result<Arc<V2k>> {
+    let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
+    let v2k = Arc::new(V2k::new(producer, parts.settings, metrics));
+    tasks.spawn(watch_kafka(v2k.clone(), readiness.probe("kafka"), shutdown.clone()));
+    if let Some(subscription) = parts.subscription {
+        // The subscription counts its drain from the cancellation, as the budget's deadline does.
+        tasks.spawn(crate::v2k::subscription::run(
+            subscription,
+            v2k.clone(),
+            policy.clone(),
+            readiness.probe("v2k_mqtt"),
+            shutdown.clone(),
+            budget.total(),
+        ));
     }
-    let producer = Producer::new(&ProducerSettings {
-        brokers: brokers.to_string(),
-        compression: v.kafka_compression.clone(),
-        linger_ms: v.kafka_linger_ms,
-        delivery_timeout_ms: v.v2k_delivery_timeout_ms,
-        client_id: config.mqtt.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into()),
-    })
-    .context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
-    let settings = V2kSettings {
-        mode: v.v2k_mode,
-        contract: Contract { topic_suffix: v.v2k_topic_suffix.clone(), max_payload_bytes: v.v2k_max_payload_bytes },
-        ack_timeout: Duration::from_millis(v.v2k_ack_timeout_ms),
-        gate_max_queue: v.v2k_gate.then_some(v.v2k_gate_max_queue),
-    };
-    Ok(V2k::new(producer, settings, metrics))
+    Ok(v2k)
 }
 
 /// Keeps the Kafka readiness probe current.

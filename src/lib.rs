@@ -9,7 +9,8 @@
 //! - [`cert`]: reading the client certificates VerneMQ forwards.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
 //!   health check (`iotagent-mqtt healthcheck`).
-//! - [`config`]: flags and environment variables; [`secret`]: values kept out of logs; [`app`]: start and stop order.
+//! - [`config`]: flags and environment variables, translated into each module's settings (the top layer, with
+//!   [`app`]: start and stop order); [`shutdown`]: the shutdown budget; [`secret`]: values kept out of logs.
 
 #![forbid(unsafe_code)]
 
@@ -28,6 +29,7 @@ pub mod policy;
 pub mod schedule;
 pub mod secret;
 pub mod sessions;
+pub mod shutdown;
 pub mod telemetry;
 pub mod v2k;
 pub mod webhooks;

@@ -11,8 +11,22 @@ fn main() -> ExitCode {
     service()
 }
 
-#[tokio::main]
-async fn service() -> ExitCode {
+fn service() -> ExitCode {
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(serve_until_stopped());
+    // Every shutdown step is over or out of budget: do not wait for blocking calls still running (a commit to an
+    // unreachable coordinator), or the process would outlive SHUTDOWN_TIMEOUT.
+    runtime.shutdown_background();
+    code
+}
+
+async fn serve_until_stopped() -> ExitCode {
     let config = match Config::from_env_and_args(std::env::args_os()) {
         Ok(config) => config,
         Err(e) => {

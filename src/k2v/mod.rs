@@ -1,7 +1,6 @@
 //! Commands to devices (K2V): device-manager events consumed from Kafka, each device's configuration published to
 //! `<tenant>:<device>/config` through the service's MQTT 5 client, offsets committed only after the broker's answer.
 
-mod config;
 pub mod event;
 
 use std::collections::HashMap;
@@ -13,7 +12,6 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
-pub use config::K2vArgs;
 pub use event::{Action, EventError, EventRules, SkipReason};
 
 use crate::health::Probe;
@@ -22,9 +20,10 @@ use crate::kafka::producer::{Producer, ProducerSettings};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSettings;
 use crate::mqtt::publisher::{Ack, Outcome, PublishError, Publisher, Refusal};
+use crate::shutdown::Budget;
 
-/// Client id role of the K2V publisher (`<MQTT_CLIENT_ID>-k2v`).
-const ROLE: &str = "k2v";
+/// Client id role of the K2V publisher and consumer (`<MQTT_CLIENT_ID>-k2v`).
+pub const ROLE: &str = "k2v";
 /// How often the in-flight gauge and the re-sent counter are refreshed.
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after a consumer error, so a broker outage does not spin.
@@ -34,6 +33,8 @@ const DEAD_LETTER_SUFFIX: &str = ".dead-letter";
 /// Bound on one dead letter (topic lookup, then Kafka's ack): the refused event's offset completes after it anyway.
 const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
 const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+/// Part of the shutdown budget kept for the final commit and the disconnects after waiting for PUBACKs.
+const COMMIT_RESERVE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Clone)]
 pub struct K2vSettings {
@@ -158,7 +159,7 @@ impl K2v {
         metrics: &Metrics,
         kafka_probe: Probe,
         mqtt_probe: Probe,
-        drain: Duration,
+        budget: Budget,
     ) -> Result<Self, K2vError> {
         let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
         // Dead letters are rare: no compression or batching to configure.
@@ -188,12 +189,12 @@ impl K2v {
             metrics: K2vMetrics::new(metrics),
         };
         tracing::info!(pattern = %settings.consumer.topic_pattern, group = %settings.consumer.group_id, "K2V started");
-        let task = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, dead_rx, stop.clone(), drain)));
+        let task = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, dead_rx, stop.clone(), budget)));
         Ok(Self { stop, task })
     }
 
-    /// Stops consuming, waits for in-flight publishes (up to the drain deadline given at start), commits what was
-    /// acknowledged, then disconnects from the broker.
+    /// Stops consuming, waits for in-flight publishes, commits what was acknowledged, then disconnects from the
+    /// broker, all within the shutdown budget given at start.
     pub async fn shutdown(self) {
         self.stop.cancel();
         if let Err(error) = self.task.await {
@@ -234,7 +235,7 @@ impl Bridge {
         mut acks: mpsc::UnboundedReceiver<Ack>,
         mut dead: mpsc::UnboundedReceiver<Position>,
         stop: CancellationToken,
-        drain: Duration,
+        budget: Budget,
     ) {
         // Consumption stops by itself while the broker is unreachable: no acks come back, so the in-flight bound is
         // reached after at most K2V_MAX_IN_FLIGHT messages, which the publisher holds and re-sends after the
@@ -311,7 +312,7 @@ impl Bridge {
         }
         // The lag task borrows the consumer, whose close waits for every call in progress.
         drop(lag);
-        self.stop(acks, dead, drain).await;
+        self.stop(acks, dead, budget).await;
     }
 
     fn answered(&mut self, ack: Ack) {
@@ -424,17 +425,19 @@ impl Bridge {
     }
 
     /// Shutdown order: no more consuming (the loop has ended) → acks of in-flight publishes until the deadline →
-    /// commit of what is acknowledged → MQTT disconnect → leave the consumer group.
+    /// commit of what is acknowledged → MQTT disconnect → leave the consumer group, all before the budget's deadline.
+    /// Refused events whose dead letter is under way count as in flight.
     async fn stop(
         mut self,
         mut acks: mpsc::UnboundedReceiver<Ack>,
         mut dead: mpsc::UnboundedReceiver<Position>,
-        drain: Duration,
+        budget: Budget,
     ) {
-        let deadline = tokio::time::Instant::now() + drain;
+        let deadline = budget.deadline();
+        let acks_until = budget.before(COMMIT_RESERVE);
         while !self.waiting.is_empty() || self.dead_pending > 0 {
             tokio::select! {
-                () = tokio::time::sleep_until(deadline) => break,
+                () = tokio::time::sleep_until(acks_until) => break,
                 ack = acks.recv(), if !self.waiting.is_empty() => match ack {
                     Some(ack) => self.answered(ack),
                     None => break,
@@ -449,17 +452,15 @@ impl Bridge {
             );
         }
         // Bounded: a synchronous commit waits for the group coordinator, which may be unreachable.
-        let commit_deadline = deadline.max(tokio::time::Instant::now() + Duration::from_secs(2));
-        match tokio::time::timeout_at(commit_deadline, self.consumer.commit()).await {
+        match tokio::time::timeout_at(deadline, self.consumer.commit()).await {
             Ok(Ok(())) => tracing::info!("K2V offsets committed"),
             Ok(Err(error)) => tracing::error!(%error, "K2V final commit"),
             Err(_) => tracing::error!("K2V final commit timed out; the periodic commits stand"),
         }
-        let remaining = deadline.saturating_duration_since(tokio::time::Instant::now());
-        self.publisher.close(remaining).await;
+        self.publisher.close(budget.remaining()).await;
         self.metrics.in_flight.set(0.0);
         // Leaving the group lets another instance take the partitions over at once; with Kafka away it cannot.
-        self.consumer.close(Duration::from_secs(5)).await;
+        self.consumer.close(budget.remaining()).await;
         tracing::info!("K2V stopped");
     }
 }
@@ -504,71 +505,20 @@ async fn dead_letter(producer: &Producer, topics: &TopicChecker, waiting: Waitin
     }
 }
 
-/// Settings from the configuration, or `None` when K2V is off or a broker is not configured.
-///
-/// # Errors
-/// An invalid K2V option.
-pub fn settings(config: &crate::Config) -> Result<Option<K2vSettings>, crate::config::ConfigError> {
-    let k = &config.k2v;
-    let (Some(brokers), Some(mqtt)) = (&config.kafka_brokers, config.mqtt_settings()?) else { return Ok(None) };
-    if !k.k2v_enabled {
-        return Ok(None);
-    }
-    let policy = config.policy()?;
-    let consumer = ConsumerSettings {
-        brokers: brokers.clone(),
-        group_id: k.k2v_consumer_group.clone(),
-        client_id: format!("{}-{ROLE}", mqtt.client_id),
-        topic_pattern: k.topic_pattern()?,
-        commit_interval: Duration::from_millis(k.k2v_commit_interval_ms),
-        session_timeout: Duration::from_millis(k.k2v_session_timeout_ms),
-        metadata_refresh: k.metadata_refresh(),
-        auto_offset_reset: k.k2v_auto_offset_reset.clone(),
-        stats_interval: Duration::from_millis(k.k2v_stats_interval_ms),
-    };
-    Ok(Some(K2vSettings {
-        rules: EventRules {
-            id_charset: policy.id_charset,
-            config_suffix: policy.config_suffix,
-            max_message_size: policy.max_message_size,
-        },
-        retain: k.k2v_retain,
-        max_in_flight: k.k2v_max_in_flight,
-        lag_interval: Duration::from_millis(k.k2v_lag_interval_ms),
-        consumer,
-        mqtt,
-    }))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn config(args: &[&str]) -> crate::Config {
-        crate::Config::from_env_and_args(std::iter::once("iotagent-mqtt").chain(args.iter().copied())).unwrap()
+    #[test]
+    fn tenant_and_device_of_a_config_topic() {
+        assert_eq!(tenant_device("admin:a1998e/config"), ("admin", "a1998e"));
+        assert_eq!(tenant_device("odd"), ("odd", ""));
     }
 
     #[test]
-    fn runs_only_with_both_brokers_and_not_disabled() {
-        let both = ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--mqtt-client-id", "gw1"];
-        let on = settings(&config(&both)).unwrap().expect("K2V on");
-        assert_eq!(on.consumer.topic_pattern, r"^.+\.dojot\.device-manager\.device$");
-        assert_eq!(on.consumer.group_id, "k2v-bridge-group-id");
-        assert_eq!(on.consumer.client_id, "gw1-k2v");
-        assert_eq!(on.rules.config_suffix, "config");
-        assert!(!on.retain);
-        assert_eq!(on.rules.max_message_size, None);
-        let limited = [&both[..], &["--max-message-size", "4096"]].concat();
-        assert_eq!(settings(&config(&limited)).unwrap().unwrap().rules.max_message_size, Some(4096));
-        assert_eq!(tenant_device("admin:a1998e/config"), ("admin", "a1998e"));
-        assert_eq!(tenant_device("odd"), ("odd", ""));
-        assert!(settings(&config(&both[..2])).unwrap().is_none(), "no MQTT_URL");
-        assert!(settings(&config(&both[2..])).unwrap().is_none(), "no KAFKA_BROKERS");
-        let off = [&both[..], &["--k2v-enabled", "off"]].concat();
-        assert!(settings(&config(&off)).unwrap().is_none(), "K2V_ENABLED=off");
-        let bad = [&both[..], &["--k2v-topic-suffix", "a b"]].concat();
-        assert_eq!(settings(&config(&bad)).unwrap_err().variable, "K2V_MESSENGER_CONSUME_TOPIC_SUFFIX");
-        let suffix = [&both[..], &["--config-suffix", "cmd"]].concat();
-        assert_eq!(settings(&config(&suffix)).unwrap().unwrap().rules.config_suffix, "cmd");
+    fn dead_letter_outcomes_are_listed_in_declaration_order() {
+        for (index, outcome) in DeadLetter::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{}", outcome.name());
+        }
     }
 }

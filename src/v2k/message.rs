@@ -5,16 +5,8 @@ use serde_json::{Map, Value};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::kafka::producer::Record;
 use crate::policy::DeviceId;
-
-/// A record ready for the producer.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Record {
-    pub topic: String,
-    pub key: String,
-    pub value: Vec<u8>,
-    pub headers: Vec<(&'static str, String)>,
-}
 
 /// Why a payload cannot be device data. The reason travels in the dead letter's `reason` header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]

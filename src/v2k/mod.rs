@@ -12,10 +12,54 @@ use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::oneshot;
 
 pub use self::message::{Contract, Invalid, Outcome};
-use crate::config::V2kMode;
 use crate::kafka::producer::{ProduceError, Producer};
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
+
+/// How device publishes reach Kafka (ARCHITECTURE.md §3, §5).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Mode {
+    /// Produce from the on_publish webhook; the device's PUBACK waits for Kafka's ack (up to V2K_ACK_TIMEOUT_MS).
+    #[value(name = "on_publish")]
+    OnPublish,
+    /// Produce inside auth_on_publish and refuse the publish when Kafka does not ack: end-to-end at-least-once.
+    #[value(name = "auth_on_publish")]
+    AuthOnPublish,
+    /// Shared subscription `$share/<group>/+/attrs` with manual acks: no per-message webhook.
+    #[value(name = "subscription")]
+    Subscription,
+}
+
+/// V2K's answer to auth_on_publish for a device's publish.
+#[derive(Debug)]
+pub enum Admission {
+    /// Let it through (in strict mode: Kafka holds the record).
+    Admit,
+    /// Strict mode needs the payload, and the hook was registered without it.
+    NeedsPayload,
+    /// Kafka cannot take it now: refuse, so that the device keeps the message and sends it again.
+    Unavailable(Unavailable),
+}
+
+/// Why V2K cannot take a device publish now.
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("V2K gate closed: Kafka is behind")]
+    GateClosed,
+    #[error(transparent)]
+    NotAcknowledged(ProduceError),
+}
+
+/// V2K's answer to on_publish for a device's publish.
+#[derive(Debug)]
+pub enum Notice {
+    /// Forwarded (acknowledged, or still queued past the ack deadline), or nothing to do in this mode.
+    Done,
+    /// on_publish mode needs the payload, and the hook was registered without it.
+    NeedsPayload,
+    /// The record cannot be delivered.
+    NotDelivered(ProduceError),
+}
 
 /// How the payload arrived.
 #[derive(Debug, Clone, Copy)]
@@ -85,7 +129,7 @@ impl V2kMetrics {
 /// Settings of the forwarder, from configuration.
 #[derive(Debug, Clone)]
 pub struct V2kSettings {
-    pub mode: V2kMode,
+    pub mode: Mode,
     pub contract: Contract,
     pub ack_timeout: Duration,
     /// Some(bound) when the on_publish gate is on.
@@ -111,16 +155,45 @@ impl V2k {
         Self { producer, settings, metrics: Arc::new(V2kMetrics::new(metrics)) }
     }
 
-    pub fn mode(&self) -> V2kMode {
-        self.settings.mode
-    }
-
     pub fn producer(&self) -> &Producer {
         &self.producer
     }
 
+    /// Whether VerneMQ may cache an allowed publish: not in strict mode nor with the gate, which decide per message.
+    pub fn publish_cacheable(&self) -> bool {
+        self.settings.mode != Mode::AuthOnPublish && self.settings.gate_max_queue.is_none()
+    }
+
+    /// auth_on_publish of a device: strict mode forwards and admits once Kafka holds the record; the other modes
+    /// admit unless the gate is closed.
+    pub async fn admit(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: Option<&str>, qos: u8) -> Admission {
+        if self.settings.mode != Mode::AuthOnPublish {
+            return if self.accepting() { Admission::Admit } else { Admission::Unavailable(Unavailable::GateClosed) };
+        }
+        let Some(payload) = payload else { return Admission::NeedsPayload };
+        // Strict: admitted only once Kafka holds the record; otherwise the device keeps it and sends it again.
+        match self.forward(device, mqtt_topic, Payload::Base64(payload), qos).await {
+            Ok(()) => Admission::Admit,
+            Err(e) => Admission::Unavailable(Unavailable::NotAcknowledged(e)),
+        }
+    }
+
+    /// on_publish of a device's data: forwards in on_publish mode, does nothing in the others.
+    pub async fn notify(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: Option<&str>, qos: u8) -> Notice {
+        if self.settings.mode != Mode::OnPublish {
+            return Notice::Done;
+        }
+        let Some(payload) = payload else { return Notice::NeedsPayload };
+        // VerneMQ sends the device's PUBACK only after the reply: waiting for Kafka's ack makes the PUBACK mean "in
+        // Kafka" whenever Kafka answers within the deadline.
+        match self.forward(device, mqtt_topic, Payload::Base64(payload), qos).await {
+            Ok(()) | Err(ProduceError::Pending(_)) => Notice::Done,
+            Err(e) => Notice::NotDelivered(e),
+        }
+    }
+
     /// The gate: whether device publishes should be accepted now (always true without the gate).
-    pub fn accepting(&self) -> bool {
+    fn accepting(&self) -> bool {
         match self.settings.gate_max_queue {
             None => true,
             Some(bound) => self.producer.is_healthy() && self.producer.in_flight() < bound,
@@ -195,10 +268,7 @@ impl V2k {
 
     /// Webhook modes: forwards one publish. QoS 0 returns once queued; QoS 1/2 waits for Kafka's ack up to the ack
     /// deadline. `Err(Pending)` means the record is still queued and will be retried by the producer.
-    ///
-    /// # Errors
-    /// Not acknowledged in time, or not deliverable.
-    pub async fn forward(
+    async fn forward(
         &self,
         device: DeviceId<'_>,
         mqtt_topic: &str,

@@ -12,9 +12,17 @@ use crate::mqtt::MqttSettings;
 use crate::mqtt::subscriber::{self, Message};
 use crate::policy::Policy;
 
+/// The internal client's shared subscription.
+#[derive(Debug, Clone)]
+pub struct SubscriptionSettings {
+    pub mqtt: MqttSettings,
+    /// `$share/<group>/+/<attrs>`.
+    pub filter: String,
+}
+
+/// Runs until `shutdown`; messages being handled then get `drain` to be acknowledged by Kafka.
 pub async fn run(
-    settings: MqttSettings,
-    filter: String,
+    settings: SubscriptionSettings,
     v2k: Arc<V2k>,
     policy: Arc<Policy>,
     probe: Probe,
@@ -31,5 +39,5 @@ pub async fn run(
             }
         }
     };
-    subscriber::run(settings, "v2k", filter, probe, handle, shutdown, drain).await;
+    subscriber::run(settings.mqtt, "v2k", settings.filter, probe, handle, shutdown, drain).await;
 }

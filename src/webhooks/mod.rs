@@ -18,9 +18,10 @@ use axum::http::{HeaderMap, header};
 use axum::response::Response;
 use axum::routing::post;
 
-pub use reply::Reply;
+use metrics::{Counter, Histogram};
+pub use reply::{Outcome, Reply};
 
-use crate::metrics::{HookMetrics, Metrics};
+use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::sessions::SessionRegistry;
 use crate::v2k::V2k;
@@ -89,6 +90,32 @@ pub struct CachePolicy {
     pub subscribe: Option<u32>,
 }
 
+/// One hook's requests by outcome, and its latency.
+struct HookMetrics {
+    /// Indexed like [`Outcome::ALL`].
+    outcomes: [Counter; Outcome::ALL.len()],
+    latency: Histogram,
+}
+
+impl HookMetrics {
+    fn new(metrics: &Metrics, hook: Hook) -> Self {
+        Self {
+            outcomes: Outcome::ALL.map(|outcome| {
+                metrics.counter(
+                    "iotagent_webhook_requests_total",
+                    "Webhook requests by hook and outcome",
+                    &[("hook", hook.name()), ("outcome", outcome.name())],
+                )
+            }),
+            latency: metrics.histogram(
+                "iotagent_webhook_duration_seconds",
+                "Time from request to reply, by hook",
+                &[("hook", hook.name())],
+            ),
+        }
+    }
+}
+
 /// What the hook handlers share.
 #[derive(Clone)]
 pub struct HookState {
@@ -109,7 +136,7 @@ impl HookState {
         v2k: Option<Arc<V2k>>,
         metrics: &Metrics,
     ) -> Self {
-        let per_hook = Hook::ALL.map(|hook| HookMetrics::new(metrics, hook.name()));
+        let per_hook = Hook::ALL.map(|hook| HookMetrics::new(metrics, hook));
         Self { policy, sessions, cache, max_body_bytes, v2k, metrics: Arc::new(per_hook) }
     }
 
@@ -173,22 +200,17 @@ async fn dispatch(hook: Hook, state: &HookState, headers: &HeaderMap, body: &[u8
 
 fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
     let metrics = state.metrics(hook);
+    // `Outcome::ALL` lists the variants in declaration order.
+    metrics.outcomes[reply.outcome() as usize].increment(1);
     match reply {
-        Reply::Allow { .. } => metrics.allowed.increment(1),
-        Reply::Deny(_) => metrics.denied.increment(1),
-        Reply::Notified => metrics.notified.increment(1),
         Reply::Unavailable(message) => {
-            metrics.unavailable.increment(1);
             tracing::warn!(hook = hook.name(), %message, "publish refused: Kafka cannot take it now");
         }
         Reply::BadRequest(message) => {
-            metrics.bad_request.increment(1);
-            tracing::warn!(hook = hook.name(), %message, "rejected malformed webhook request");
+            tracing::warn!(hook = hook.name(), %message, "rejected malformed webhook request")
         }
-        Reply::Failed(message) => {
-            metrics.failed.increment(1);
-            tracing::error!(hook = hook.name(), %message, "webhook failed");
-        }
+        Reply::Internal(message) => tracing::error!(hook = hook.name(), %message, "webhook failed"),
+        Reply::Allow { .. } | Reply::Deny(_) | Reply::Notified => {}
     }
     metrics.latency.record(started.elapsed().as_secs_f64());
 }
@@ -209,12 +231,33 @@ fn check_hook_header(hook: Hook, headers: &HeaderMap) -> Result<(), Reply> {
 
 #[cfg(test)]
 mod tests {
-    use super::Hook;
+    use super::*;
 
     #[test]
-    fn all_lists_hooks_in_declaration_order() {
+    fn all_lists_hooks_and_outcomes_in_declaration_order() {
         for (index, hook) in Hook::ALL.iter().enumerate() {
             assert_eq!(*hook as usize, index, "{}", hook.name());
+        }
+        for (index, outcome) in Outcome::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{}", outcome.name());
+        }
+    }
+
+    #[test]
+    fn metrics_are_labelled_by_hook_and_outcome() {
+        let m = Metrics::new();
+        let h = HookMetrics::new(&m, Hook::AuthOnPublish);
+        h.outcomes[Outcome::Allow as usize].increment(2);
+        h.outcomes[Outcome::Internal as usize].increment(1);
+        h.latency.record(0.0003);
+        m.upkeep();
+        let text = m.render();
+        for line in [
+            r#"iotagent_webhook_requests_total{hook="auth_on_publish",outcome="allow"} 2"#,
+            r#"iotagent_webhook_requests_total{hook="auth_on_publish",outcome="internal"} 1"#,
+            r#"iotagent_webhook_duration_seconds_bucket{hook="auth_on_publish",le="0.0005"} 1"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
         }
     }
 }

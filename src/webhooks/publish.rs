@@ -2,10 +2,8 @@
 //! modes of V2K.
 
 use super::{HookState, Reply, wire};
-use crate::config::V2kMode;
-use crate::kafka::producer::ProduceError;
 use crate::policy::Principal;
-use crate::v2k::Payload;
+use crate::v2k::{Admission, Notice};
 
 pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
     let req: wire::Publish = match wire::parse(body) {
@@ -21,24 +19,17 @@ pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
             return Reply::Deny(reason);
         }
     };
-    let device = match principal {
-        Principal::Device(device) => Some(device),
-        Principal::Service => None,
-    };
-    match (&state.v2k, device) {
-        (Some(v2k), Some(device)) if v2k.mode() == V2kMode::AuthOnPublish => {
-            let Some(payload) = req.payload.as_deref() else {
+    let cacheable = principal.publish_cacheable() && state.v2k.as_ref().is_none_or(|v2k| v2k.publish_cacheable());
+    if let (Some(v2k), Principal::Device(device)) = (&state.v2k, principal) {
+        match v2k.admit(device, &req.topic, req.payload.as_deref(), req.qos).await {
+            Admission::Admit => {}
+            Admission::NeedsPayload => {
                 return Reply::BadRequest("strict V2K mode needs the payload: register with no_payload = off".into());
-            };
-            // Strict: ok only once Kafka holds the record; otherwise the device keeps it and sends it again.
-            match v2k.forward(device, &req.topic, Payload::Base64(payload), req.qos).await {
-                Ok(()) => Reply::ok(None),
-                Err(e) => Reply::Unavailable(e.to_string()),
             }
+            Admission::Unavailable(reason) => return Reply::Unavailable(reason.to_string()),
         }
-        (Some(v2k), Some(_)) if !v2k.accepting() => Reply::Unavailable("V2K gate closed: Kafka is behind".into()),
-        _ => Reply::ok(state.cache.publish.filter(|_| principal.publish_cacheable())),
     }
+    Reply::ok(state.cache.publish.filter(|_| cacheable))
 }
 
 pub async fn on_publish(state: &HookState, body: &[u8]) -> Reply {
@@ -46,20 +37,14 @@ pub async fn on_publish(state: &HookState, body: &[u8]) -> Reply {
         Ok(req) => req,
         Err(reply) => return reply,
     };
-    let Some(v2k) = state.v2k.as_ref().filter(|v| v.mode() == V2kMode::OnPublish) else {
-        return Reply::Notified;
-    };
+    let Some(v2k) = &state.v2k else { return Reply::Notified };
     // Only a device's own attrs are device data: the service's config publishes fire this hook too.
     let Some(device) = state.policy.device_data_source(req.username.as_deref(), &req.topic) else {
         return Reply::Notified;
     };
-    let Some(payload) = req.payload.as_deref() else {
-        return Reply::BadRequest("on_publish without payload".into());
-    };
-    // VerneMQ sends the device's PUBACK only after this reply: waiting for Kafka's ack makes the PUBACK mean "in
-    // Kafka" whenever Kafka answers within the deadline.
-    match v2k.forward(device, &req.topic, Payload::Base64(payload), req.qos).await {
-        Ok(()) | Err(ProduceError::Pending(_)) => Reply::Notified,
-        Err(e) => Reply::Failed(format!("device record for {device} not delivered: {e}")),
+    match v2k.notify(device, &req.topic, req.payload.as_deref(), req.qos).await {
+        Notice::Done => Reply::Notified,
+        Notice::NeedsPayload => Reply::BadRequest("on_publish without payload".into()),
+        Notice::NotDelivered(e) => Reply::Internal(format!("device record for {device} not delivered: {e}")),
     }
 }

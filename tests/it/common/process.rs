@@ -43,6 +43,19 @@ impl ServiceProcess {
         self.child.wait().ok();
     }
 
+    /// SIGTERM; the exit status and how long the exit took, failing past `limit`.
+    pub async fn terminate_within(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let signalled = Instant::now();
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait for the service") {
+                return (status, signalled.elapsed());
+            }
+            assert!(signalled.elapsed() < limit, "no exit within {limit:?} of SIGTERM");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// SIGTERM, then waits (bounded: a shutdown that hangs is a failure, not a stuck test).
     pub fn terminate(mut self) -> ExitStatus {
         let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();

@@ -5,7 +5,7 @@ use super::*;
 
 const DEVICES: usize = 5;
 const PER_DEVICE: u64 = 400;
-const PARTITIONS: i32 = 4;
+pub(super) const PARTITIONS: i32 = 4;
 
 fn device_name(i: usize) -> String {
     format!("dev{i}")
@@ -46,17 +46,17 @@ fn check(devices: &[Subscriber]) -> Outcome {
 }
 
 /// (partition, offset).
-type KafkaPosition = (i32, i64);
+pub(super) type KafkaPosition = (i32, i64);
 
-struct Stream {
+pub(super) struct Stream {
     /// (partition, offset) → (device, n) of every produced event.
-    produced: Arc<Mutex<HashMap<KafkaPosition, (usize, u64)>>>,
-    task: JoinHandle<()>,
+    pub(super) produced: Arc<Mutex<HashMap<KafkaPosition, (usize, u64)>>>,
+    pub(super) task: JoinHandle<()>,
 }
 
 /// Produces PER_DEVICE configure events for each device, interleaved, keyed by device (so each device's events share a
 /// partition), at about `rate` events/s.
-fn stream(kafka: &Tansu, rate: u64) -> Stream {
+pub(super) fn stream(kafka: &Tansu, rate: u64) -> Stream {
     let producer = producer(kafka);
     let produced = Arc::new(Mutex::new(HashMap::new()));
     let task = tokio::spawn({
@@ -85,7 +85,7 @@ fn stream(kafka: &Tansu, rate: u64) -> Stream {
     Stream { produced, task }
 }
 
-async fn devices(port: u16) -> Vec<Subscriber> {
+pub(super) async fn devices(port: u16) -> Vec<Subscriber> {
     let mut out = Vec::new();
     for i in 0..DEVICES {
         let name = format!("admin:{}", device_name(i));
@@ -110,7 +110,12 @@ async fn wait_all_delivered(devices: &[Subscriber], timeout: Duration) -> bool {
 
 /// Every event below the committed offset of its partition was delivered: a commit never passed an event the
 /// broker had not acknowledged (the broker holds acknowledged ones for the persistent device sessions).
-async fn assert_commits_only_cover_delivered(kafka: &Tansu, group: &str, stream: &Stream, devices: &[Subscriber]) {
+pub(super) async fn assert_commits_only_cover_delivered(
+    kafka: &Tansu,
+    group: &str,
+    stream: &Stream,
+    devices: &[Subscriber],
+) {
     let committed = committed(kafka, group, &topic("admin"), PARTITIONS);
     let covered: Vec<(usize, u64)> = stream
         .produced

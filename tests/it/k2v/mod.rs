@@ -3,6 +3,7 @@
 
 mod faults;
 mod refusals;
+mod shutdown;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};

@@ -1,0 +1,221 @@
+//! Configuration from command-line flags and environment variables, validated before anything starts.
+//!
+//! The top layer: each part (`policy`, `webhooks`, `mqtt`, `v2k`, `k2v`) is a clap `Args` struct with the function
+//! that validates it into the owning module's settings type. Nothing below `app` imports this module.
+
+mod k2v;
+mod mqtt;
+mod policy;
+mod v2k;
+mod webhooks;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{CommandFactory, Parser};
+
+pub use self::k2v::K2vArgs;
+pub use self::mqtt::MqttArgs;
+pub use self::policy::PolicyArgs;
+pub use self::v2k::{V2kArgs, V2kParts};
+pub use self::webhooks::WebhookArgs;
+use crate::k2v::K2vSettings;
+use crate::mqtt::MqttSettings;
+use crate::policy::PolicyConfig;
+use crate::webhooks::CachePolicy;
+
+/// iotagent-mqtt: the device gateway beside stock VerneMQ, called through vmq_webhooks.
+///
+/// Every option is also an environment variable. Parts whose broker is not configured stay off: without
+/// KAFKA_BROKERS and MQTT_URL the service is an ACL and connection-lifetime webhook only.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "iotagent-mqtt", version, about, long_about = None)]
+pub struct Config {
+    /// Address of the webhook, health and metrics listener.
+    #[arg(long, env = "IOTAGENT_LISTEN", default_value = "0.0.0.0:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub policy: PolicyArgs,
+
+    #[command(flatten)]
+    pub webhooks: WebhookArgs,
+
+    /// Log format: json or text.
+    #[arg(long, env = "LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
+    pub log_format: String,
+
+    /// Seconds allowed for the whole clean shutdown (in-flight hooks, V2K drain and producer flush, K2V drain and
+    /// commit): one budget shared by every step.
+    #[arg(long, env = "SHUTDOWN_TIMEOUT", default_value_t = 10, value_name = "SECONDS")]
+    pub shutdown_timeout: u64,
+
+    /// Kafka bootstrap servers (`host:port,…`). Unset: device data and commands stay off (ACL only).
+    #[arg(long, env = "KAFKA_BROKERS")]
+    pub kafka_brokers: Option<String>,
+
+    #[command(flatten)]
+    pub mqtt: MqttArgs,
+
+    #[command(flatten)]
+    pub v2k: V2kArgs,
+
+    #[command(flatten)]
+    pub k2v: K2vArgs,
+}
+
+/// A configuration value that cannot work, naming the variable to fix.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {variable}: {problem}")]
+pub struct ConfigError {
+    pub variable: &'static str,
+    pub problem: String,
+}
+
+fn invalid(variable: &'static str, problem: impl Into<String>) -> ConfigError {
+    ConfigError { variable, problem: problem.into() }
+}
+
+/// A Kafka topic part (`<tenant>.<suffix>`): non-empty, `[A-Za-z0-9._-]` only.
+fn kafka_topic_part(variable: &'static str, value: &str) -> Result<(), ConfigError> {
+    if value.is_empty() || value.contains(|c: char| !(c.is_ascii_alphanumeric() || "._-".contains(c))) {
+        return Err(invalid(variable, format!("{value:?} must be a non-empty Kafka topic part ([A-Za-z0-9._-])")));
+    }
+    Ok(())
+}
+
+/// The validated configuration, each part in the terms of the module that owns it.
+#[derive(Debug)]
+pub struct Settings {
+    /// Complete: in subscription mode it names the service's shared subscription.
+    pub policy: PolicyConfig,
+    pub cache: CachePolicy,
+    pub max_body_bytes: usize,
+    /// V2K, when KAFKA_BROKERS is set.
+    pub v2k: Option<V2kParts>,
+    /// K2V, when KAFKA_BROKERS and MQTT_URL are set and K2V_ENABLED is on.
+    pub k2v: Option<K2vSettings>,
+    /// The whole shutdown's budget.
+    pub shutdown_timeout: Duration,
+}
+
+impl Config {
+    /// Parses flags and environment. Errors name the environment variable as well as the flag.
+    ///
+    /// # Errors
+    /// clap's error, ready to print (`--help` and `--version` come back as errors too, as clap does).
+    pub fn from_env_and_args<I, T>(args: I) -> Result<Self, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Self::try_parse_from(args).map_err(name_env_variable)
+    }
+
+    /// Checks what clap's types cannot and translates every part into its module's settings.
+    ///
+    /// # Errors
+    /// The first invalid value, naming its environment variable.
+    pub fn settings(&self) -> Result<Settings, ConfigError> {
+        let mut policy = self.policy.policy_config()?;
+        let mqtt = self.mqtt_settings()?;
+        let v2k = match &self.kafka_brokers {
+            Some(brokers) => Some(self.v2k.parts(brokers, &self.policy.attrs_suffix, &self.mqtt, mqtt.as_ref())?),
+            None => None,
+        };
+        if let Some(subscription) = v2k.as_ref().and_then(|v| v.subscription.as_ref()) {
+            policy.service_subscription = Some(subscription.filter.clone());
+            policy.service_max_inflight = Some(self.v2k.v2k_max_in_flight);
+        }
+        let k2v = match (&self.kafka_brokers, mqtt) {
+            (Some(brokers), Some(mqtt)) => self.k2v.settings(brokers, mqtt, &policy)?,
+            _ => None,
+        };
+        Ok(Settings {
+            cache: self.webhooks.cache(),
+            max_body_bytes: self.webhooks.webhook_max_body_bytes,
+            policy,
+            v2k,
+            k2v,
+            shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+        })
+    }
+
+    /// The internal MQTT client's settings, when MQTT_URL is set.
+    ///
+    /// # Errors
+    /// A malformed MQTT_URL, TLS files given for a plain URL or missing for mqtts://.
+    pub fn mqtt_settings(&self) -> Result<Option<MqttSettings>, ConfigError> {
+        self.mqtt.settings(&self.policy.mqtt_username, self.policy.mqtt_password.as_ref())
+    }
+}
+
+/// clap reports a bad value by its flag; operators set environment variables, so name that too.
+fn name_env_variable(error: clap::Error) -> clap::Error {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = error.get(ContextKind::InvalidArg) else { return error };
+    let command = Config::command();
+    let Some(env) = command
+        .get_arguments()
+        .find(|a| {
+            a.get_long().is_some_and(|long| arg.starts_with(&format!("--{long} ")) || *arg == format!("--{long}"))
+        })
+        .and_then(|a| a.get_env())
+    else {
+        return error;
+    };
+    let rendered = error.render().to_string();
+    let rendered = rendered.strip_prefix("error: ").unwrap_or(&rendered).trim_end();
+    let message = format!("{rendered}\n(set by flag or by the environment variable {})\n", env.to_string_lossy());
+    clap::Error::raw(error.kind(), message).with_cmd(&command)
+}
+
+#[cfg(test)]
+pub(crate) fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+    Config::from_env_and_args(std::iter::once("iotagent-mqtt").chain(args.iter().copied()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults() {
+        let c = parse(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), "0.0.0.0:8080");
+        let s = c.settings().unwrap();
+        assert!(s.v2k.is_none() && s.k2v.is_none(), "no brokers, ACL only");
+        assert_eq!(s.shutdown_timeout, Duration::from_secs(10));
+        assert_eq!((s.cache.register, s.cache.publish, s.cache.subscribe), (None, Some(300), Some(300)));
+    }
+
+    #[test]
+    fn invalid_values_name_their_variable() {
+        let err = parse(&["--max-connection-lifetime", "soon"]).unwrap_err().to_string();
+        assert!(err.contains("MAX_CONNECTION_LIFETIME"), "{err}");
+        let err = parse(&["--max-connection-lifetime-jitter", "80"]).unwrap_err().to_string();
+        assert!(err.contains("MAX_CONNECTION_LIFETIME_JITTER"), "{err}");
+        let err = parse(&["--client-id-policy", "free"]).unwrap_err().to_string();
+        assert!(err.contains("CLIENT_ID_POLICY"), "{err}");
+    }
+
+    #[test]
+    fn kafka_topic_parts() {
+        assert!(kafka_topic_part("X", "device-data.v1_a").is_ok());
+        for bad in ["", "a*b", "a b", "x$", "(a)", "a/b"] {
+            assert_eq!(kafka_topic_part("X", bad).unwrap_err().variable, "X", "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn subscription_mode_completes_the_policy() {
+        let both = ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--v2k-mode", "subscription"];
+        let s = parse(&both).unwrap().settings().unwrap();
+        assert_eq!(s.policy.service_subscription.as_deref(), Some("$share/v2k/+/attrs"));
+        assert_eq!(s.policy.service_max_inflight, Some(1000));
+        let err = parse(&[&both[..2], &both[4..]].concat()).unwrap().settings().unwrap_err();
+        assert_eq!(err.variable, "MQTT_URL");
+        let on_publish = parse(&both[..4]).unwrap().settings().unwrap();
+        assert_eq!(on_publish.policy.service_subscription, None);
+    }
+}

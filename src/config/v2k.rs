@@ -1,0 +1,143 @@
+//! V2K options, validated into the producer's settings, [`V2kSettings`] and the subscription's settings.
+
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+
+use super::{ConfigError, MqttArgs, invalid, kafka_topic_part};
+use crate::kafka::producer::ProducerSettings;
+use crate::mqtt::MqttSettings;
+use crate::v2k::subscription::SubscriptionSettings;
+use crate::v2k::{Contract, Mode, V2kSettings};
+
+/// Device data into Kafka.
+#[derive(Debug, Clone, clap::Args)]
+pub struct V2kArgs {
+    /// on_publish | auth_on_publish (strict) | subscription.
+    #[arg(long, env = "V2K_MODE", value_enum, default_value_t = Mode::OnPublish)]
+    pub v2k_mode: Mode,
+
+    /// on_publish mode: refuse device publishes in auth_on_publish while Kafka is unhealthy (no cache header then).
+    #[arg(long, env = "V2K_GATE", default_value = "false", action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub v2k_gate: bool,
+
+    /// The gate closes when more messages than this wait for Kafka.
+    #[arg(long, env = "V2K_GATE_MAX_QUEUE", default_value_t = 10_000)]
+    pub v2k_gate_max_queue: usize,
+
+    /// Kafka topic of device data is `<tenant>.<suffix>`; dead letters go to `<tenant>.<suffix>.dead-letter`.
+    #[arg(long, env = "V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX", default_value = "device-data")]
+    pub v2k_topic_suffix: String,
+
+    /// Larger payloads are dead-lettered.
+    #[arg(long, env = "V2K_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
+    pub v2k_max_payload_bytes: usize,
+
+    /// Webhook modes: how long a QoS 1/2 publish waits for Kafka's ack (below VerneMQ's 5 s webhook timeout).
+    #[arg(long, env = "V2K_ACK_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=4900))]
+    pub v2k_ack_timeout_ms: u64,
+
+    /// How long the producer retries a message before it counts as expired (librdkafka message.timeout.ms).
+    #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000)]
+    pub v2k_delivery_timeout_ms: u64,
+
+    /// Subscription mode: unacknowledged messages VerneMQ may hand the service at once (`max_inflight_messages`
+    /// modifier on the service's session).
+    #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000)]
+    pub v2k_max_in_flight: u32,
+
+    /// Subscription mode: shared subscription group.
+    #[arg(long, env = "V2K_SHARE_GROUP", default_value = "v2k")]
+    pub v2k_share_group: String,
+
+    /// Producer compression: none, gzip, snappy, lz4, zstd.
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    pub kafka_compression: String,
+
+    /// Producer linger (ms): how long a message may wait to share a batch.
+    #[arg(long, env = "KAFKA_LINGER_MS", default_value_t = 5)]
+    pub kafka_linger_ms: u64,
+}
+
+/// Everything V2K needs to start.
+#[derive(Debug, Clone)]
+pub struct V2kParts {
+    pub producer: ProducerSettings,
+    pub settings: V2kSettings,
+    /// Subscription mode: the internal client's shared subscription.
+    pub subscription: Option<SubscriptionSettings>,
+}
+
+impl V2kArgs {
+    /// V2K's settings for these brokers; `attrs_suffix` is the device data topic level the subscription covers.
+    ///
+    /// # Errors
+    /// An invalid topic suffix, or subscription mode without the internal MQTT client.
+    pub fn parts(
+        &self,
+        brokers: &str,
+        attrs_suffix: &str,
+        mqtt_args: &MqttArgs,
+        mqtt: Option<&MqttSettings>,
+    ) -> Result<V2kParts, ConfigError> {
+        kafka_topic_part("V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX", &self.v2k_topic_suffix)?;
+        let subscription = match (self.v2k_mode, mqtt) {
+            (Mode::Subscription, None) => {
+                return Err(invalid("MQTT_URL", "V2K_MODE=subscription needs the internal MQTT client"));
+            }
+            (Mode::Subscription, Some(mqtt)) => Some(SubscriptionSettings {
+                mqtt: mqtt.clone(),
+                filter: format!("$share/{}/+/{attrs_suffix}", self.v2k_share_group),
+            }),
+            _ => None,
+        };
+        let producer = ProducerSettings {
+            brokers: brokers.to_string(),
+            compression: self.kafka_compression.clone(),
+            linger_ms: self.kafka_linger_ms,
+            delivery_timeout_ms: self.v2k_delivery_timeout_ms,
+            client_id: mqtt_args.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into()),
+        };
+        let settings = V2kSettings {
+            mode: self.v2k_mode,
+            contract: Contract {
+                topic_suffix: self.v2k_topic_suffix.clone(),
+                max_payload_bytes: self.v2k_max_payload_bytes,
+            },
+            ack_timeout: Duration::from_millis(self.v2k_ack_timeout_ms),
+            gate_max_queue: self.v2k_gate.then_some(self.v2k_gate_max_queue),
+        };
+        Ok(V2kParts { producer, settings, subscription })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+    use super::*;
+
+    fn parts(args: &[&str]) -> Result<V2kParts, ConfigError> {
+        let c = parse(args).unwrap();
+        c.v2k.parts("k:9092", "attrs", &c.mqtt, c.mqtt_settings().unwrap().as_ref())
+    }
+
+    #[test]
+    fn defaults() {
+        let p = parts(&[]).unwrap();
+        assert_eq!(p.settings.mode, Mode::OnPublish);
+        assert_eq!(p.settings.contract.topic_suffix, "device-data");
+        assert_eq!(p.settings.gate_max_queue, None);
+        assert_eq!(p.producer.client_id, "iotagent-mqtt");
+        assert!(p.subscription.is_none());
+    }
+
+    #[test]
+    fn suffix_and_subscription_are_checked() {
+        let err = parts(&["--v2k-topic-suffix", "a b"]).unwrap_err();
+        assert_eq!(err.variable, "V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX");
+        assert_eq!(parts(&["--v2k-mode", "subscription"]).unwrap_err().variable, "MQTT_URL");
+        let p = parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v", "--v2k-share-group", "g"]).unwrap();
+        assert_eq!(p.subscription.unwrap().filter, "$share/g/+/attrs");
+        assert_eq!(parts(&["--v2k-gate", "on"]).unwrap().settings.gate_max_queue, Some(10_000));
+    }
+}

@@ -1,0 +1,63 @@
+//! The shutdown budget: one deadline for the whole stop (SHUTDOWN_TIMEOUT), fixed when shutdown starts and shared by
+//! every step, so that the steps together never take longer than the budget.
+
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+/// A budget whose deadline is fixed by the first call to [`Budget::deadline`]; clones share it.
+#[derive(Debug, Clone)]
+pub struct Budget {
+    total: Duration,
+    deadline: Arc<OnceLock<Instant>>,
+}
+
+impl Budget {
+    pub fn new(total: Duration) -> Self {
+        Self { total, deadline: Arc::new(OnceLock::new()) }
+    }
+
+    /// The whole budget.
+    pub fn total(&self) -> Duration {
+        self.total
+    }
+
+    /// The deadline: the first call (when shutdown starts) fixes it at now + the budget; later calls return it.
+    pub fn deadline(&self) -> Instant {
+        *self.deadline.get_or_init(|| Instant::now() + self.total)
+    }
+
+    /// What is left of the budget.
+    pub fn remaining(&self) -> Duration {
+        self.deadline().saturating_duration_since(Instant::now())
+    }
+
+    /// `reserve` before the deadline, bounded by half the budget (so a short budget still leaves time to wait) and
+    /// never before now: steps that must run last (a final commit) keep their share of the budget.
+    pub fn before(&self, reserve: Duration) -> Instant {
+        let reserve = reserve.min(self.total / 2);
+        self.deadline().checked_sub(reserve).unwrap_or_else(Instant::now).max(Instant::now())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_deadline_for_every_step() {
+        let budget = Budget::new(Duration::from_secs(10));
+        let step = budget.clone();
+        let deadline = budget.deadline();
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(step.deadline(), deadline, "fixed once, shared by clones");
+        assert!((Duration::from_secs(9)..Duration::from_secs(10)).contains(&step.remaining()));
+        assert_eq!(step.before(Duration::from_secs(2)), deadline - Duration::from_secs(2));
+        let short = Budget::new(Duration::from_secs(2));
+        assert_eq!(short.before(Duration::from_secs(2)), short.deadline() - Duration::from_secs(1), "half at most");
+        let spent = Budget::new(Duration::ZERO);
+        assert!(spent.before(Duration::from_secs(2)) >= spent.deadline());
+        assert_eq!(spent.remaining(), Duration::ZERO);
+    }
+}

@@ -1,0 +1,125 @@
+//! SIGTERM against the service process: one SHUTDOWN_TIMEOUT budget for every step, under load and with Kafka gone.
+
+use super::faults::{KafkaPosition, PARTITIONS, assert_commits_only_cover_delivered, devices, stream};
+use super::*;
+
+/// SIGTERM under load (K2V events streaming to devices, V2K publishes through on_publish): the process exits within
+/// SHUTDOWN_TIMEOUT (one budget for every step), the final commit covers every event the broker acknowledged, and
+/// every answered publish is in Kafka.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_under_load_exits_within_the_budget_with_everything_acknowledged_committed() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic("admin"), PARTITIONS).await;
+    crate::v2k::create_topics(&kafka, &["admin"]).await;
+    let (mqtt, device_port) = mosquitto("");
+    let devices = devices(device_port).await;
+    let group = "sigterm-budget";
+    // k2v_env's SHUTDOWN_TIMEOUT.
+    let budget = Duration::from_secs(5);
+    let mut env = k2v_env(&kafka, &mqtt.url(), group);
+    // QoS 0 publishes are answered at once: the linger keeps them in the producer until the flush at shutdown.
+    env.push(("KAFKA_LINGER_MS", "300".into()));
+
+    let stream = stream(&kafka, 250);
+    let mut process = ServiceProcess::start(&env);
+    process.wait_ready().await;
+    let url = format!("http://127.0.0.1:{}/vmq/on_publish", process.port);
+    let v2k_load: Vec<_> = (0..2u8)
+        .map(|qos| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                let device = format!("admin:sigterm{qos}");
+                let http = reqwest::Client::new();
+                let mut answered = 0u64;
+                loop {
+                    let payload = json!({"n": answered}).to_string();
+                    let body = crate::v2k::publish_body(&device, &format!("{device}/attrs"), payload.as_bytes(), qos);
+                    match http.post(&url).header("vernemq-hook", "on_publish").body(body).send().await {
+                        Ok(r) if r.status() == 200 => answered += 1,
+                        _ => break,
+                    }
+                }
+                (device, answered)
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+
+    let (status, took) = process.terminate_within(budget * 4).await;
+    stream.task.abort();
+    println!("SIGTERM under load: exited after {took:?} (budget {budget:?})");
+    assert!(status.success(), "a clean stop exits 0: {status}");
+    assert!(took <= budget, "the stop took {took:?}, over the {budget:?} budget");
+
+    // K2V: the commit covers every event the broker acknowledged (the devices received), and nothing more.
+    let committed = committed(&kafka, group, &topic("admin"), PARTITIONS);
+    let positions: HashMap<(usize, u64), KafkaPosition> =
+        stream.produced.lock().unwrap().iter().map(|(position, event)| (*event, *position)).collect();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let received: BTreeSet<(usize, u64)> = devices
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| {
+            d.received()
+                .into_iter()
+                .filter_map(move |(_, p)| Some((i, serde_json::from_slice::<Value>(&p).ok()?["n"].as_u64()?)))
+        })
+        .collect();
+    assert!(!received.is_empty(), "K2V delivered before the stop");
+    let uncommitted: Vec<_> = received
+        .iter()
+        .filter(|event| positions.get(event).is_none_or(|(p, o)| *o >= committed[*p as usize]))
+        .collect();
+    println!("committed {committed:?}; devices received {} events", received.len());
+    assert!(uncommitted.is_empty(), "acknowledged but not committed: {uncommitted:?}");
+    assert_commits_only_cover_delivered(&kafka, group, &stream, &devices).await;
+
+    // V2K: every answered publish is in Kafka.
+    let records = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(5)).await;
+    for load in v2k_load {
+        let (device, answered) = load.await.unwrap();
+        assert!(answered > 0, "{device} published before the stop");
+        let seen: BTreeSet<u64> = records
+            .iter()
+            .filter(|r| r.key.as_deref() == Some(device.as_str()))
+            .filter_map(|r| r.json()["attrs"]["n"].as_u64())
+            .collect();
+        let lost = (0..answered).filter(|n| !seen.contains(n)).count();
+        println!("{device}: answered {answered}, lost {lost}");
+        assert_eq!(lost, 0, "{device}: an answered publish is not in Kafka");
+    }
+    for d in devices {
+        d.stop().await;
+    }
+}
+
+/// With Kafka gone, the producer's flush and K2V's final commit can never finish: together they still end within
+/// the one SHUTDOWN_TIMEOUT budget (each used to get a full timeout of its own, and the commit could hold the
+/// process after that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_kafka_gone_exits_within_the_budget() {
+    let mut kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic("admin"), 1).await;
+    crate::v2k::create_topics(&kafka, &["admin"]).await;
+    let (mqtt, _device_port) = mosquitto("");
+    // k2v_env's SHUTDOWN_TIMEOUT.
+    let budget = Duration::from_secs(5);
+    let mut process = ServiceProcess::start(&k2v_env(&kafka, &mqtt.url(), "sigterm-kafka-gone"));
+    process.wait_ready().await;
+    kafka.stop();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // QoS 0 publishes are answered once queued: records the flush cannot deliver.
+    let url = format!("http://127.0.0.1:{}/vmq/on_publish", process.port);
+    let http = reqwest::Client::new();
+    let device = "admin:kafka-gone";
+    for n in 0..20 {
+        let body = crate::v2k::publish_body(device, &format!("{device}/attrs"), format!("{{\"n\":{n}}}").as_bytes(), 0);
+        let reply = http.post(&url).header("vernemq-hook", "on_publish").body(body).send().await.expect("on_publish");
+        assert_eq!(reply.status(), 200);
+    }
+    let (status, took) = process.terminate_within(budget * 4).await;
+    println!("SIGTERM with Kafka gone: exited after {took:?} (budget {budget:?})");
+    assert!(status.success(), "the stop is clean even when it cannot flush: {status}");
+    // The process's own exit (dropping the Kafka clients) comes after the budget's last step.
+    assert!(took <= budget + Duration::from_millis(1500), "the stop took {took:?}, over the {budget:?} budget");
+}
