@@ -27,7 +27,7 @@ pub struct RemovedReaderSettings {
 pub trait ReaderEvents: Send + 'static {
     fn message(&mut self, topic: &str, value: Option<&[u8]>);
     /// A Kafka error (logged by the reader; retried).
-    fn error(&mut self);
+    fn error(&mut self, error: &KafkaError);
     /// Every message that was in the topics when the reader started has been read.
     fn caught_up(&mut self);
 }
@@ -119,7 +119,7 @@ pub fn spawn(
                     }
                 }
                 Err(e) => {
-                    events.error();
+                    events.error(&e);
                     tracing::warn!(error = %e, "removed-device reader: Kafka error; retrying");
                     tokio::select! {
                         () = shutdown.cancelled() => break,
@@ -161,7 +161,7 @@ async fn end_offsets(
         match asked {
             Ok(Ok(catch_up)) => return Some(catch_up),
             Ok(Err(e)) => {
-                events.error();
+                events.error(&e);
                 tracing::warn!(error = %e, "removed-device reader: cannot read the end offsets; retrying");
             }
             Err(e) => tracing::error!(error = %e, "removed-device reader: end offsets task failed; retrying"),

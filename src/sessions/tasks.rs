@@ -15,6 +15,8 @@ use crate::kafka::removed::{KafkaError, ReaderEvents, RemovedReaderSettings};
 use crate::policy::IdCharset;
 use crate::schedule::Schedule;
 
+/// The `removed_devices` probe's reason until the history is read.
+const REPLAYING: &str = "reading the device-manager events Kafka held at start";
 /// How often expired entries are swept.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the CRL file's size and mtime are looked at, to re-read it on change between scheduled reads.
@@ -64,6 +66,7 @@ struct Sink {
     suffix: String,
     charset: IdCharset,
     ready: Probe,
+    caught_up: bool,
 }
 
 impl ReaderEvents for Sink {
@@ -77,11 +80,15 @@ impl ReaderEvents for Sink {
         }
     }
 
-    fn error(&mut self) {
+    fn error(&mut self, error: &KafkaError) {
         self.sessions.event_skipped(SkipReason::Kafka);
+        if !self.caught_up {
+            self.ready.down(format!("{REPLAYING}: {error}"));
+        }
     }
 
     fn caught_up(&mut self) {
+        self.caught_up = true;
         tracing::info!(removed = self.sessions.removed_count(), "removed devices replayed up to the end at start");
         self.ready.set(true);
     }
@@ -99,11 +106,13 @@ pub fn start_removed_reader(
     ready: Probe,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, KafkaError> {
+    ready.down(REPLAYING);
     let sink = Sink {
         sessions: sessions.clone(),
         suffix: settings.topic_suffix.clone(),
         charset: settings.id_charset.clone(),
         ready,
+        caught_up: false,
     };
     crate::kafka::removed::spawn(&reader, sink, shutdown.clone())
 }
