@@ -98,6 +98,8 @@ impl K2vArgs {
                 id_charset: policy.id_charset.clone(),
                 config_suffix: policy.config_suffix.clone(),
                 topic_suffix: self.k2v_topic_suffix.clone(),
+                // K2V refuses what the devices' sessions could not take (MAX_MESSAGE_SIZE).
+                max_message_size: policy.max_message_size,
             },
             retain: self.k2v_retain,
             max_in_flight: self.k2v_max_in_flight,
@@ -143,6 +145,9 @@ mod tests {
         assert_eq!(on.consumer.client_id, "gw1-k2v");
         assert_eq!(on.rules.config_suffix, "config");
         assert!(!on.retain);
+        assert_eq!(on.rules.max_message_size, None);
+        let limited = [&both[..], &["--max-message-size", "4096"]].concat();
+        assert_eq!(settings(&limited).unwrap().unwrap().rules.max_message_size, Some(4096));
         assert!(settings(&both[..2]).unwrap().is_none(), "no MQTT_URL");
         assert!(settings(&both[2..]).unwrap().is_none(), "no KAFKA_BROKERS");
         let off = [&both[..], &["--k2v-enabled", "off"]].concat();

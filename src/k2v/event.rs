@@ -32,6 +32,9 @@ pub enum EventError {
     Attrs,
     #[error("tenant {tenant:?} / device {device:?} is not a valid device identity: {reason}")]
     Identity { tenant: String, device: String, reason: IdentityError },
+    /// Larger than the `max_message_size` device sessions get: the broker (or the device) would refuse it.
+    #[error("configuration for {topic} is a {size}-byte PUBLISH, over the devices' max_message_size of {limit}")]
+    TooLarge { topic: String, size: usize, limit: usize },
     /// The event names another tenant than the topic it was read from (`<tenant>.<suffix>`).
     #[error("event tenant {event:?} is not the topic's tenant {topic:?}")]
     TenantMismatch { event: String, topic: Option<String> },
@@ -43,6 +46,7 @@ impl EventError {
         match self {
             Self::Json(_) | Self::Field(_) | Self::Attrs => SkipReason::Malformed,
             Self::Identity { .. } => SkipReason::InvalidDevice,
+            Self::TooLarge { .. } => SkipReason::TooLarge,
             Self::TenantMismatch { .. } => SkipReason::TenantMismatch,
         }
     }
@@ -59,20 +63,23 @@ pub enum SkipReason {
     Malformed,
     /// An identity the ACL would refuse, or no valid topic.
     InvalidDevice,
-    /// Larger than an MQTT packet may be.
+    /// Larger than the devices' `max_message_size` or than an MQTT packet may be.
     TooLarge,
+    /// The broker refused the publish for good (PUBACK reason code ≥ 0x80 other than quota exceeded).
+    Refused,
     /// The event's tenant is not its topic's: one tenant's topic cannot command another tenant's devices.
     TenantMismatch,
 }
 
 impl SkipReason {
     /// Every variant, in declaration order (so `reason as usize` indexes it).
-    pub const ALL: [SkipReason; 6] = [
+    pub const ALL: [SkipReason; 7] = [
         SkipReason::NotConfigure,
         SkipReason::Remove,
         SkipReason::Malformed,
         SkipReason::InvalidDevice,
         SkipReason::TooLarge,
+        SkipReason::Refused,
         SkipReason::TenantMismatch,
     ];
 
@@ -83,6 +90,7 @@ impl SkipReason {
             SkipReason::Malformed => "malformed",
             SkipReason::InvalidDevice => "invalid_device",
             SkipReason::TooLarge => "too_large",
+            SkipReason::Refused => "refused",
             SkipReason::TenantMismatch => "tenant_mismatch",
         }
     }
@@ -122,6 +130,15 @@ pub struct EventRules {
     pub config_suffix: String,
     /// The device-manager topics are `<tenant>.<topic_suffix>`.
     pub topic_suffix: String,
+    /// The `max_message_size` the service hands device sessions (`MAX_MESSAGE_SIZE`): a configuration the device
+    /// could not take is refused here, so the broker never has to.
+    pub max_message_size: Option<u32>,
+}
+
+/// The PUBLISH packet's size after the fixed header (what a broker compares with `max_message_size`): topic with
+/// its length, packet id, an empty MQTT 5 property list, payload.
+fn publish_size(topic: &str, payload: &[u8]) -> usize {
+    2 + topic.len() + 2 + 1 + payload.len()
 }
 
 fn string<'a>(value: Option<&'a RawValue>, field: &'static str) -> Result<Cow<'a, str>, EventError> {
@@ -178,7 +195,14 @@ impl EventRules {
         // RawValue holds exactly one valid JSON value, so an opening brace means an object.
         let attrs = data.attrs.map(RawValue::get).filter(|a| a.starts_with('{')).ok_or(EventError::Attrs)?;
         let payload = compact(attrs);
-        Ok(Action::Publish { topic: format!("{username}/{}", self.config_suffix), payload })
+        let topic = format!("{username}/{}", self.config_suffix);
+        let size = publish_size(&topic, &payload);
+        if let Some(limit) = self.max_message_size.and_then(|l| usize::try_from(l).ok())
+            && size > limit
+        {
+            return Err(EventError::TooLarge { topic, size, limit });
+        }
+        Ok(Action::Publish { topic, payload })
     }
 }
 
@@ -193,10 +217,12 @@ mod tests {
             id_charset: IdCharset::default(),
             config_suffix: "config".into(),
             topic_suffix: "dojot.device-manager.device".into(),
+            max_message_size: None,
         }
     }
 
     const ADMIN_TOPIC: &str = "admin.dojot.device-manager.device";
+    const T_TOPIC: &str = "t.dojot.device-manager.device";
 
     /// Reads `value` from its own tenant's topic.
     fn interpret(value: &Value) -> Result<Action, EventError> {
@@ -269,6 +295,24 @@ mod tests {
             let value = json!({"event": event, "data": {"attrs": "anything"}});
             assert_eq!(interpret(&value).unwrap(), Action::Ignore { event: event.into() }, "{event}");
         }
+    }
+
+    #[test]
+    fn configurations_over_the_devices_max_message_size_are_refused() {
+        // Topic "t:d/config" (10) + 2 + packet id 2 + properties 1 + payload: 15 + payload bytes.
+        let rules = EventRules { max_message_size: Some(15 + 9), ..rules() };
+        let fits = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"a": 123}}});
+        assert_eq!(
+            rules.interpret(T_TOPIC, fits.to_string().as_bytes()).unwrap(),
+            publish("t:d/config", &json!({"a": 123}))
+        );
+        let over = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"a": 1234}}});
+        let err = rules.interpret(T_TOPIC, over.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err, EventError::TooLarge { topic: "t:d/config".into(), size: 25, limit: 24 });
+        assert_eq!(err.reason(), SkipReason::TooLarge);
+        // Only configurations are measured.
+        let remove = json!({"event": "remove", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"a": 1234}}});
+        assert!(rules.interpret(T_TOPIC, remove.to_string().as_bytes()).is_ok());
     }
 
     #[test]

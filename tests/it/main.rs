@@ -8,5 +8,6 @@ mod k2v;
 mod pki;
 mod robustness;
 mod seed_cases;
+mod sessions;
 mod trust;
 mod v2k;
