@@ -113,6 +113,10 @@ pub struct Settings {
     pub pki: Option<PkiParts>,
     /// The whole shutdown's budget.
     pub shutdown_timeout: Duration,
+    /// The HTTPS webhook listener, when its files are set.
+    pub tls: Option<crate::http_tls::TlsSettings>,
+    /// The certificates that make a connection the service (MQTT_CERT_FILE, SERVICE_CERT_FINGERPRINTS).
+    pub service_certificates: crate::service_certs::Settings,
 }
 
 impl Config {
@@ -134,6 +138,8 @@ impl Config {
     /// The first invalid value, naming its environment variable.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let mut policy = self.policy.policy_config()?;
+        // Every internal client's id starts with this base (`<base>-k2v`, `<base>-v2k`): never a device's.
+        policy.service_client_id = Some(self.mqtt.client_id());
         let mqtt = self.mqtt_settings()?;
         let v2k = match &self.kafka_brokers {
             Some(brokers) => Some(self.v2k.parts(brokers, &self.policy.attrs_suffix, &self.mqtt, mqtt.as_ref())?),
@@ -173,6 +179,11 @@ impl Config {
             v2k,
             k2v,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            tls: self.webhooks.tls()?,
+            service_certificates: crate::service_certs::Settings {
+                pinned: self.policy.service_fingerprints()?,
+                file: self.mqtt.mqtt_cert_file.clone(),
+            },
         })
     }
 
