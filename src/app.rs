@@ -69,8 +69,8 @@ const AFTER_K2V_RESERVE: Duration = Duration::from_secs(3);
 ///
 /// # Errors
 /// Invalid configuration, or a listener that fails.
-pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let settings = config.settings()?;
+pub async fn run(config: Config, mut listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut settings = config.settings()?;
     warn_about_open_doors(&settings, &listeners)?;
     let https = match (listeners.https, settings.tls) {
         (Some(listener), Some(tls)) => Some(crate::http_tls::TlsListener::new(listener, tls)?),
@@ -90,6 +90,23 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let policy = Arc::new(Policy::new(settings.policy));
     // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush.
     let tasks = TaskTracker::new();
+    // The PKI (API and certificate upkeep) runs where PKI_LISTEN is set, before the internal MQTT clients start:
+    // they follow its renewals of the service's certificate (and poll the files for renewals made elsewhere).
+    let _pki_upkeep = match (settings.pki.take(), listeners.pki.take()) {
+        (Some(pki), Some(listener)) => {
+            let store = Arc::new(crate::pki::Store::new(pki.store));
+            let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
+            tasks.spawn(async move {
+                let _ = server.await;
+            });
+            let upkeep = crate::pki::start_upkeep(store, pki.upkeep, shutdown.clone());
+            let k2v = settings.k2v.as_mut().map(|k2v| &mut k2v.mqtt);
+            let v2k = settings.v2k.as_mut().and_then(|v2k| v2k.subscription.as_mut()).map(|s| &mut s.mqtt);
+            follow_renewals([k2v, v2k], &upkeep.service_renewed);
+            Some(upkeep)
+        }
+        _ => None,
+    };
 
     let v2k = match settings.v2k {
         Some(parts) => {
@@ -141,19 +158,6 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
     });
 
-    // The PKI (API and certificate upkeep) runs where PKI_LISTEN is set; `_pki_upkeep.service_renewed` is the hook
-    // for reloading the internal MQTT clients' certificate.
-    let _pki_upkeep = match (settings.pki, listeners.pki) {
-        (Some(pki), Some(listener)) => {
-            let store = Arc::new(crate::pki::Store::new(pki.store));
-            let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
-            tasks.spawn(async move {
-                let _ = server.await;
-            });
-            Some(crate::pki::start_upkeep(store, pki.upkeep, shutdown.clone()))
-        }
-        _ => None,
-    };
     let address = listeners.http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
     // Both webhook listeners stop together, after K2V (see below).
@@ -236,6 +240,13 @@ fn warn_about_open_doors(settings: &crate::config::Settings, listeners: &Listene
         );
     }
     Ok(())
+}
+
+/// Hands the PKI upkeep's "service certificate renewed" notification to every internal MQTT client on mutual TLS.
+fn follow_renewals(clients: [Option<&mut crate::mqtt::MqttSettings>; 2], renewed: &tokio::sync::watch::Receiver<u64>) {
+    for tls in clients.into_iter().flatten().filter_map(|mqtt| mqtt.tls.as_mut()) {
+        tls.renewed = Some(renewed.clone());
+    }
 }
 
 fn start_v2k(

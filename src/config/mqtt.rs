@@ -45,7 +45,8 @@ impl MqttArgs {
         let (host, port, tls) = MqttSettings::parse_url(url).map_err(|e| invalid("MQTT_URL", e.to_string()))?;
         let tls = match (tls, &self.mqtt_ca_file) {
             (true, Some(ca)) => {
-                Some(TlsFiles { ca: ca.clone(), cert: self.mqtt_cert_file.clone(), key: self.mqtt_key_file.clone() })
+                let (cert, key) = (self.mqtt_cert_file.clone(), self.mqtt_key_file.clone());
+                Some(TlsFiles { ca: ca.clone(), cert, key, renewed: None })
             }
             (true, None) => return Err(invalid("MQTT_CA_FILE", "required for an mqtts:// MQTT_URL")),
             (false, _) if self.mqtt_cert_file.is_some() => {

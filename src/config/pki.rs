@@ -62,6 +62,11 @@ pub struct PkiArgs {
     #[arg(long, env = "PKI_BROKER_UID", default_value_t = 10000)]
     pub pki_broker_uid: u32,
 
+    /// Group of the broker's key (0640), VerneMQ's gid: applied as root, or by a service that is a member of it
+    /// (compose's `group_add`), so that the broker can read a key the service renewed.
+    #[arg(long, env = "PKI_BROKER_GID", default_value_t = 10000)]
+    pub pki_broker_gid: u32,
+
     /// Owner of the store and the service's key when run as root (the service's image runs as 10001).
     #[arg(long, env = "PKI_SERVICE_UID", default_value_t = 10001)]
     pub pki_service_uid: u32,
@@ -134,6 +139,7 @@ impl PkiArgs {
         settings.renew_before = Duration::from_secs(self.checkend_expiration_sec);
         settings.broker_uid = Some(self.pki_broker_uid);
         settings.service_uid = Some(self.pki_service_uid);
+        settings.broker_gid = Some(self.pki_broker_gid);
         Ok(settings)
     }
 

@@ -3,6 +3,7 @@
 
 mod book;
 pub mod publisher;
+mod reload;
 pub mod subscriber;
 
 // One backoff for every retry loop; `super::backoff` keeps the clients' paths.
@@ -51,6 +52,9 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Fires when this instance's PKI upkeep renewed the service's certificate (`Upkeep::service_renewed`): the
+    /// clients reload the files at once instead of at their next poll.
+    pub renewed: Option<tokio::sync::watch::Receiver<u64>>,
 }
 
 impl MqttSettings {
@@ -130,10 +134,18 @@ impl TlsFiles {
         match (&self.cert, &self.key) {
             (Some(cert), Some(key)) => {
                 // native-tls wants PKCS#8; openssl-generated keys are often PKCS#1 or SEC1.
-                let key = openssl::pkey::PKey::private_key_from_pem(&read(key)?)
-                    .and_then(|k| k.private_key_to_pem_pkcs8())
-                    .map_err(|e| tls(&e))?;
-                builder.identity(Identity::from_pkcs8(&read(cert)?, &key).map_err(|e| tls(&e))?);
+                let key = openssl::pkey::PKey::private_key_from_pem(&read(key)?).map_err(|e| tls(&e))?;
+                let cert = read(cert)?;
+                // A renewal replaces key and certificate one after the other: a pair caught in between is refused
+                // here rather than failing the TLS handshake.
+                let matches = openssl::x509::X509::from_pem(&cert)
+                    .and_then(|c| c.public_key())
+                    .is_ok_and(|public| public.public_eq(&key));
+                if !matches {
+                    return Err(MqttConfigError::Tls("MQTT_CERT_FILE does not belong to MQTT_KEY_FILE".into()));
+                }
+                let key = key.private_key_to_pem_pkcs8().map_err(|e| tls(&e))?;
+                builder.identity(Identity::from_pkcs8(&cert, &key).map_err(|e| tls(&e))?);
             }
             (None, None) => {}
             _ => return Err(MqttConfigError::Tls("MQTT_CERT_FILE and MQTT_KEY_FILE go together".into())),
@@ -184,7 +196,7 @@ mod tests {
 
     #[test]
     fn missing_tls_files_are_reported() {
-        let files = TlsFiles { ca: "/nonexistent/ca.pem".into(), cert: None, key: None };
+        let files = TlsFiles { ca: "/nonexistent/ca.pem".into(), cert: None, key: None, renewed: None };
         assert!(matches!(files.connector(), Err(MqttConfigError::Read { .. })));
     }
 }

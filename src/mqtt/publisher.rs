@@ -17,6 +17,7 @@ use tokio_util::task::AbortOnDropHandle;
 use super::backoff::Backoff;
 pub use super::book::Refusal;
 use super::book::{Answer, Book, Message};
+use super::reload::{self, Reload};
 use super::{MAX_PACKET_BYTES, MqttConfigError, MqttSettings};
 use crate::health::Probe;
 
@@ -93,6 +94,8 @@ impl Publisher {
         max_in_flight: u16,
         probe: Probe,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), MqttConfigError> {
+        // Before the options are built: a renewal in between is then seen as a change.
+        let reload = Reload::new(settings.tls.as_ref(), reload::POLL_EVERY);
         let mut options = settings.options(role, true)?;
         // Packet ids cycle over the in-flight window (the broker's Receive Maximum may lower it); twice the
         // caller's bound keeps a slow ack from colliding.
@@ -111,6 +114,8 @@ impl Publisher {
             max_packet: max_packet.clone(),
             probe,
             stop: stop.clone(),
+            reload,
+            cycling: false,
         };
         let task = AbortOnDropHandle::new(tokio::spawn(driver.run()));
         Ok((Self { client, book, connected, max_packet, stop, task: Mutex::new(Some(task)) }, acks))
@@ -194,6 +199,10 @@ struct Driver {
     max_packet: Arc<AtomicUsize>,
     probe: Probe,
     stop: CancellationToken,
+    /// Renewed TLS files (mutual TLS only).
+    reload: Option<Reload>,
+    /// A DISCONNECT is on its way to reconnect with renewed TLS files.
+    cycling: bool,
 }
 
 impl Driver {
@@ -210,6 +219,15 @@ impl Driver {
                     self.retry_now();
                     continue;
                 }
+                transport = reload::next(&mut self.reload) => {
+                    // The next connect presents the renewed certificate; a live connection is cycled for it now.
+                    self.eventloop.options.set_transport(transport);
+                    if *self.connected.borrow() && !self.cycling {
+                        self.cycling = true;
+                        reload::start_cycle(&mut self.eventloop);
+                    }
+                    continue;
+                }
                 event = self.eventloop.poll() => event,
             };
             match event {
@@ -222,6 +240,14 @@ impl Driver {
                     self.requeue_lost();
                     self.connected.send_replace(true);
                     self.probe.set(true);
+                }
+                Ok(Event::Outgoing(Outgoing::Disconnect)) if self.cycling && !self.book.lock().closed => {
+                    // Everything unanswered is sent again after the reconnect, in order, as after a lost connection.
+                    self.cycling = false;
+                    reload::end_cycle(&mut self.eventloop);
+                    self.connected.send_replace(false);
+                    retry_at = None;
+                    self.connection_lost(None);
                 }
                 Ok(Event::Outgoing(Outgoing::Disconnect)) => {
                     tracing::info!("MQTT publisher disconnected");
@@ -242,7 +268,9 @@ impl Driver {
                     self.connected.send_replace(false);
                     self.probe.down(format!("connection lost: {error}"));
                     retry_at = None;
-                    self.connection_lost(&error);
+                    // A cycle's DISCONNECT not sent yet goes with the pending queue the bookkeeping takes back.
+                    self.cycling = false;
+                    self.connection_lost(Some(&error));
                     if self.book.lock().closed && self.book.lock().messages.is_empty() {
                         break;
                     }
@@ -275,16 +303,16 @@ impl Driver {
     }
 
     /// Takes back from rumqttc everything it still holds of the lost connection (see [`Book::connection_lost`]).
-    fn connection_lost(&mut self, error: &ConnectionError) {
+    fn connection_lost(&mut self, error: Option<&ConnectionError>) {
         // Events read before the error are still buffered: PUBACKs among them are real acknowledgements of the old
         // connection and must be counted now, not mistaken for acks of new packets with the same id later.
         while let Some(event) = self.eventloop.state.events.pop_front() {
             self.handle(&event);
         }
-        if let ConnectionError::MqttState(StateError::Deserialization(PacketError::OutgoingPacketTooLarge {
+        if let Some(ConnectionError::MqttState(StateError::Deserialization(PacketError::OutgoingPacketTooLarge {
             pkt_size,
             max,
-        })) = error
+        }))) = error
         {
             // Sending it again would fail the next connection the same way.
             if let Some(seq) = self.book.lock().refuse_last_sent() {

@@ -14,6 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::MqttSettings;
 use super::backoff::Backoff;
+use super::reload::{self, Reload};
 use crate::health::Probe;
 use crate::ordered::InOrder;
 
@@ -137,6 +138,7 @@ pub async fn run<H, F>(
     H: Fn(Message) -> F,
     F: Future<Output = ()> + Send + 'static,
 {
+    let mut reload = Reload::new(settings.tls.as_ref(), reload::POLL_EVERY);
     let mut options = match settings.options(role, true) {
         Ok(options) => options,
         Err(e) => {
@@ -152,6 +154,8 @@ pub async fn run<H, F>(
     let mut resubscribe = Backoff::new(MIN_RESUBSCRIBE, MAX_RESUBSCRIBE);
     let mut resubscribe_at: Option<tokio::time::Instant> = None;
     let mut short_lived = ShortLived::default();
+    // Connected, and whether a DISCONNECT is on its way to reconnect with renewed TLS files.
+    let (mut connected, mut cycling) = (false, false);
 
     loop {
         tokio::select! {
@@ -170,8 +174,23 @@ pub async fn run<H, F>(
                     }
                 }
             }
+            transport = reload::next(&mut reload) => {
+                eventloop.options.set_transport(transport);
+                if connected && !cycling {
+                    cycling = true;
+                    reload::start_cycle(&mut eventloop);
+                }
+            }
             event = eventloop.poll() => match event {
+                Ok(Event::Outgoing(Outgoing::Disconnect)) if cycling => {
+                    // Reconnect with the renewed files; unacknowledged messages come again (persistent session).
+                    (connected, cycling) = (false, false);
+                    reload::end_cycle(&mut eventloop);
+                    resubscribe_at = None;
+                    acks.reconnected();
+                }
                 Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
+                    connected = true;
                     backoff.connected();
                     short_lived.connected(Instant::now());
                     resubscribe_at = None;
@@ -209,6 +228,8 @@ pub async fn run<H, F>(
                 }
                 Ok(_) => {}
                 Err(e) => {
+                    (connected, cycling) = (false, false);
+                    reload::forget_cycle(&mut eventloop);
                     probe.down(short_lived.lost(Instant::now(), &e));
                     resubscribe_at = None;
                     acks.reconnected();

@@ -44,6 +44,9 @@ pub struct Settings {
     /// Owners given to the broker's and the service's keys when running as root (as the compose `pki` step does).
     pub broker_uid: Option<u32>,
     pub service_uid: Option<u32>,
+    /// Group that may read the broker's key (0640): VerneMQ's, so that a key renewed by the service (not root, a
+    /// member of that group) stays readable by the broker.
+    pub broker_gid: Option<u32>,
 }
 
 impl Settings {
@@ -62,6 +65,7 @@ impl Settings {
             renew_before: Duration::from_secs(30 * 24 * 3600),
             broker_uid: None,
             service_uid: None,
+            broker_gid: None,
         }
     }
 }

@@ -95,7 +95,15 @@ impl Store {
         };
         let cert = x509::leaf(&ca.cert, &ca.key, &cn, &public, self.settings.cert_days, &usage)?;
         // The key first: a reader that sees the new certificate also finds its key.
-        self.write_atomic(&self.path(&format!("{}.key", role.file())), &key.private_key_to_pem_pkcs8()?, 0o600, owner)?;
+        // The broker's key is shared with the broker's group when this process may hand it over (root or a member):
+        // VerneMQ (another uid) must read a key the service renewed. Otherwise it stays 0600.
+        let group = match role {
+            Role::Server => self.settings.broker_gid.filter(|gid| super::is_root() || super::in_group(*gid)),
+            _ => None,
+        };
+        let mode = if group.is_some() { 0o640 } else { 0o600 };
+        let key_pem = key.private_key_to_pem_pkcs8()?;
+        self.write_atomic_shared(&self.path(&format!("{}.key", role.file())), &key_pem, mode, owner, group)?;
         self.write_atomic(&self.path(&format!("{}.crt", role.file())), &cert.to_pem()?, 0o644, owner)?;
         index.certificates.push(IssuedCert {
             serial: x509::serial_hex(&cert)?,

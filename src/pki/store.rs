@@ -154,6 +154,18 @@ impl Store {
     /// Writes `bytes` to `path` through a temporary file in the same directory and a rename: readers see the old
     /// or the new content, never a mix. `owner` applies only when running as root.
     fn write_atomic(&self, path: &Path, bytes: &[u8], mode: u32, owner: Option<u32>) -> Result<(), PkiError> {
+        self.write_atomic_shared(path, bytes, mode, owner, None)
+    }
+
+    /// [`Store::write_atomic`], the file's group set to `group` (root, or a member of that group, may do that).
+    fn write_atomic_shared(
+        &self,
+        path: &Path,
+        bytes: &[u8],
+        mode: u32,
+        owner: Option<u32>,
+        group: Option<u32>,
+    ) -> Result<(), PkiError> {
         let Some(name) = path.file_name() else {
             return Err(PkiError::Request(format!("{} is not a file path", path.display())));
         };
@@ -167,8 +179,10 @@ impl Store {
             file.sync_all()?;
             // The umask may have narrowed the mode (a CRL must stay world-readable for the broker).
             std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))?;
-            if let Some(uid) = owner.filter(|_| is_root()) {
-                std::os::unix::fs::chown(&tmp, Some(uid), Some(uid))?;
+            let uid = owner.filter(|_| is_root());
+            let gid = group.or(uid);
+            if uid.is_some() || gid.is_some() {
+                std::os::unix::fs::chown(&tmp, uid, gid)?;
             }
             std::fs::rename(&tmp, path)?;
             if let Some(parent) = path.parent() {
@@ -427,6 +441,15 @@ fn normalise_serial(serial: &str) -> Result<String, PkiError> {
     // The same canonical form serial_hex gives: upper case, no leading zeros.
     let bn = openssl::bn::BigNum::from_hex_str(&hex)?;
     Ok(bn.to_hex_str()?.to_string())
+}
+
+/// Whether this process has `gid` as its group or a supplementary group (from /proc: no libc, unsafe is forbidden).
+fn in_group(gid: u32) -> bool {
+    let Ok(status) = std::fs::read_to_string("/proc/self/status") else { return false };
+    status
+        .lines()
+        .filter_map(|l| l.strip_prefix("Groups:").or_else(|| l.strip_prefix("Gid:")))
+        .any(|ids| ids.split_whitespace().any(|id| id.parse::<u32>() == Ok(gid)))
 }
 
 fn is_root() -> bool {

@@ -203,3 +203,19 @@ fn corrupt_index_is_an_error_not_a_reset() {
     std::fs::write(dir.path().join("ca/index.json"), b"{not json").unwrap();
     assert!(matches!(s.sign(&csr("a:b"), None), Err(PkiError::Index { .. })));
 }
+
+#[test]
+fn the_broker_key_is_shared_with_the_broker_group_only() {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let gid_line = status.lines().find_map(|l| l.strip_prefix("Gid:")).unwrap();
+    let own: u32 = gid_line.split_whitespace().next().unwrap().parse().unwrap();
+    assert!(in_group(own));
+    assert!(!in_group(4_000_000_000));
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::with_defaults(dir.path().to_path_buf());
+    settings.broker_gid = Some(own);
+    Store::new(settings).init().unwrap();
+    let mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode("server.key"), 0o640, "the broker's group may read its key");
+    assert_eq!(mode("service.key"), 0o600);
+}

@@ -231,9 +231,11 @@ impl Mosquitto {
         };
         let port = free_port();
         let device_port = free_port();
+        // max_inflight_messages is also the Receive Maximum Mosquitto announces to MQTT 5 clients (default 20, which
+        // would cap K2V's window); 1 000 is closer to VerneMQ, whose receive_max_broker defaults to 65 535.
         let config = format!(
             "user root\nper_listener_settings true\npersistence true\npersistence_location {dir}/\n\
-             log_dest file {dir}/mosquitto.log\nmax_queued_messages 100000\n\
+             log_dest file {dir}/mosquitto.log\nmax_queued_messages 100000\nmax_inflight_messages 1000\n\
              listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n{acl_line}\
              listener {device_port} 127.0.0.1\nallow_anonymous true\n{extra}\n",
             dir = dir.path().display(),

@@ -164,3 +164,24 @@ fn checks_catch_broken_inputs() {
     std::fs::remove_file(out.join("server.key")).unwrap();
     assert!(check_tls_files(&conf, &compose, &out).is_err());
 }
+
+/// The service renews the broker's key (0640, group PKI_BROKER_GID): it must belong to that group, or VerneMQ could
+/// not read a key the service renewed. The PKI step gives the first key the same group.
+#[test]
+fn the_service_can_hand_a_renewed_broker_key_to_the_broker() {
+    let compose = compose();
+    let (agent, pki) = (compose.agent().expect("the service"), compose.pki().expect("the pki step"));
+    let gid = compose.env(agent).get("PKI_BROKER_GID").cloned().expect("PKI_BROKER_GID on the service");
+    assert_eq!(compose.env(pki).get("PKI_BROKER_GID"), Some(&gid), "pki step and service agree");
+    let groups: Vec<String> = compose
+        .service(agent)
+        .and_then(|s| s.get("group_add"))
+        .and_then(|g| g.as_sequence())
+        .map(|g| {
+            g.iter()
+                .filter_map(|v| v.as_str().map(str::to_string).or_else(|| v.as_u64().map(|n| n.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(groups.contains(&gid), "the service's group_add {groups:?} lacks {gid}");
+}

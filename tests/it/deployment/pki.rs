@@ -53,15 +53,24 @@ fn pki_bootstrap_produces_what_broker_and_service_read() {
     assert!(crl.verify(&ca_key).unwrap(), "CRL signed by the CA");
     assert!(crl.get_revoked().is_none_or(|r| r.is_empty()), "nothing revoked yet");
 
-    // Keys are private, and (run as root, as the compose step is) owned by their readers: VerneMQ, the service.
+    // Keys are private, and (run as root, as the compose step is) owned by their readers: VerneMQ, the service. The
+    // broker's key is also readable by VerneMQ's group, which the service joins to renew it (compose's group_add).
     use std::os::unix::fs::MetadataExt as _;
     let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    let keys = [("server.key", 10000), ("broker-client.key", 10000), ("service.key", 10001), ("webhook.key", 10001)];
-    for (key, uid) in keys.into_iter().chain([("ca/ca.key", 10001)]) {
+    let keys = [
+        ("server.key", 10000, 0o640),
+        ("broker-client.key", 10000, 0o600),
+        ("service.key", 10001, 0o600),
+        ("webhook.key", 10001, 0o600),
+        ("ca/ca.key", 10001, 0o600),
+    ];
+    for (key, uid, mode) in keys {
         let meta = std::fs::metadata(out.join(key)).unwrap();
-        assert_eq!(meta.mode() & 0o777, 0o600, "{key}");
         if root {
-            assert_eq!(meta.uid(), uid, "{key} owner");
+            assert_eq!(meta.mode() & 0o777, mode, "{key}");
+            assert_eq!((meta.uid(), meta.gid()), (uid, uid), "{key} owner and group");
+        } else {
+            assert_eq!(meta.mode() & 0o077 & !0o040, 0, "{key} readable by others");
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod faults;
 mod refusals;
+mod renewal;
 mod shutdown;
 
 use std::collections::{BTreeSet, HashMap};
