@@ -1,17 +1,18 @@
 //! Commands to devices (K2V): device-manager events consumed from Kafka, each device's configuration published to
 //! `<tenant>:<device>/config` through the service's MQTT 5 client, offsets committed only after the broker's answer.
 
+mod counters;
 pub mod event;
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use metrics::{Counter, Gauge};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
+use counters::{DeadLetter, K2vMetrics};
 pub use event::{Action, EventError, EventRules, SkipReason};
 
 use crate::health::Probe;
@@ -55,85 +56,6 @@ pub enum K2vError {
     Mqtt(#[from] crate::mqtt::MqttConfigError),
     #[error("dead-letter producer: {0}")]
     DeadLetterProducer(String),
-}
-
-/// What became of a refused event's dead letter: the `outcome` label of `iotagent_k2v_dead_letters_total`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DeadLetter {
-    /// Acknowledged by Kafka.
-    Written,
-    /// The dead-letter topic does not exist (it is never created by the service).
-    NoTopic,
-    /// Kafka unreachable, refused the record, or no ack within the bound.
-    Failed,
-}
-
-impl DeadLetter {
-    /// Every variant, in declaration order (so `outcome as usize` indexes it).
-    const ALL: [DeadLetter; 3] = [DeadLetter::Written, DeadLetter::NoTopic, DeadLetter::Failed];
-
-    fn name(self) -> &'static str {
-        match self {
-            DeadLetter::Written => "written",
-            DeadLetter::NoTopic => "no_topic",
-            DeadLetter::Failed => "failed",
-        }
-    }
-}
-
-struct K2vMetrics {
-    consumed: Counter,
-    published: Counter,
-    acked: Counter,
-    resent: Counter,
-    /// Indexed by [`SkipReason`].
-    skipped: [Counter; SkipReason::ALL.len()],
-    /// Indexed by [`DeadLetter`].
-    dead_letters: [Counter; DeadLetter::ALL.len()],
-    in_flight: Gauge,
-    lag: Gauge,
-}
-
-impl K2vMetrics {
-    fn new(metrics: &Metrics) -> Self {
-        let skipped = SkipReason::ALL.map(|reason| {
-            metrics.counter(
-                "iotagent_k2v_skipped_total",
-                "Kafka messages completed without a publish, by reason",
-                &[("reason", reason.name())],
-            )
-        });
-        let dead_letters = DeadLetter::ALL.map(|outcome| {
-            metrics.counter(
-                "iotagent_k2v_dead_letters_total",
-                "Refused events written (or not) to their dead-letter topic, by outcome",
-                &[("outcome", outcome.name())],
-            )
-        });
-        Self {
-            dead_letters,
-            consumed: metrics.counter("iotagent_k2v_consumed_total", "Device-manager events consumed from Kafka", &[]),
-            published: metrics.counter("iotagent_k2v_published_total", "Configurations published to devices", &[]),
-            acked: metrics.counter("iotagent_k2v_acked_total", "Publishes accepted by the broker (PUBACK < 0x80)", &[]),
-            resent: metrics.counter(
-                "iotagent_k2v_resent_total",
-                "Publishes sent again: the connection was lost before their PUBACK, or the broker answered quota exceeded",
-                &[],
-            ),
-            skipped,
-            in_flight: metrics.gauge("iotagent_k2v_in_flight", "Publishes awaiting the broker's PUBACK", &[]),
-            lag: metrics.gauge(
-                "iotagent_k2v_lag",
-                "Events not yet acknowledged in the partitions consumed so far (high watermark minus commit point)",
-                &[],
-            ),
-        }
-    }
-
-    fn skip(&self, reason: SkipReason) {
-        // `SkipReason::ALL` lists the variants in declaration order.
-        self.skipped[reason as usize].increment(1);
-    }
 }
 
 /// The running bridge. Dropping it aborts everything at once: no drain, and no commit beyond the periodic ones and
@@ -515,12 +437,5 @@ mod tests {
     fn tenant_and_device_of_a_config_topic() {
         assert_eq!(tenant_device("admin:a1998e/config"), ("admin", "a1998e"));
         assert_eq!(tenant_device("odd"), ("odd", ""));
-    }
-
-    #[test]
-    fn dead_letter_outcomes_are_listed_in_declaration_order() {
-        for (index, outcome) in DeadLetter::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, index, "{}", outcome.name());
-        }
     }
 }
