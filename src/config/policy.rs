@@ -127,6 +127,7 @@ impl PolicyArgs {
             service_password: self.mqtt_password.clone(),
             service_subscription: None,
             service_max_inflight: None,
+            service_max_queued: None,
         })
     }
 }

@@ -69,6 +69,9 @@ pub struct PolicyConfig {
     /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service (its default, 20,
     /// would cap V2K at 20 messages per Kafka round trip).
     pub service_max_inflight: Option<u32>,
+    /// With the plain V2K subscription: how many messages VerneMQ queues for the service's one session, online and
+    /// offline (its defaults, 1000 each, would drop device data within a handover).
+    pub service_max_queued: Option<u32>,
 }
 
 impl Default for PolicyConfig {
@@ -86,6 +89,7 @@ impl Default for PolicyConfig {
             service_password: None,
             service_subscription: None,
             service_max_inflight: None,
+            service_max_queued: None,
         }
     }
 }
@@ -136,6 +140,9 @@ pub struct RegisterModifiers {
     pub max_message_size: Option<u32>,
     /// How many QoS 1/2 messages VerneMQ sends the session before waiting for acks (MQTT 3.1.1 sessions).
     pub max_inflight_messages: Option<u32>,
+    /// Messages VerneMQ queues for the session while connected and while not.
+    pub max_online_messages: Option<u32>,
+    pub max_offline_messages: Option<u32>,
     /// `(mountpoint, client_id)`: VerneMQ only accepts the two together.
     pub subscriber_id: Option<(String, String)>,
 }
@@ -226,8 +233,12 @@ impl Policy {
                     (Some(expected), Some(given)) => expected.matches(given),
                     _ => false,
                 };
-                let modifiers =
-                    RegisterModifiers { max_inflight_messages: self.config.service_max_inflight, ..Default::default() };
+                let modifiers = RegisterModifiers {
+                    max_inflight_messages: self.config.service_max_inflight,
+                    max_online_messages: self.config.service_max_queued,
+                    max_offline_messages: self.config.service_max_queued,
+                    ..Default::default()
+                };
                 return if by_certificate || by_password {
                     Ok((principal, modifiers))
                 } else {
@@ -254,6 +265,8 @@ impl Policy {
             max_connection_lifetime: self.config.lifetime.seconds(jitter_unit),
             max_message_size: self.config.max_message_size,
             max_inflight_messages: None,
+            max_online_messages: None,
+            max_offline_messages: None,
             subscriber_id,
         };
         Ok((Principal::Device(device), modifiers))

@@ -144,6 +144,9 @@ fn service_identity_needs_exact_name_and_password_or_certificate() {
     let window = policy_with(|c| c.service_max_inflight = Some(1000));
     let RegisterDecision::Allow { modifiers, .. } = window.register(&req, 0.5) else { panic!("denied") };
     assert_eq!(modifiers, RegisterModifiers { max_inflight_messages: Some(1000), ..Default::default() });
+    let queued = policy_with(|c| c.service_max_queued = Some(500_000));
+    let RegisterDecision::Allow { modifiers, .. } = queued.register(&req, 0.5) else { panic!("denied") };
+    assert_eq!((modifiers.max_online_messages, modifiers.max_offline_messages), (Some(500_000), Some(500_000)));
 
     let mut by_cert = register(Some("k2v-bridge"), "any-id");
     by_cert.certificate_cn = Some(Some("k2v-bridge"));
