@@ -134,3 +134,18 @@ async fn plain_subscription_is_held_by_one_instance_and_handed_over_when_it_dies
     assert!(!log.contains("already connected, closing old connection"), "the session was taken over:\n{log}");
     assert!(connects >= 2, "the holder and then the survivor connected the one session ({connects} connects)");
 }
+
+#[tokio::test]
+async fn a_missing_lease_topic_is_reported_not_ready() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let node = ServiceProcess::start(&env(&kafka, &mqtt, "node-1"));
+    let reported = crate::common::wait_until(Duration::from_secs(20), async || {
+        let Ok(response) = reqwest::get(node.url("/health/ready")).await else { return false };
+        let text = response.text().await.unwrap_or_default();
+        text.contains(&format!("lease topic {LEASE_TOPIC} does not exist"))
+    })
+    .await;
+    assert!(reported, "readiness names the missing lease topic");
+}
