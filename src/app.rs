@@ -83,21 +83,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let hooks =
         HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics);
     let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
+    // Not ready until the removed devices Kafka held at start are read (README "Live session control").
+    let removed_probe = settings.removed_reader.as_ref().map(|_| readiness.probe("removed_devices"));
     let mut router = crate::http::router(hooks, readiness, metrics.clone());
     if let Some(token) = session_settings.admin_token.clone() {
         router =
             router.merge(crate::sessions::admin::routes(sessions.clone(), token, session_settings.id_charset.clone()));
     }
-    if let Some(removed) = settings.removed_reader {
+    if let (Some(reader), Some(probe)) = (settings.removed_reader, removed_probe) {
         session_tasks.push(
-            crate::sessions::start_removed_reader(
-                &sessions,
-                &session_settings,
-                &removed.brokers,
-                &removed.client_id,
-                &shutdown,
-            )
-            .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
+            crate::sessions::start_removed_reader(&sessions, &session_settings, reader, probe, &shutdown)
+                .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
         );
     }
 

@@ -1,11 +1,12 @@
 //! The service's own MQTT 5 connections to the broker (rumqttc's v5 client): connection options from configuration,
 //! plain with a password or mutual TLS with the service's certificate (OpenSSL through native-tls).
 
-mod backoff;
 mod book;
 pub mod publisher;
 pub mod subscriber;
 
+// One backoff for every retry loop; `super::backoff` keeps the clients' paths.
+use crate::backoff;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -1,5 +1,5 @@
-//! The reconnect delay of the service's MQTT clients: doubling from `min` up to `max`, back to `min` only once a
-//! connection has stayed up for a while, so a broker that drops every connection at once is not hammered.
+//! Retry delays: doubling from `min` up to `max` (the MQTT clients' reconnects, the VerneMQ API's disconnect retries);
+//! a reconnect starts over only once the connection has stayed up for a while, so a flapping broker is not hammered.
 
 use std::time::{Duration, Instant};
 
