@@ -170,6 +170,8 @@ impl Lease {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "latest")
+            // A lease topic created after the start is found within this (librdkafka's default is 5 minutes).
+            .set("topic.metadata.refresh.interval.ms", "30000")
             .create_with_context(context)
             .map_err(LeaseError::Create)?;
         consumer
