@@ -346,6 +346,7 @@ async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &st
     let started = Instant::now();
     let per_device = total / DEVICES as u64;
     let mut clients = Vec::new();
+    let mut loops = Vec::new();
     for device in 0..DEVICES {
         let mut options = rumqttc::MqttOptions::new(format!("{kind}-dev{device}"), "127.0.0.1", device_port);
         options.set_max_packet_size(1 << 20, 1 << 20);
@@ -354,14 +355,14 @@ async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &st
         let mut network = eventloop.network_options();
         network.set_tcp_nodelay(true);
         eventloop.set_network_options(network);
-        tokio::spawn(async move {
+        loops.push(tokio::spawn(async move {
             loop {
                 if let Err(e) = eventloop.poll().await {
                     println!("device {device}: {e}");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             }
-        });
+        }));
         for n in 0..per_device {
             client.publish(format!("bench:d{device}/attrs"), rumqttc::QoS::AtLeastOnce, false, payload(n)).await.ok();
         }
@@ -381,8 +382,10 @@ async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &st
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    for client in clients {
-        client.disconnect().await.ok();
+    // The devices go away with their event loops (which would otherwise reconnect).
+    drop(clients);
+    for device in loops {
+        device.abort();
     }
     rate
 }
