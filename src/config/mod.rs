@@ -113,6 +113,10 @@ pub struct Settings {
     pub pki: Option<PkiParts>,
     /// The whole shutdown's budget.
     pub shutdown_timeout: Duration,
+    /// The HTTPS webhook listener, when its files are set.
+    pub tls: Option<crate::http_tls::TlsSettings>,
+    /// The certificates that make a connection the service (MQTT_CERT_FILE, SERVICE_CERT_FINGERPRINTS).
+    pub service_certificates: crate::service_certs::Settings,
 }
 
 impl Config {
@@ -134,6 +138,8 @@ impl Config {
     /// The first invalid value, naming its environment variable.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let mut policy = self.policy.policy_config()?;
+        // Every internal client's id starts with this base (`<base>-k2v`, `<base>-v2k`): never a device's.
+        policy.service_client_id = Some(self.mqtt.client_id());
         let mqtt = self.mqtt_settings()?;
         let v2k = match &self.kafka_brokers {
             Some(brokers) => Some(self.v2k.parts(brokers, &self.policy.attrs_suffix, &self.mqtt, mqtt.as_ref())?),
@@ -145,6 +151,7 @@ impl Config {
         }
         if let Some(plain) = v2k.as_ref().and_then(|v| v.plain.as_ref()) {
             policy.service_max_queued = Some(plain.max_queued);
+            policy.service_plain_client_id = Some(format!("{}-v2k", self.v2k.v2k_lease_group));
         }
         let k2v = match (&self.kafka_brokers, mqtt) {
             (Some(brokers), Some(mqtt)) => self.k2v.settings(brokers, mqtt, &policy)?,
@@ -176,6 +183,11 @@ impl Config {
             v2k,
             k2v,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            tls: self.webhooks.tls()?,
+            service_certificates: crate::service_certs::Settings {
+                pinned: self.policy.service_fingerprints()?,
+                file: self.mqtt.mqtt_cert_file.clone(),
+            },
         })
     }
 
@@ -255,6 +267,7 @@ mod tests {
         let plain = parse(&[&both[..], &["--v2k-subscription", "plain"]].concat()).unwrap().settings().unwrap();
         assert_eq!(plain.policy.service_subscription.as_deref(), Some("+/attrs"));
         assert_eq!(plain.policy.service_max_queued, Some(1_000_000));
+        assert_eq!(plain.policy.service_plain_client_id.as_deref(), Some("iotagent-mqtt-plain-v2k"));
         let err = parse(&[&both[..2], &both[4..]].concat()).unwrap().settings().unwrap_err();
         assert_eq!(err.variable, "MQTT_URL");
         let on_publish = parse(&both[..4]).unwrap().settings().unwrap();
