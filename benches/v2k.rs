@@ -292,6 +292,12 @@ fn main() {
     let window = 1000;
     let plain_window = rt.block_on(plain_producer_window(&brokers, total, window));
     println!("plain rdkafka producer, {window} in flight: {:>8.0} msg/s", plain_window);
+    rt.block_on(async {
+        let admin: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+        let lease = NewTopic::new("iotagent.v2k-lease", 1, TopicReplication::Fixed(1));
+        admin.create_topics(&[lease], &AdminOptions::new()).await.expect("lease topic");
+    });
     let mut env = kafka_env("subscription");
     env.extend([
         ("MQTT_URL", format!("mqtt://127.0.0.1:{mqtt_port}")),
@@ -299,56 +305,109 @@ fn main() {
         ("MQTT_CLIENT_ID", "bench".to_string()),
         ("V2K_MAX_IN_FLIGHT", window.to_string()),
     ]);
-    let (_service, service_addr) = start_service(&env);
-    std::thread::sleep(Duration::from_secs(2));
-    let per_second = rt.block_on(async {
-        let started = Instant::now();
-        let per_device = total / DEVICES as u64;
-        let mut clients = Vec::new();
-        for device in 0..DEVICES {
-            let mut options = rumqttc::MqttOptions::new(format!("dev{device}"), "127.0.0.1", device_port);
-            options.set_max_packet_size(1 << 20, 1 << 20);
-            // Devices stay on MQTT 3.1.1, with Nagle off as the service's own clients.
-            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
-            let mut network = eventloop.network_options();
-            network.set_tcp_nodelay(true);
-            eventloop.set_network_options(network);
-            tokio::spawn(async move {
-                loop {
-                    if let Err(e) = eventloop.poll().await {
-                        println!("device {device}: {e}");
-                        tokio::time::sleep(Duration::from_millis(100)).await;
-                    }
+    // Each variant's session is removed afterwards, so that Mosquitto does not keep queueing for it.
+    for (kind, session) in [("shared", "bench-v2k"), ("plain", "iotagent-mqtt-plain-v2k")] {
+        let mut env = env.clone();
+        env.push(("V2K_SUBSCRIPTION", kind.to_string()));
+        let (service, service_addr) = start_service(&env);
+        rt.block_on(wait_subscribed(service_addr));
+        let per_second = rt.block_on(subscription_load(service_addr, device_port, kind, total));
+        println!(
+            "subscription {kind:<6} (Mosquitto) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
+            per_second,
+            per_second / plain_window
+        );
+        drop(service);
+        rt.block_on(remove_session(mqtt_port, session));
+    }
+}
+
+/// Waits until the service's V2K subscription is subscribed (a plain one first has to get the lease).
+async fn wait_subscribed(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let report = http_get(addr, "/health/ready").await;
+        let subscribed = serde_json::from_str::<serde_json::Value>(&report).ok().is_some_and(|r| {
+            r["checks"].as_array().is_some_and(|checks| {
+                checks.iter().any(|c| c["name"] == "v2k_mqtt" && c["up"] == true && c.get("note").is_none())
+            })
+        });
+        if subscribed {
+            return;
+        }
+        assert!(Instant::now() < deadline, "V2K subscription not subscribed within 60 s: {report}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Devices publish `total` QoS 1 messages through Mosquitto as fast as they can; returns the rate at which the
+/// service got them acknowledged by Kafka.
+async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &str, total: u64) -> f64 {
+    let started = Instant::now();
+    let per_device = total / DEVICES as u64;
+    let mut clients = Vec::new();
+    let mut loops = Vec::new();
+    for device in 0..DEVICES {
+        let mut options = rumqttc::MqttOptions::new(format!("{kind}-dev{device}"), "127.0.0.1", device_port);
+        options.set_max_packet_size(1 << 20, 1 << 20);
+        // Devices stay on MQTT 3.1.1, with Nagle off as the service's own clients.
+        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
+        let mut network = eventloop.network_options();
+        network.set_tcp_nodelay(true);
+        eventloop.set_network_options(network);
+        loops.push(tokio::spawn(async move {
+            loop {
+                if let Err(e) = eventloop.poll().await {
+                    println!("device {device}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
                 }
-            });
-            for n in 0..per_device {
-                client
-                    .publish(format!("bench:d{device}/attrs"), rumqttc::QoS::AtLeastOnce, false, payload(n))
-                    .await
-                    .ok();
             }
-            clients.push(client);
+        }));
+        for n in 0..per_device {
+            client.publish(format!("bench:d{device}/attrs"), rumqttc::QoS::AtLeastOnce, false, payload(n)).await.ok();
         }
-        let sent = per_device * DEVICES as u64;
+        clients.push(client);
+    }
+    let sent = per_device * DEVICES as u64;
+    let rate = loop {
+        let text = http_get(service_addr, "/metrics").await;
+        let produced: u64 = text
+            .lines()
+            .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        if produced >= sent || started.elapsed() > Duration::from_secs(120) {
+            println!("subscription {kind}: {produced} of {sent} acknowledged by Kafka");
+            break produced as f64 / started.elapsed().as_secs_f64();
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    // The devices go away with their event loops (which would otherwise reconnect).
+    drop(clients);
+    for device in loops {
+        device.abort();
+    }
+    rate
+}
+
+/// Connects with a clean session under `client_id`, which removes the persistent session of that id.
+async fn remove_session(port: u16, client_id: &str) {
+    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
+    options.set_credentials("k2v-bridge", "pw");
+    options.set_clean_session(true);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
         loop {
-            let text = reqwest_metrics(service_addr).await;
-            let produced: u64 = text
-                .lines()
-                .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(0);
-            if produced >= sent || started.elapsed() > Duration::from_secs(120) {
-                println!("subscription: {produced} of {sent} acknowledged by Kafka");
-                break produced as f64 / started.elapsed().as_secs_f64();
+            match eventloop.poll().await {
+                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
+                    client.disconnect().await.ok();
+                }
+                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
+                Ok(_) => {}
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-    });
-    println!(
-        "subscription (via Mosquitto) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
-        per_second,
-        per_second / plain_window
-    );
+    })
+    .await;
 }
 
 /// `total` records with at most `window` unacknowledged; returns records/s.
@@ -381,11 +440,11 @@ async fn plain_producer_window(brokers: &str, total: u64, window: usize) -> f64 
     total as f64 / started.elapsed().as_secs_f64()
 }
 
-async fn reqwest_metrics(addr: SocketAddr) -> String {
+async fn http_get(addr: SocketAddr, path: &str) -> String {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http");
     tokio::spawn(conn);
-    let request = Request::get("/metrics").header("host", "x").body(Full::new(Bytes::new())).expect("req");
-    let response = sender.send_request(request).await.expect("metrics");
+    let request = Request::get(path).header("host", "x").body(Full::new(Bytes::new())).expect("req");
+    let response = sender.send_request(request).await.expect("response");
     String::from_utf8_lossy(&response.into_body().collect().await.expect("body").to_bytes()).to_string()
 }

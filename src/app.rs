@@ -261,16 +261,31 @@ fn start_v2k(
     let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
     let v2k = Arc::new(V2k::new(producer, parts.settings, metrics));
     tasks.spawn(watch_kafka(v2k.clone(), readiness.probe("kafka"), shutdown.clone()));
-    if let Some(subscription) = parts.subscription {
+    match (parts.subscription, parts.plain) {
+        // One instance of the cluster holds the plain subscription; the others stand by (ready).
+        (Some(subscription), Some(plain)) => {
+            tasks.spawn(crate::v2k::plain::run(
+                subscription,
+                plain,
+                v2k.clone(),
+                policy.clone(),
+                crate::v2k::plain::Probes { mqtt: readiness.probe("v2k_mqtt"), lease: readiness.probe("v2k_lease") },
+                shutdown.clone(),
+                budget.total(),
+            ));
+        }
         // The subscription counts its drain from the cancellation, as the budget's deadline does.
-        tasks.spawn(crate::v2k::subscription::run(
-            subscription,
-            v2k.clone(),
-            policy.clone(),
-            readiness.probe("v2k_mqtt"),
-            shutdown.clone(),
-            budget.total(),
-        ));
+        (Some(subscription), None) => {
+            tasks.spawn(crate::v2k::subscription::run(
+                subscription,
+                v2k.clone(),
+                policy.clone(),
+                readiness.probe("v2k_mqtt"),
+                shutdown.clone(),
+                budget.total(),
+            ));
+        }
+        (None, _) => {}
     }
     Ok(v2k)
 }

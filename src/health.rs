@@ -15,6 +15,8 @@ pub struct Probe(Arc<ProbeState>);
 struct ProbeState {
     up: AtomicBool,
     reason: Mutex<Option<String>>,
+    /// Shown while up: which role a ready component has (for example a standby).
+    note: Mutex<Option<String>>,
 }
 
 impl Probe {
@@ -25,12 +27,26 @@ impl Probe {
             return;
         }
         *self.0.reason.lock() = None;
+        *self.0.note.lock() = None;
     }
 
     /// Down, with the reason shown on `/health/ready`.
     pub fn down(&self, reason: impl Into<String>) {
         *self.0.reason.lock() = Some(reason.into());
+        *self.0.note.lock() = None;
         self.0.up.store(false, Ordering::Relaxed);
+    }
+
+    /// Up, with a note shown on `/health/ready` (cleared by the next `down`, or `set` after a change).
+    pub fn up_with(&self, note: impl Into<String>) {
+        *self.0.note.lock() = Some(note.into());
+        *self.0.reason.lock() = None;
+        self.0.up.store(true, Ordering::Relaxed);
+    }
+
+    /// The note of an up probe.
+    pub fn note(&self) -> Option<String> {
+        if self.is_up() { self.0.note.lock().clone() } else { None }
     }
 
     pub fn is_up(&self) -> bool {
@@ -61,6 +77,8 @@ pub struct Check {
     pub up: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 impl Readiness {
@@ -72,8 +90,11 @@ impl Readiness {
     }
 
     pub fn report(&self) -> Report {
-        let checks: Vec<Check> =
-            self.probes.iter().map(|(name, p)| Check { name, up: p.is_up(), reason: p.reason() }).collect();
+        let checks: Vec<Check> = self
+            .probes
+            .iter()
+            .map(|(name, p)| Check { name, up: p.is_up(), reason: p.reason(), note: p.note() })
+            .collect();
         Report { ready: checks.iter().all(|c| c.up), checks }
     }
 }
@@ -104,5 +125,12 @@ mod tests {
         assert!(json["checks"][0].get("reason").is_none(), "no reason, no field");
         mqtt.set(true);
         assert_eq!(r.report().checks[1].reason, None, "up clears the reason");
+        kafka.set(true);
+        mqtt.up_with("standby");
+        assert!(r.report().ready, "a standby is ready");
+        assert_eq!(r.report().checks[1].note.as_deref(), Some("standby"));
+        mqtt.down("connecting");
+        mqtt.set(true);
+        assert_eq!(r.report().checks[1].note, None, "a change clears the note");
     }
 }

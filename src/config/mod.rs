@@ -149,6 +149,10 @@ impl Config {
             policy.service_subscription = Some(subscription.filter.clone());
             policy.service_max_inflight = Some(self.v2k.v2k_max_in_flight);
         }
+        if let Some(plain) = v2k.as_ref().and_then(|v| v.plain.as_ref()) {
+            policy.service_max_queued = Some(plain.max_queued);
+            policy.service_plain_client_id = Some(format!("{}-v2k", self.v2k.v2k_lease_group));
+        }
         let k2v = match (&self.kafka_brokers, mqtt) {
             (Some(brokers), Some(mqtt)) => self.k2v.settings(brokers, mqtt, &policy)?,
             _ => None,
@@ -259,6 +263,11 @@ mod tests {
         let s = parse(&both).unwrap().settings().unwrap();
         assert_eq!(s.policy.service_subscription.as_deref(), Some("$share/v2k/+/attrs"));
         assert_eq!(s.policy.service_max_inflight, Some(1000));
+        assert_eq!(s.policy.service_max_queued, None, "VerneMQ's queue sizes for the shared subscription");
+        let plain = parse(&[&both[..], &["--v2k-subscription", "plain"]].concat()).unwrap().settings().unwrap();
+        assert_eq!(plain.policy.service_subscription.as_deref(), Some("+/attrs"));
+        assert_eq!(plain.policy.service_max_queued, Some(1_000_000));
+        assert_eq!(plain.policy.service_plain_client_id.as_deref(), Some("iotagent-mqtt-plain-v2k"));
         let err = parse(&[&both[..2], &both[4..]].concat()).unwrap().settings().unwrap_err();
         assert_eq!(err.variable, "MQTT_URL");
         let on_publish = parse(&both[..4]).unwrap().settings().unwrap();

@@ -159,8 +159,10 @@ impl PolicyArgs {
             service_username: self.mqtt_username.clone(),
             service_password: self.mqtt_password.clone(),
             service_client_id: None,
+            service_plain_client_id: None,
             service_subscription: None,
             service_max_inflight: None,
+            service_max_queued: None,
         })
     }
 }

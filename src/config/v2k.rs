@@ -5,10 +5,21 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 
 use super::{ConfigError, MqttArgs, invalid, kafka_topic_part};
+use crate::kafka::lease::LeaseSettings;
 use crate::kafka::producer::ProducerSettings;
 use crate::mqtt::MqttSettings;
+use crate::v2k::plain::{self, PlainSettings};
 use crate::v2k::subscription::SubscriptionSettings;
 use crate::v2k::{Contract, Mode, V2kSettings};
+
+/// Which subscription the service holds in subscription mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SubscriptionKind {
+    /// `$share/<V2K_SHARE_GROUP>/+/attrs`, held by every instance; VerneMQ caps its delivery near 0.1× of the node.
+    Shared,
+    /// `+/attrs` on one persistent session that only the holder of a Kafka lease connects; 0.76× on VerneMQ.
+    Plain,
+}
 
 /// Device data into Kafka.
 #[derive(Debug, Clone, clap::Args)]
@@ -57,6 +68,32 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_SHARE_GROUP", default_value = "v2k")]
     pub v2k_share_group: String,
 
+    /// Subscription mode: shared (`$share/<group>/+/attrs` on every instance) or plain (`+/attrs`, one instance at a
+    /// time, chosen by a Kafka lease).
+    #[arg(long, env = "V2K_SUBSCRIPTION", value_enum, default_value_t = SubscriptionKind::Shared)]
+    pub v2k_subscription: SubscriptionKind,
+
+    /// Plain subscription: the cluster's name for it — the lease's Kafka consumer group, and the MQTT client id
+    /// `<group>-v2k` every instance uses for the one session.
+    #[arg(long, env = "V2K_LEASE_GROUP", default_value = "iotagent-mqtt-plain")]
+    pub v2k_lease_group: String,
+
+    /// Plain subscription: the lease topic (one partition; it must exist).
+    #[arg(long, env = "V2K_LEASE_TOPIC", default_value = "iotagent.v2k-lease")]
+    pub v2k_lease_topic: String,
+
+    /// Plain subscription: the lease's Kafka session timeout (ms), how long a crashed holder keeps the lease (Kafka
+    /// brokers accept 6000 to 1800000 by default).
+    #[arg(long, env = "V2K_LEASE_SESSION_TIMEOUT_MS", default_value_t = 10_000,
+          value_parser = clap::value_parser!(u64).range(100..=3_600_000))]
+    pub v2k_lease_session_timeout_ms: u64,
+
+    /// Plain subscription: messages VerneMQ keeps for the session, connected (`max_online_messages`) and during a
+    /// handover (`max_offline_messages`): at least the device message rate × the handover time.
+    #[arg(long, env = "V2K_PLAIN_MAX_QUEUED", default_value_t = 1_000_000,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub v2k_plain_max_queued: u32,
+
     /// Producer compression: none, gzip, snappy, lz4, zstd.
     #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
     pub kafka_compression: String,
@@ -71,8 +108,10 @@ pub struct V2kArgs {
 pub struct V2kParts {
     pub producer: ProducerSettings,
     pub settings: V2kSettings,
-    /// Subscription mode: the internal client's shared subscription.
+    /// Subscription mode: the internal client's subscription.
     pub subscription: Option<SubscriptionSettings>,
+    /// Plain subscription: the lease that picks the one instance holding it.
+    pub plain: Option<PlainSettings>,
 }
 
 impl V2kArgs {
@@ -92,10 +131,21 @@ impl V2kArgs {
             (Mode::Subscription, None) => {
                 return Err(invalid("MQTT_URL", "V2K_MODE=subscription needs the internal MQTT client"));
             }
-            (Mode::Subscription, Some(mqtt)) => Some(SubscriptionSettings {
-                mqtt: mqtt.clone(),
-                filter: format!("$share/{}/+/{attrs_suffix}", self.v2k_share_group),
+            (Mode::Subscription, Some(mqtt)) => Some(match self.v2k_subscription {
+                SubscriptionKind::Shared => SubscriptionSettings {
+                    mqtt: mqtt.clone(),
+                    filter: format!("$share/{}/+/{attrs_suffix}", self.v2k_share_group),
+                },
+                // One session for the cluster: the same client id on every instance (`<group>-v2k`).
+                SubscriptionKind::Plain => SubscriptionSettings {
+                    mqtt: MqttSettings { client_id: self.v2k_lease_group.clone(), ..mqtt.clone() },
+                    filter: format!("+/{attrs_suffix}"),
+                },
             }),
+            _ => None,
+        };
+        let plain = match (&subscription, self.v2k_subscription) {
+            (Some(_), SubscriptionKind::Plain) => Some(self.plain(brokers, mqtt_args)?),
             _ => None,
         };
         let producer = ProducerSettings {
@@ -115,7 +165,28 @@ impl V2kArgs {
             ack_timeout: Duration::from_millis(self.v2k_ack_timeout_ms),
             gate_max_queue: self.v2k_gate.then_some(self.v2k_gate_max_queue),
         };
-        Ok(V2kParts { producer, settings, subscription })
+        Ok(V2kParts { producer, settings, subscription, plain })
+    }
+
+    fn plain(&self, brokers: &str, mqtt_args: &MqttArgs) -> Result<PlainSettings, ConfigError> {
+        kafka_topic_part("V2K_LEASE_TOPIC", &self.v2k_lease_topic)?;
+        // The group also names the MQTT session: the same safe characters as a topic part (no quote, which would
+        // break VerneMQ's disconnect-by-client-id query).
+        kafka_topic_part("V2K_LEASE_GROUP", &self.v2k_lease_group)?;
+        Ok(PlainSettings {
+            lease: LeaseSettings {
+                brokers: brokers.to_string(),
+                group_id: self.v2k_lease_group.clone(),
+                client_id: format!(
+                    "{}-v2k-lease",
+                    mqtt_args.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into())
+                ),
+                topic: self.v2k_lease_topic.clone(),
+                session_timeout: Duration::from_millis(self.v2k_lease_session_timeout_ms),
+                release_timeout: plain::RELEASE_TIMEOUT,
+            },
+            max_queued: self.v2k_plain_max_queued,
+        })
     }
 }
 
@@ -147,5 +218,24 @@ mod tests {
         let p = parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v", "--v2k-share-group", "g"]).unwrap();
         assert_eq!(p.subscription.unwrap().filter, "$share/g/+/attrs");
         assert_eq!(parts(&["--v2k-gate", "on"]).unwrap().settings.gate_max_queue, Some(10_000));
+    }
+
+    #[test]
+    fn plain_subscription_is_one_session_for_the_cluster() {
+        let sub = ["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v", "--mqtt-client-id", "node-1"];
+        let shared = parts(&sub).unwrap();
+        assert!(shared.plain.is_none(), "shared is the default");
+        let p = parts(&[&sub[..], &["--v2k-subscription", "plain"]].concat()).unwrap();
+        let subscription = p.subscription.unwrap();
+        assert_eq!(subscription.filter, "+/attrs");
+        assert_eq!(subscription.mqtt.options("v2k", true).unwrap().client_id(), "iotagent-mqtt-plain-v2k");
+        let plain = p.plain.unwrap();
+        assert_eq!(plain.lease.group_id, "iotagent-mqtt-plain");
+        assert_eq!(plain.lease.topic, "iotagent.v2k-lease");
+        assert_eq!(plain.lease.client_id, "node-1-v2k-lease");
+        assert_eq!(plain.max_queued, 1_000_000);
+        let bad = parts(&[&sub[..], &["--v2k-subscription", "plain", "--v2k-lease-group", "a\"b"]].concat());
+        assert_eq!(bad.unwrap_err().variable, "V2K_LEASE_GROUP");
+        assert!(parts(&["--v2k-subscription", "plain"]).unwrap().plain.is_none(), "only in subscription mode");
     }
 }

@@ -71,11 +71,17 @@ pub struct PolicyConfig {
     /// Base of the service's own MQTT client ids (`<base>-k2v`, `<base>-v2k`): no device may use an id starting
     /// with it, or it would take over the service's sessions.
     pub service_client_id: Option<String>,
+    /// The plain V2K subscription's session id (`<V2K_LEASE_GROUP>-v2k`, the same on every instance), reserved
+    /// like the base: it carries every device's data.
+    pub service_plain_client_id: Option<String>,
     /// The shared subscription the service holds in subscription mode (`$share/<group>/+/<attrs>`), if any.
     pub service_subscription: Option<String>,
     /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service (its default, 20,
     /// would cap V2K at 20 messages per Kafka round trip).
     pub service_max_inflight: Option<u32>,
+    /// With the plain V2K subscription: how many messages VerneMQ queues for the service's one session, online and
+    /// offline (its defaults, 1000 each, would drop device data within a handover).
+    pub service_max_queued: Option<u32>,
 }
 
 impl Default for PolicyConfig {
@@ -92,8 +98,10 @@ impl Default for PolicyConfig {
             service_username: "k2v-bridge".into(),
             service_password: None,
             service_client_id: None,
+            service_plain_client_id: None,
             service_subscription: None,
             service_max_inflight: None,
+            service_max_queued: None,
         }
     }
 }
@@ -153,6 +161,9 @@ pub struct RegisterModifiers {
     pub max_message_size: Option<u32>,
     /// How many QoS 1/2 messages VerneMQ sends the session before waiting for acks (MQTT 3.1.1 sessions).
     pub max_inflight_messages: Option<u32>,
+    /// Messages VerneMQ queues for the session while connected and while not.
+    pub max_online_messages: Option<u32>,
+    pub max_offline_messages: Option<u32>,
     /// `(mountpoint, client_id)`: VerneMQ only accepts the two together.
     pub subscriber_id: Option<(String, String)>,
 }
@@ -245,8 +256,12 @@ impl Policy {
                     (Some(expected), Some(given)) => expected.matches(given),
                     _ => false,
                 };
-                let modifiers =
-                    RegisterModifiers { max_inflight_messages: self.config.service_max_inflight, ..Default::default() };
+                let modifiers = RegisterModifiers {
+                    max_inflight_messages: self.config.service_max_inflight,
+                    max_online_messages: self.config.service_max_queued,
+                    max_offline_messages: self.config.service_max_queued,
+                    ..Default::default()
+                };
                 return match (by_certificate || by_password, req.certificate_cn.is_some()) {
                     (true, _) => Ok((principal, modifiers)),
                     (false, true) => Err(DenyReason::ServiceCertificate),
@@ -280,6 +295,8 @@ impl Policy {
             max_connection_lifetime: self.config.lifetime.seconds(jitter_unit),
             max_message_size: self.config.max_message_size,
             max_inflight_messages: None,
+            max_online_messages: None,
+            max_offline_messages: None,
             subscriber_id,
         };
         Ok((Principal::Device(device), modifiers))
@@ -287,7 +304,10 @@ impl Policy {
 
     /// Whether `client_id` is the service's base id, with any suffix: the ids of its internal clients.
     fn is_service_client_id(&self, client_id: &str) -> bool {
-        self.config.service_client_id.as_deref().is_some_and(|base| !base.is_empty() && client_id.starts_with(base))
+        [&self.config.service_client_id, &self.config.service_plain_client_id]
+            .into_iter()
+            .flatten()
+            .any(|base| !base.is_empty() && client_id.starts_with(base.as_str()))
     }
 
     /// `client_id` is `username` itself or `username` followed by a character no device id can contain, so that

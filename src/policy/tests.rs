@@ -156,6 +156,9 @@ fn service_identity_needs_exact_name_and_password_or_certificate() {
     let window = policy_with(|c| c.service_max_inflight = Some(1000));
     let RegisterDecision::Allow { modifiers, .. } = window.register(&req, 0.5) else { panic!("denied") };
     assert_eq!(modifiers, RegisterModifiers { max_inflight_messages: Some(1000), ..Default::default() });
+    let queued = policy_with(|c| c.service_max_queued = Some(500_000));
+    let RegisterDecision::Allow { modifiers, .. } = queued.register(&req, 0.5) else { panic!("denied") };
+    assert_eq!((modifiers.max_online_messages, modifiers.max_offline_messages), (Some(500_000), Some(500_000)));
 
     let mut by_cert = register(Some("k2v-bridge"), "any-id");
     by_cert.certificate_cn = Some(Some("k2v-bridge"));
@@ -220,6 +223,13 @@ fn devices_never_get_the_services_client_ids() {
     assert_eq!(denied(p.register(&register(Some(DEV), "svc-k2v"), 0.5)), DenyReason::ServiceClientId);
     let p = policy_with(|c| c.service_client_id = Some(String::new()));
     assert!(matches!(p.register(&register(Some(DEV), "x"), 0.5), RegisterDecision::Allow { .. }));
+    // The plain V2K session's id is the cluster's, not under the base: reserved as well.
+    let p = policy_with(|c| {
+        c.client_id_policy = ClientIdPolicy::Any;
+        c.service_client_id = Some("node-1".into());
+        c.service_plain_client_id = Some("cluster-v2k".into());
+    });
+    assert_eq!(denied(p.register(&register(Some(DEV), "cluster-v2k"), 0.5)), DenyReason::ServiceClientId);
 }
 
 #[test]

@@ -2,6 +2,7 @@
 //! configured mode (ARCHITECTURE.md §3, §5). Kafka specifics live in `crate::kafka`, MQTT ones in `crate::mqtt`.
 
 pub mod message;
+pub mod plain;
 pub mod subscription;
 
 use std::sync::Arc;

@@ -16,6 +16,10 @@ struct Modifiers<'a> {
     max_message_size: Option<u32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     max_inflight_messages: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_online_messages: Option<u32>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    max_offline_messages: Option<u32>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     subscriber_id: Option<SubscriberIdModifier<'a>>,
 }
@@ -88,6 +92,8 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
                 max_connection_lifetime: modifiers.max_connection_lifetime,
                 max_message_size: modifiers.max_message_size,
                 max_inflight_messages: modifiers.max_inflight_messages,
+                max_online_messages: modifiers.max_online_messages,
+                max_offline_messages: modifiers.max_offline_messages,
                 subscriber_id: modifiers
                     .subscriber_id
                     .as_ref()

@@ -1,6 +1,7 @@
 //! Device data into Kafka against a real Kafka-protocol broker (tansu) and, in subscription mode, Mosquitto.
 //! Subscription mode and the tests that run the service as a separate process are in `subscription.rs`.
 
+mod plain;
 mod strict;
 mod subscription;
 

@@ -4,7 +4,7 @@
 use super::*;
 
 /// A device publishes `{"n": n}` for each n to its attrs topic at QoS 1, `pause` apart.
-async fn publish_numbered(device: &rumqttc::AsyncClient, numbers: std::ops::Range<u64>, pause: Duration) {
+pub(super) async fn publish_numbered(device: &rumqttc::AsyncClient, numbers: std::ops::Range<u64>, pause: Duration) {
     for n in numbers {
         device
             .publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, format!(r#"{{"n": {n}}}"#))
@@ -84,7 +84,7 @@ async fn subscription_fault(
 
 /// Like `lost_and_duplicates`, for redeliveries that may come after newer messages (the broker resends unacked
 /// messages on reconnect).
-fn lost_and_duplicates_unordered(
+pub(super) fn lost_and_duplicates_unordered(
     seen: &BTreeMap<String, Vec<u64>>,
     expected: &BTreeMap<String, u64>,
 ) -> (usize, usize) {

@@ -1,0 +1,151 @@
+//! V2K plain subscription (`+/attrs` on one session for the cluster, held by the lease holder): two service
+//! processes, Mosquitto and tansu; steady state forwards each message once, a SIGKILLed holder is replaced and the
+//! persistent session drained.
+
+use super::subscription::{lost_and_duplicates_unordered, publish_numbered};
+use super::*;
+
+const LEASE_TOPIC: &str = "iotagent.v2k-lease";
+/// The one client id of the plain session (`<V2K_LEASE_GROUP>-v2k`).
+const SESSION: &str = "it-plain-v2k";
+
+fn env(kafka: &Tansu, mqtt: &Mosquitto, node: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("V2K_MODE", "subscription".into()),
+        ("V2K_SUBSCRIPTION", "plain".into()),
+        ("V2K_LEASE_GROUP", "it-plain".into()),
+        // Short, so that the test sees the handover soon after the kill.
+        ("V2K_LEASE_SESSION_TIMEOUT_MS", "2000".into()),
+        ("MQTT_URL", mqtt.url()),
+        ("MQTT_PASSWORD", "svc-pass".into()),
+        ("MQTT_CLIENT_ID", node.into()),
+        ("K2V_ENABLED", "false".into()),
+        ("V2K_DELIVERY_TIMEOUT_MS", "60000".into()),
+    ]
+}
+
+/// The role `/health/ready` reports for the lease (`held` or `standby`), once the plain subscription of a holder
+/// is subscribed.
+async fn role(service: &ServiceProcess) -> Option<&'static str> {
+    let report: Value = reqwest::get(service.url("/health/ready")).await.ok()?.json().await.ok()?;
+    let check = |name: &str| report["checks"].as_array()?.iter().find(|c| c["name"] == name).cloned();
+    let (lease, mqtt) = (check("v2k_lease")?, check("v2k_mqtt")?);
+    let note = lease["note"].as_str().unwrap_or_default();
+    match (note.split(':').next(), mqtt["up"].as_bool(), mqtt["note"].as_str()) {
+        (Some("held"), Some(true), None) => Some("held"),
+        (Some("standby"), Some(true), Some(_)) => Some("standby"),
+        _ => None,
+    }
+}
+
+/// Waits until exactly one of `services` holds the lease (subscribed) and the others stand by; returns the holder.
+async fn holder(services: &[&ServiceProcess]) -> usize {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut roles = Vec::new();
+        for s in services {
+            roles.push(role(s).await);
+        }
+        let held: Vec<usize> = (0..roles.len()).filter(|&i| roles[i] == Some("held")).collect();
+        let standby = roles.iter().filter(|r| **r == Some("standby")).count();
+        if held.len() == 1 && standby == services.len() - 1 {
+            return held[0];
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no single holder within 30 s: {roles:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn produced(metrics: &str) -> u64 {
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn plain_subscription_is_held_by_one_instance_and_handed_over_when_it_dies() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    kafka.create_topic(LEASE_TOPIC, 1).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let nodes =
+        [ServiceProcess::start(&env(&kafka, &mqtt, "node-1")), ServiceProcess::start(&env(&kafka, &mqtt, "node-2"))];
+    for node in &nodes {
+        node.wait_ready().await;
+    }
+    let first = holder(&[&nodes[0], &nodes[1]]).await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-plain", true).await;
+
+    // Steady state: both up, one consumes; every message reaches Kafka exactly once.
+    let steady = 400;
+    publish_numbered(&device, 0..steady, Duration::from_millis(1)).await;
+    let records = kafka.read("admin.device-data", steady as usize, Duration::from_secs(30)).await;
+    let expected = BTreeMap::from([(DEV.to_string(), steady)]);
+    let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
+    println!(
+        "plain steady state: published {steady}, in Kafka {}, lost {lost}, duplicates {duplicates}",
+        records.len()
+    );
+    assert_eq!((lost, duplicates), (0, 0), "with both instances up each message reaches Kafka exactly once");
+    let mut by_node = Vec::new();
+    for node in &nodes {
+        by_node.push(produced(&reqwest::get(node.url("/metrics")).await.unwrap().text().await.unwrap()));
+    }
+    assert_eq!(by_node[1 - first], 0, "the standby consumed nothing: {by_node:?}");
+
+    // Kill the holder mid-stream: the standby takes the lease after the session timeout and drains the session.
+    let total = 1600;
+    let publisher = tokio::spawn(async move {
+        publish_numbered(&device, steady..total, Duration::from_millis(3)).await;
+        device
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let [one, two] = nodes;
+    let (killed, survivor) = if first == 0 { (one, two) } else { (two, one) };
+    killed.kill();
+    let killed_at = std::time::Instant::now();
+    assert_eq!(holder(&[&survivor]).await, 0);
+    println!("plain handover: the survivor subscribed {:?} after the kill", killed_at.elapsed());
+    let _device = publisher.await.unwrap();
+    let records = kafka.read("admin.device-data", total as usize, Duration::from_secs(60)).await;
+    let all = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(3)).await;
+    let records = if all.len() > records.len() { all } else { records };
+    let seen = sequence_by_device(&records);
+    let expected = BTreeMap::from([(DEV.to_string(), total)]);
+    let (lost, duplicates) = lost_and_duplicates_unordered(&seen, &expected);
+    let mut counts = BTreeMap::<u64, usize>::new();
+    for n in seen.get(DEV).into_iter().flatten() {
+        *counts.entry(*n).or_default() += 1;
+    }
+    let twice: Vec<u64> = counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    println!(
+        "plain holder SIGKILL: published {total}, in Kafka {}, lost {lost}, duplicates {duplicates}: {twice:?}",
+        records.len()
+    );
+    assert_eq!(lost, 0, "a message was lost in the handover");
+
+    // Mosquitto, like VerneMQ, lets a second connection with the same client id take the session over: the
+    // standby must never have connected while the holder was.
+    let log = std::fs::read_to_string(mqtt.dir().join("mosquitto.log")).unwrap_or_default();
+    let connects = log.lines().filter(|l| l.contains("New client connected") && l.contains(SESSION)).count();
+    assert!(!log.contains("already connected, closing old connection"), "the session was taken over:\n{log}");
+    assert!(connects >= 2, "the holder and then the survivor connected the one session ({connects} connects)");
+}
+
+#[tokio::test]
+async fn a_missing_lease_topic_is_reported_not_ready() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let node = ServiceProcess::start(&env(&kafka, &mqtt, "node-1"));
+    let reported = crate::common::wait_until(Duration::from_secs(20), async || {
+        let Ok(response) = reqwest::get(node.url("/health/ready")).await else { return false };
+        let text = response.text().await.unwrap_or_default();
+        text.contains(&format!("lease topic {LEASE_TOPIC} does not exist"))
+    })
+    .await;
+    assert!(reported, "readiness names the missing lease topic");
+}
