@@ -4,3 +4,4 @@ pub mod consumer;
 mod offsets;
 pub mod producer;
 pub mod removed;
+pub mod topics;

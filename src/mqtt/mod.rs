@@ -15,8 +15,9 @@ use rumqttc::{MqttOptions, Transport};
 use crate::secret::Secret;
 
 /// Largest packet the service's clients accept or send. Device payloads over the V2K limit still have to be read
-/// (to dead-letter them); a smaller client limit would turn such a message into a reconnect loop.
-const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
+/// (to dead-letter them); a smaller client limit would turn such a message into a reconnect loop, so configuration
+/// refuses a device MAX_MESSAGE_SIZE that does not fit under it.
+pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttConfigError {
