@@ -75,23 +75,17 @@ impl V2k {
             Source { tenant: device.tenant.to_owned(), device: device.device.to_owned(), topic: mqtt_topic.to_owned() };
         let this = self.clone();
         let outcome = self.outcome(device, mqtt_topic, Payload::Raw(&payload));
-        // Queued here, synchronously, when there is room: the order of calls is the order in Kafka.
-        let start = if self.tenant_unknown(device.tenant) {
-            None
-        } else {
-            Some(match self.tenants.try_acquire(device.tenant) {
-                Room::Slot(slot) => Ok(self.enqueue(&outcome, slot)),
-                Room::Full(ticket) => Err(ticket),
-            })
+        // Queued here, synchronously, when there is room: the order of calls is the order in Kafka. The tenant
+        // check is not applied here: a message the broker already acknowledged is only given up after the delivery
+        // timeout, never on one metadata answer (a restarting Kafka may list no topics for a moment).
+        let start = match self.tenants.try_acquire(device.tenant) {
+            Room::Slot(slot) => Ok(self.enqueue(&outcome, slot)),
+            Room::Full(ticket) => Err(ticket),
         };
         async move {
             let first = match start {
-                None => {
-                    this.metrics.failed(Failure::UnknownTenant).increment(1);
-                    return this.lost(&source, "the tenant has no data topic");
-                }
-                Some(Ok(first)) => first,
-                Some(Err(ticket)) => {
+                Ok(first) => first,
+                Err(ticket) => {
                     let (turn, slot) = ticket.turn(this.tenants.bound()).await;
                     let queued = this.enqueue(&outcome, slot);
                     // The turn ends after the record is queued: order kept within the tenant.

@@ -3,6 +3,7 @@
 
 mod strict;
 mod subscription;
+mod tenants;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
