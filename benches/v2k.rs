@@ -25,6 +25,8 @@ use tokio::net::TcpStream;
 const DEVICES: usize = 64;
 const PHASE: Duration = Duration::from_secs(5);
 const TOPIC: &str = "bench.device-data";
+/// Tenants of the per-tenant rows.
+const MANY_TENANTS: usize = 100;
 
 #[allow(dead_code)]
 #[path = "../tests/it/common/brokers.rs"]
@@ -133,7 +135,12 @@ async fn collect(stop: Arc<AtomicBool>, tasks: Vec<tokio::task::JoinHandle<Histo
 }
 
 /// `DEVICES` webhook sessions, each sending its next publish when the previous one was answered (as VerneMQ does).
-async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>) -> Outcome {
+/// The tenant of a device when the load is spread over `tenants` tenants (`bench` alone when 1).
+fn tenant(device: usize, tenants: usize) -> String {
+    if tenants == 1 { "bench".to_string() } else { format!("bench{}", device % tenants) }
+}
+
+async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>, tenants: usize) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for device in 0..DEVICES {
@@ -145,7 +152,7 @@ async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http");
             tokio::spawn(conn);
             let mut hist = Histogram::<u64>::new(3).expect("hist");
-            let username = format!("bench:d{device}");
+            let username = format!("{}:d{device}", tenant(device, tenants));
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let body = serde_json::json!({"username": username, "mountpoint": "", "client_id": username, "qos": 1,
@@ -230,6 +237,10 @@ fn main() {
             NewTopic::new("bench.device-data.dead-letter", 1, TopicReplication::Fixed(1)),
         ];
         admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics");
+        // The 100-tenant rows: one data topic per tenant (tansu creates no topic by itself).
+        let many: Vec<String> = (0..MANY_TENANTS).map(|t| format!("bench{t}.device-data")).collect();
+        let many: Vec<NewTopic> = many.iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
+        admin.create_topics(&many, &AdminOptions::new()).await.expect("tenant topics");
     });
 
     println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
@@ -248,13 +259,18 @@ fn main() {
             ("K2V_ENABLED", "false".to_string()),
         ]
     };
-    for (mode, hook) in [("on_publish", "on_publish"), ("auth_on_publish", "auth_on_publish")] {
+    for (mode, hook, tenants) in [
+        ("on_publish", "on_publish", 1),
+        ("auth_on_publish", "auth_on_publish", 1),
+        ("auth_on_publish", "auth_on_publish", MANY_TENANTS),
+    ] {
         let (service, addr) = start_service(&kafka_env(mode));
         std::thread::sleep(Duration::from_secs(2));
         let calls = Arc::new(AtomicU64::new(0));
         let cpu_before = service.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone()));
+        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), tenants));
         let cpu = service.cpu_seconds() - cpu_before;
+        let mode = format!("{mode}, {tenants} tenant(s)");
         println!(
             "{mode:<28} {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs  ratio {:.2}  added p50 {:>5} µs p99 {:>5} µs  CPU {:.1} µs/call",
             outcome.per_second,
@@ -275,7 +291,7 @@ fn main() {
     {
         let calls = Arc::new(AtomicU64::new(0));
         let before = proc_.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone()));
+        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone(), 1));
         let cpu = proc_.cpu_seconds() - before;
         println!(
             "{name:<28} {:>8.0} calls/s  CPU {:.1} µs/call",
@@ -292,11 +308,29 @@ fn main() {
     let window = 1000;
     let plain_window = rt.block_on(plain_producer_window(&brokers, total, window));
     println!("plain rdkafka producer, {window} in flight: {:>8.0} msg/s", plain_window);
-    let mut env = kafka_env("subscription");
+    for tenants in [1, MANY_TENANTS] {
+        subscription_row(&rt, &kafka_env("subscription"), mqtt_port, device_port, total, window, plain_window, tenants);
+    }
+}
+
+/// Subscription mode with the devices spread over `tenants` tenants.
+#[allow(clippy::too_many_arguments)]
+fn subscription_row(
+    rt: &tokio::runtime::Runtime,
+    kafka_env: &[(&'static str, String)],
+    mqtt_port: u16,
+    device_port: u16,
+    total: u64,
+    window: usize,
+    plain_window: f64,
+    tenants: usize,
+) {
+    let mut env = kafka_env.to_vec();
     env.extend([
         ("MQTT_URL", format!("mqtt://127.0.0.1:{mqtt_port}")),
         ("MQTT_PASSWORD", "pw".to_string()),
-        ("MQTT_CLIENT_ID", "bench".to_string()),
+        ("MQTT_CLIENT_ID", format!("bench-{tenants}")),
+        ("V2K_SHARE_GROUP", format!("bench{tenants}")),
         ("V2K_MAX_IN_FLIGHT", window.to_string()),
     ]);
     let (_service, service_addr) = start_service(&env);
@@ -306,7 +340,7 @@ fn main() {
         let per_device = total / DEVICES as u64;
         let mut clients = Vec::new();
         for device in 0..DEVICES {
-            let mut options = rumqttc::MqttOptions::new(format!("dev{device}"), "127.0.0.1", device_port);
+            let mut options = rumqttc::MqttOptions::new(format!("dev{device}-{tenants}"), "127.0.0.1", device_port);
             options.set_max_packet_size(1 << 20, 1 << 20);
             let (client, mut eventloop) = iotagent_mqtt::mqtt::client(options, 10_000);
             tokio::spawn(async move {
@@ -319,7 +353,12 @@ fn main() {
             });
             for n in 0..per_device {
                 client
-                    .publish(format!("bench:d{device}/attrs"), rumqttc::QoS::AtLeastOnce, false, payload(n))
+                    .publish(
+                        format!("{}:d{device}/attrs", tenant(device, tenants)),
+                        rumqttc::QoS::AtLeastOnce,
+                        false,
+                        payload(n),
+                    )
                     .await
                     .ok();
             }
@@ -341,7 +380,7 @@ fn main() {
         }
     });
     println!(
-        "subscription (via Mosquitto) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
+        "subscription, {tenants} tenant(s) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
         per_second,
         per_second / plain_window
     );
