@@ -1,5 +1,5 @@
 //! K2V throughput: a backlog of configure events in Kafka (tansu, memory storage) drained to Mosquitto PUBACKs by the
-//! bridge, against a plain rumqttc QoS 1 publish loop to the same broker in the same run.
+//! bridge, against a plain rumqttc QoS 1 publish loop (MQTT 5, as the K2V publisher) to the same broker in the same run.
 //!
 //! `cargo bench --bench k2v` (needs `tansu` and `mosquitto`, as the tests do). `K2V_BENCH_EVENTS` overrides the
 //! backlog size (default 100 000).
@@ -18,7 +18,9 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rumqttc::{AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 
 const PASSWORD: &str = "bench";
 const TOPIC: &str = "bench.dojot.device-manager.device";
@@ -70,16 +72,17 @@ async fn backlog(brokers: &str, events: usize) -> Duration {
     started.elapsed()
 }
 
-/// The baseline: `events` QoS 1 publishes from one rumqttc client with the same in-flight window, until the last PUBACK.
-/// `nodelay` as the K2V publisher sets it; rumqttc's default leaves Nagle's algorithm on.
+/// The baseline: `events` QoS 1 publishes from one rumqttc MQTT 5 client with the same in-flight window (the
+/// broker's Receive Maximum caps both), until the last PUBACK. `nodelay` as the K2V publisher sets it; rumqttc's
+/// default leaves Nagle's algorithm on.
 async fn plain_publish_loop(port: u16, events: usize, nodelay: bool) -> Duration {
     let mut options = MqttOptions::new(format!("bench-plain-{nodelay}"), "127.0.0.1", port);
     options.set_credentials("k2v-bridge", PASSWORD);
-    options.set_inflight(IN_FLIGHT);
-    let (client, mut eventloop) = AsyncClient::new(options, usize::from(IN_FLIGHT));
-    let mut network = eventloop.network_options();
+    options.set_outgoing_inflight_upper_limit(IN_FLIGHT);
+    let mut network = options.network_options();
     network.set_tcp_nodelay(nodelay);
-    eventloop.set_network_options(network);
+    options.set_network_options(network);
+    let (client, mut eventloop) = AsyncClient::new(options, usize::from(IN_FLIGHT));
     let started = Instant::now();
     let publisher = tokio::spawn(async move {
         for n in 0..events {
@@ -91,7 +94,7 @@ async fn plain_publish_loop(port: u16, events: usize, nodelay: bool) -> Duration
     let mut acked = 0;
     while acked < events {
         match eventloop.poll().await {
-            Ok(Event::Incoming(Packet::PubAck(_))) => acked += 1,
+            Ok(Event::Incoming(Incoming::PubAck(_))) => acked += 1,
             Ok(Event::Outgoing(Outgoing::Disconnect)) => break,
             Ok(_) => {}
             Err(e) => panic!("baseline connection failed: {e}"),
@@ -113,7 +116,7 @@ fn acked(metrics: &Metrics) -> f64 {
 /// Starts the bridge on the backlog; returns (time to the first ack, time to the last ack).
 async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Duration) {
     let settings = K2vSettings {
-        rules: EventRules { id_charset: IdCharset::default(), config_suffix: "config".into() },
+        rules: EventRules { id_charset: IdCharset::default(), config_suffix: "config".into(), max_message_size: None },
         retain: false,
         max_in_flight: IN_FLIGHT,
         lag_interval: Duration::from_secs(10),
@@ -172,10 +175,10 @@ fn main() {
 
         let plain = plain_publish_loop(mqtt_port, events, true).await;
         let plain_rate = events as f64 / plain.as_secs_f64();
-        println!("plain rumqttc QoS 1 loop, TCP_NODELAY (as K2V): {events} publishes acked in {plain:.2?} = {plain_rate:.0}/s");
+        println!("plain rumqttc v5 QoS 1 loop, TCP_NODELAY (as K2V): {events} publishes acked in {plain:.2?} = {plain_rate:.0}/s");
         let nagle = plain_publish_loop(mqtt_port, events, false).await;
         let nagle_rate = events as f64 / nagle.as_secs_f64();
-        println!("plain rumqttc QoS 1 loop, Nagle on (rumqttc default): {nagle:.2?} = {nagle_rate:.0}/s");
+        println!("plain rumqttc v5 QoS 1 loop, Nagle on (rumqttc default): {nagle:.2?} = {nagle_rate:.0}/s");
 
         let (first, last) = drain(&brokers, mqtt_port, events).await;
         let steady = last.saturating_sub(first);

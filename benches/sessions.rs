@@ -1,5 +1,6 @@
-//! Live session control: registry bytes per session at 100 k and 1 M (counting allocator and RSS delta), and the time
-//! from a CRL change listing 10 000 connected serials to the last disconnect call received by a local recorder.
+//! Live session control: registry bytes per session and removed-set bytes per removed device at 100 k and 1 M
+//! (counting allocator and RSS delta), and the time from a CRL change listing 10 000 connected serials to the last
+//! disconnect call received by a local recorder. `cargo bench --bench sessions -- removed` runs the removed set only.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::Arc;
@@ -9,6 +10,7 @@ use std::time::{Duration, Instant};
 use iotagent_mqtt::cert::ClientCertificate;
 use iotagent_mqtt::metrics::Metrics;
 use iotagent_mqtt::sessions::registry::{NewSession, Registry};
+use iotagent_mqtt::sessions::removed::{Change, RemovedSet};
 use iotagent_mqtt::sessions::{self, SessionRegistry, Settings, VernemqApi, crl};
 use tokio_util::sync::CancellationToken;
 
@@ -63,6 +65,16 @@ fn fill(n: usize) -> (Registry, isize, usize) {
     (registry, LIVE.load(Ordering::Relaxed) - heap0, rss_bytes().saturating_sub(rss0))
 }
 
+/// Removed devices as dojot names them: `<tenant>:<6 hex digits>` (12 bytes).
+fn fill_removed(n: usize) -> (RemovedSet, isize, usize) {
+    let (heap0, rss0) = (LIVE.load(Ordering::Relaxed), rss_bytes());
+    let mut set = RemovedSet::default();
+    for i in 0..n {
+        set.apply(&Change::Removed(format!("admin:{i:06x}")));
+    }
+    (set, LIVE.load(Ordering::Relaxed) - heap0, rss_bytes().saturating_sub(rss0))
+}
+
 async fn crl_to_last_disconnect(connected: usize, revoked: usize) -> Duration {
     let received = Arc::new(AtomicUsize::new(0));
     let counter = received.clone();
@@ -114,6 +126,19 @@ async fn crl_to_last_disconnect(connected: usize, revoked: usize) -> Duration {
 }
 
 fn main() {
+    for n in [100_000, 1_000_000] {
+        let (set, heap, rss) = fill_removed(n);
+        println!(
+            "removed set {n:>9} devices: {:>6.1} bytes/device (allocator), {:>6.1} bytes/device (RSS delta), {} entries",
+            heap as f64 / n as f64,
+            rss as f64 / n as f64,
+            set.len()
+        );
+        drop(set);
+    }
+    if std::env::args().any(|a| a == "removed") {
+        return;
+    }
     for n in [100_000, 1_000_000] {
         let (registry, heap, rss) = fill(n);
         println!(

@@ -342,7 +342,11 @@ fn subscription_row(
         for device in 0..DEVICES {
             let mut options = rumqttc::MqttOptions::new(format!("dev{device}-{tenants}"), "127.0.0.1", device_port);
             options.set_max_packet_size(1 << 20, 1 << 20);
-            let (client, mut eventloop) = iotagent_mqtt::mqtt::client(options, 10_000);
+            // Devices stay on MQTT 3.1.1, with Nagle off as the service's own clients.
+            let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
+            let mut network = eventloop.network_options();
+            network.set_tcp_nodelay(true);
+            eventloop.set_network_options(network);
             tokio::spawn(async move {
                 loop {
                     if let Err(e) = eventloop.poll().await {

@@ -49,13 +49,14 @@ impl Listeners {
 /// How often histogram samples are folded into buckets and the session gauge is refreshed.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Part of the shutdown budget kept for K2V (final commit) when the earlier steps run long.
-const K2V_RESERVE: Duration = Duration::from_secs(2);
+/// Part of the shutdown budget kept, after K2V stopped, for the webhooks to drain and the producer to flush.
+const AFTER_K2V_RESERVE: Duration = Duration::from_secs(3);
 
-/// Runs the service until `shutdown` is cancelled, then stops in dependency order (ARCHITECTURE.md §7): stop accepting
-/// webhooks and let in-flight ones finish, let the V2K subscription acknowledge what Kafka took, flush the producer,
-/// then stop K2V (stop consuming, drain publishes, commit, disconnect). The steps share one budget, SHUTDOWN_TIMEOUT,
-/// whose deadline is set when shutdown starts.
+/// Runs the service until `shutdown` is cancelled, then stops in dependency order (ARCHITECTURE.md §7): stop K2V
+/// (stop consuming, drain in-flight publishes, commit, disconnect) while the webhooks still serve — VerneMQ authorises
+/// those publishes through `auth_on_publish` —, then stop accepting webhooks and let in-flight ones finish, let the
+/// V2K subscription acknowledge what Kafka took, and flush the producer. The steps share one budget,
+/// SHUTDOWN_TIMEOUT, whose deadline is set when shutdown starts.
 ///
 /// # Errors
 /// Invalid configuration, or a listener that fails.
@@ -82,21 +83,17 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     let hooks =
         HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics);
     let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
+    // Not ready until the removed devices Kafka held at start are read (README "Live session control").
+    let removed_probe = settings.removed_reader.as_ref().map(|_| readiness.probe("removed_devices"));
     let mut router = crate::http::router(hooks, readiness, metrics.clone());
     if let Some(token) = session_settings.admin_token.clone() {
         router =
             router.merge(crate::sessions::admin::routes(sessions.clone(), token, session_settings.id_charset.clone()));
     }
-    if let Some(removed) = settings.removed_reader {
+    if let (Some(reader), Some(probe)) = (settings.removed_reader, removed_probe) {
         session_tasks.push(
-            crate::sessions::start_removed_reader(
-                &sessions,
-                &session_settings,
-                &removed.brokers,
-                &removed.client_id,
-                &shutdown,
-            )
-            .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
+            crate::sessions::start_removed_reader(&sessions, &session_settings, reader, probe, &shutdown)
+                .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
         );
     }
 
@@ -140,37 +137,48 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     // K2V starts once the webhook listener is up: the broker authorises the service's connection through it.
     let k2v = match (settings.k2v, k2v_probes) {
         (Some(settings), Some((kafka, mqtt))) => {
-            Some(crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, budget.clone()).context("cannot start K2V")?)
+            let k2v_budget = budget.holding_back(AFTER_K2V_RESERVE);
+            Some(crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, k2v_budget).context("cannot start K2V")?)
         }
         _ => None,
     };
-    // The steps before K2V leave it time for its final commit.
-    let before_k2v = || if k2v.is_some() { budget.before(K2V_RESERVE) } else { budget.deadline() };
-    let server = axum::serve(listeners.http, router).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let webhooks_stop = CancellationToken::new();
+    let mut server = tokio::spawn(
+        axum::serve(listeners.http, router)
+            .with_graceful_shutdown(webhooks_stop.clone().cancelled_owned())
+            .into_future(),
+    );
     tokio::select! {
-        result = server.into_future() => result.context("webhook server failed")?,
-        () = async {
-            shutdown.cancelled().await;
-            // The one deadline of the whole shutdown is set here.
-            budget.deadline();
-            tokio::time::sleep_until(before_k2v()).await;
-        } => tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway"),
+        result = &mut server => {
+            return match result {
+                Ok(served) => served.context("webhook server failed"),
+                Err(e) => Err(anyhow::anyhow!("webhook server task failed: {e}")),
+            };
+        }
+        () = shutdown.cancelled() => {}
+    }
+    // The one deadline of the whole shutdown is set here.
+    budget.deadline();
+    // K2V first: its in-flight publishes still need VerneMQ's auth_on_publish, served by the webhooks below. Its part
+    // of the budget ends AFTER_K2V_RESERVE early.
+    if let Some(k2v) = k2v {
+        k2v.shutdown().await;
+    }
+    webhooks_stop.cancel();
+    if tokio::time::timeout_at(budget.deadline(), &mut server).await.is_err() {
+        tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway");
+        server.abort();
     }
     // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same budget).
     tasks.close();
-    if tokio::time::timeout_at(before_k2v(), tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(budget.deadline(), tasks.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within SHUTDOWN_TIMEOUT; stopping anyway");
     }
     if let Some(v2k) = &v2k {
-        let left = before_k2v().saturating_duration_since(tokio::time::Instant::now());
-        match v2k.producer().flush(left).await {
+        match v2k.producer().flush(budget.remaining()).await {
             Ok(()) => tracing::info!("Kafka producer flushed"),
             Err(left) => tracing::error!(left, "Kafka producer not flushed within SHUTDOWN_TIMEOUT; records lost"),
         }
-    }
-    // K2V: stop consuming, drain in-flight publishes, commit what was acknowledged, disconnect.
-    if let Some(k2v) = k2v {
-        k2v.shutdown().await;
     }
     for task in session_tasks {
         task.abort();

@@ -3,19 +3,43 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use parking_lot::Mutex;
 use serde::Serialize;
 
-/// One dependency's up/down flag, set by the component that owns the connection.
+/// One dependency's up/down flag, and why it is down when its owner knows, set by the component that owns the
+/// connection.
 #[derive(Debug, Clone, Default)]
-pub struct Probe(Arc<AtomicBool>);
+pub struct Probe(Arc<ProbeState>);
+
+#[derive(Debug, Default)]
+struct ProbeState {
+    up: AtomicBool,
+    reason: Mutex<Option<String>>,
+}
 
 impl Probe {
+    /// Up or down without a reason (an earlier reason is cleared).
     pub fn set(&self, up: bool) {
-        self.0.store(up, Ordering::Relaxed);
+        // Steady "up" is the hot path (the K2V consumer says so per message): no lock.
+        if self.0.up.swap(up, Ordering::Relaxed) && up {
+            return;
+        }
+        *self.0.reason.lock() = None;
+    }
+
+    /// Down, with the reason shown on `/health/ready`.
+    pub fn down(&self, reason: impl Into<String>) {
+        *self.0.reason.lock() = Some(reason.into());
+        self.0.up.store(false, Ordering::Relaxed);
     }
 
     pub fn is_up(&self) -> bool {
-        self.0.load(Ordering::Relaxed)
+        self.0.up.load(Ordering::Relaxed)
+    }
+
+    /// Why it is down, if its owner said.
+    pub fn reason(&self) -> Option<String> {
+        if self.is_up() { None } else { self.0.reason.lock().clone() }
     }
 }
 
@@ -35,6 +59,8 @@ pub struct Report {
 pub struct Check {
     pub name: &'static str,
     pub up: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 impl Readiness {
@@ -46,7 +72,8 @@ impl Readiness {
     }
 
     pub fn report(&self) -> Report {
-        let checks: Vec<Check> = self.probes.iter().map(|(name, p)| Check { name, up: p.is_up() }).collect();
+        let checks: Vec<Check> =
+            self.probes.iter().map(|(name, p)| Check { name, up: p.is_up(), reason: p.reason() }).collect();
         Report { ready: checks.iter().all(|c| c.up), checks }
     }
 }
@@ -70,5 +97,12 @@ mod tests {
         let report = r.report();
         assert!(!report.ready);
         assert!(!report.checks[0].up && report.checks[1].up);
+        mqtt.down("subscription refused (SUBACK 0x87 not_authorized)");
+        let report = r.report();
+        assert_eq!(report.checks[1].reason.as_deref(), Some("subscription refused (SUBACK 0x87 not_authorized)"));
+        let json = serde_json::to_value(&report).unwrap();
+        assert!(json["checks"][0].get("reason").is_none(), "no reason, no field");
+        mqtt.set(true);
+        assert_eq!(r.report().checks[1].reason, None, "up clears the reason");
     }
 }

@@ -11,11 +11,19 @@ use tokio::time::Instant;
 pub struct Budget {
     total: Duration,
     deadline: Arc<OnceLock<Instant>>,
+    /// How long before the shared deadline this view of the budget ends (see [`Budget::holding_back`]).
+    held_back: Duration,
 }
 
 impl Budget {
     pub fn new(total: Duration) -> Self {
-        Self { total, deadline: Arc::new(OnceLock::new()) }
+        Self { total, deadline: Arc::new(OnceLock::new()), held_back: Duration::ZERO }
+    }
+
+    /// The same budget for a step that must end `reserve` (at most half the budget) before the shared deadline, so
+    /// the steps after it keep that much: its deadline, `before` and `remaining` all count to the earlier end.
+    pub fn holding_back(&self, reserve: Duration) -> Self {
+        Self { held_back: self.held_back + reserve.min(self.total / 2), ..self.clone() }
     }
 
     /// The whole budget.
@@ -25,7 +33,8 @@ impl Budget {
 
     /// The deadline: the first call (when shutdown starts) fixes it at now + the budget; later calls return it.
     pub fn deadline(&self) -> Instant {
-        *self.deadline.get_or_init(|| Instant::now() + self.total)
+        let shared = *self.deadline.get_or_init(|| Instant::now() + self.total);
+        shared.checked_sub(self.held_back).unwrap_or(shared)
     }
 
     /// What is left of the budget.
@@ -59,5 +68,18 @@ mod tests {
         let spent = Budget::new(Duration::ZERO);
         assert!(spent.before(Duration::from_secs(2)) >= spent.deadline());
         assert_eq!(spent.remaining(), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_step_holding_back_ends_first_and_leaves_the_rest() {
+        let budget = Budget::new(Duration::from_secs(10));
+        let first = budget.holding_back(Duration::from_secs(3));
+        let deadline = first.deadline();
+        assert_eq!(budget.deadline(), deadline + Duration::from_secs(3), "one shared deadline, fixed by either view");
+        assert_eq!(first.before(Duration::from_secs(2)), deadline - Duration::from_secs(2));
+        assert!(first.remaining() <= Duration::from_secs(7));
+        let greedy = Budget::new(Duration::from_secs(4)).holding_back(Duration::from_secs(60));
+        assert_eq!(greedy.total() / 2, Duration::from_secs(2));
+        assert!(greedy.remaining() <= Duration::from_secs(2), "holds back half the budget at most");
     }
 }

@@ -94,7 +94,12 @@ impl K2vArgs {
             stats_interval: Duration::from_millis(self.k2v_stats_interval_ms),
         };
         Ok(Some(K2vSettings {
-            rules: EventRules { id_charset: policy.id_charset.clone(), config_suffix: policy.config_suffix.clone() },
+            rules: EventRules {
+                id_charset: policy.id_charset.clone(),
+                config_suffix: policy.config_suffix.clone(),
+                // K2V refuses what the devices' sessions could not take (MAX_MESSAGE_SIZE).
+                max_message_size: policy.max_message_size,
+            },
             retain: self.k2v_retain,
             max_in_flight: self.k2v_max_in_flight,
             lag_interval: Duration::from_millis(self.k2v_lag_interval_ms),
@@ -139,6 +144,11 @@ mod tests {
         assert_eq!(on.consumer.client_id, "gw1-k2v");
         assert_eq!(on.rules.config_suffix, "config");
         assert!(!on.retain);
+        assert_eq!(on.rules.max_message_size, Some(512 * 1024), "device sessions are bounded by default");
+        let unlimited = [&both[..], &["--max-message-size", "0"]].concat();
+        assert_eq!(settings(&unlimited).unwrap().unwrap().rules.max_message_size, None);
+        let limited = [&both[..], &["--max-message-size", "4096"]].concat();
+        assert_eq!(settings(&limited).unwrap().unwrap().rules.max_message_size, Some(4096));
         assert!(settings(&both[..2]).unwrap().is_none(), "no MQTT_URL");
         assert!(settings(&both[2..]).unwrap().is_none(), "no KAFKA_BROKERS");
         let off = [&both[..], &["--k2v-enabled", "off"]].concat();

@@ -100,13 +100,6 @@ const WEBHOOK_ENVELOPE_BYTES: usize = 4096;
 /// What VerneMQ may add to a device's packet when it forwards it (packet id, MQTT 5 properties).
 const MQTT_PACKET_OVERHEAD: usize = 64 * 1024;
 
-/// Where the removed-device reader reads, when KAFKA_BROKERS is set.
-#[derive(Debug)]
-pub struct RemovedReader {
-    pub brokers: String,
-    pub client_id: String,
-}
-
 /// The validated configuration, each part in the terms of the module that owns it.
 #[derive(Debug)]
 pub struct Settings {
@@ -120,7 +113,8 @@ pub struct Settings {
     pub k2v: Option<K2vSettings>,
     /// Live session control (removed devices, revoked certificates, forced disconnects).
     pub sessions: crate::sessions::Settings,
-    pub removed_reader: Option<RemovedReader>,
+    /// The removed-device reader (live session control), when KAFKA_BROKERS is set.
+    pub removed_reader: Option<crate::kafka::removed::RemovedReaderSettings>,
     /// The PKI's API and upkeep, when PKI_LISTEN is set.
     pub pki: Option<PkiParts>,
     /// The whole shutdown's budget.
@@ -168,9 +162,13 @@ impl Config {
             self.pki.upkeep()?.crl_update,
             !policy.lifetime.base.is_zero(),
         )?;
-        let removed_reader = self.kafka_brokers.as_ref().map(|brokers| RemovedReader {
+        // The same topics as K2V, with K2V's metadata refresh: how soon a new tenant's topic is read.
+        let removed_reader = self.kafka_brokers.as_ref().map(|brokers| crate::kafka::removed::RemovedReaderSettings {
             brokers: brokers.clone(),
+            topic_pattern: sessions.topic_pattern.clone(),
+            topic_suffix: sessions.topic_suffix.clone(),
             client_id: self.mqtt.mqtt_client_id.clone().unwrap_or_else(|| "iotagent-mqtt".into()),
+            metadata_refresh: Duration::from_millis(self.k2v.k2v_metadata_refresh_ms),
         });
         Ok(Settings {
             sessions,

@@ -32,6 +32,9 @@ pub enum EventError {
     Attrs,
     #[error("tenant {tenant:?} / device {device:?} is not a valid device identity: {reason}")]
     Identity { tenant: String, device: String, reason: IdentityError },
+    /// Larger than the `max_message_size` device sessions get: the broker (or the device) would refuse it.
+    #[error("configuration for {topic} is a {size}-byte PUBLISH, over the devices' max_message_size of {limit}")]
+    TooLarge { topic: String, size: usize, limit: usize },
 }
 
 impl EventError {
@@ -40,6 +43,7 @@ impl EventError {
         match self {
             Self::Json(_) | Self::Field(_) | Self::Attrs => SkipReason::Malformed,
             Self::Identity { .. } => SkipReason::InvalidDevice,
+            Self::TooLarge { .. } => SkipReason::TooLarge,
         }
     }
 }
@@ -55,18 +59,21 @@ pub enum SkipReason {
     Malformed,
     /// An identity the ACL would refuse, or no valid topic.
     InvalidDevice,
-    /// Larger than an MQTT packet may be.
+    /// Larger than the devices' `max_message_size` or than an MQTT packet may be.
     TooLarge,
+    /// The broker refused the publish for good (PUBACK reason code ≥ 0x80 other than quota exceeded).
+    Refused,
 }
 
 impl SkipReason {
     /// Every variant, in declaration order (so `reason as usize` indexes it).
-    pub const ALL: [SkipReason; 5] = [
+    pub const ALL: [SkipReason; 6] = [
         SkipReason::NotConfigure,
         SkipReason::Remove,
         SkipReason::Malformed,
         SkipReason::InvalidDevice,
         SkipReason::TooLarge,
+        SkipReason::Refused,
     ];
 
     pub fn name(self) -> &'static str {
@@ -76,6 +83,7 @@ impl SkipReason {
             SkipReason::Malformed => "malformed",
             SkipReason::InvalidDevice => "invalid_device",
             SkipReason::TooLarge => "too_large",
+            SkipReason::Refused => "refused",
         }
     }
 }
@@ -112,6 +120,15 @@ struct Data<'a> {
 pub struct EventRules {
     pub id_charset: IdCharset,
     pub config_suffix: String,
+    /// The `max_message_size` the service hands device sessions (`MAX_MESSAGE_SIZE`): a configuration the device
+    /// could not take is refused here, so the broker never has to.
+    pub max_message_size: Option<u32>,
+}
+
+/// The PUBLISH packet's size after the fixed header (what a broker compares with `max_message_size`): topic with
+/// its length, packet id, an empty MQTT 5 property list, payload.
+fn publish_size(topic: &str, payload: &[u8]) -> usize {
+    2 + topic.len() + 2 + 1 + payload.len()
 }
 
 fn string<'a>(value: Option<&'a RawValue>, field: &'static str) -> Result<Cow<'a, str>, EventError> {
@@ -163,7 +180,14 @@ impl EventRules {
         // RawValue holds exactly one valid JSON value, so an opening brace means an object.
         let attrs = data.attrs.map(RawValue::get).filter(|a| a.starts_with('{')).ok_or(EventError::Attrs)?;
         let payload = compact(attrs);
-        Ok(Action::Publish { topic: format!("{username}/{}", self.config_suffix), payload })
+        let topic = format!("{username}/{}", self.config_suffix);
+        let size = publish_size(&topic, &payload);
+        if let Some(limit) = self.max_message_size.and_then(|l| usize::try_from(l).ok())
+            && size > limit
+        {
+            return Err(EventError::TooLarge { topic, size, limit });
+        }
+        Ok(Action::Publish { topic, payload })
     }
 }
 
@@ -174,7 +198,7 @@ mod tests {
     use super::*;
 
     fn rules() -> EventRules {
-        EventRules { id_charset: IdCharset::default(), config_suffix: "config".into() }
+        EventRules { id_charset: IdCharset::default(), config_suffix: "config".into(), max_message_size: None }
     }
 
     fn interpret(value: &Value) -> Result<Action, EventError> {
@@ -242,6 +266,21 @@ mod tests {
             let value = json!({"event": event, "data": {"attrs": "anything"}});
             assert_eq!(interpret(&value).unwrap(), Action::Ignore { event: event.into() }, "{event}");
         }
+    }
+
+    #[test]
+    fn configurations_over_the_devices_max_message_size_are_refused() {
+        // Topic "t:d/config" (10) + 2 + packet id 2 + properties 1 + payload: 15 + payload bytes.
+        let rules = EventRules { max_message_size: Some(15 + 9), ..rules() };
+        let fits = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"a": 123}}});
+        assert_eq!(rules.interpret(fits.to_string().as_bytes()).unwrap(), publish("t:d/config", &json!({"a": 123})));
+        let over = json!({"event": "configure", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"a": 1234}}});
+        let err = rules.interpret(over.to_string().as_bytes()).unwrap_err();
+        assert_eq!(err, EventError::TooLarge { topic: "t:d/config".into(), size: 25, limit: 24 });
+        assert_eq!(err.reason(), SkipReason::TooLarge);
+        // Only configurations are measured.
+        let remove = json!({"event": "remove", "meta": {"service": "t"}, "data": {"id": "d", "attrs": {"a": 1234}}});
+        assert!(rules.interpret(remove.to_string().as_bytes()).is_ok());
     }
 
     #[test]

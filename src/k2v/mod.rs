@@ -1,5 +1,5 @@
 //! Commands to devices (K2V): device-manager events consumed from Kafka, each device's configuration published to
-//! `<tenant>:<device>/config` through the service's MQTT client, offsets committed only after the broker's PUBACK.
+//! `<tenant>:<device>/config` through the service's MQTT 5 client, offsets committed only after the broker's answer.
 
 pub mod event;
 
@@ -15,10 +15,11 @@ use tokio_util::task::AbortOnDropHandle;
 pub use event::{Action, EventError, EventRules, SkipReason};
 
 use crate::health::Probe;
-use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received};
+use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received, TopicChecker};
+use crate::kafka::producer::{Producer, ProducerSettings};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSettings;
-use crate::mqtt::publisher::{PublishError, Publisher};
+use crate::mqtt::publisher::{Ack, Outcome, PublishError, Publisher, Refusal};
 use crate::shutdown::Budget;
 
 /// Client id role of the K2V publisher and consumer (`<MQTT_CLIENT_ID>-k2v`).
@@ -27,6 +28,11 @@ pub const ROLE: &str = "k2v";
 const GAUGE_INTERVAL: Duration = Duration::from_secs(1);
 /// Pause after a consumer error, so a broker outage does not spin.
 const ERROR_PAUSE: Duration = Duration::from_millis(200);
+/// A refused event goes to `<its topic>.dead-letter` (`<tenant>.dojot.device-manager.device.dead-letter`).
+const DEAD_LETTER_SUFFIX: &str = ".dead-letter";
+/// Bound on one dead letter (topic lookup, then Kafka's ack): the refused event's offset completes after it anyway.
+const DEAD_LETTER_TIMEOUT: Duration = Duration::from_secs(10);
+const TOPIC_LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 /// Part of the shutdown budget kept for the final commit and the disconnects after waiting for PUBACKs.
 const COMMIT_RESERVE: Duration = Duration::from_secs(1);
 
@@ -47,6 +53,32 @@ pub enum K2vError {
     Kafka(#[from] ConsumeError),
     #[error("MQTT client: {0}")]
     Mqtt(#[from] crate::mqtt::MqttConfigError),
+    #[error("dead-letter producer: {0}")]
+    DeadLetterProducer(String),
+}
+
+/// What became of a refused event's dead letter: the `outcome` label of `iotagent_k2v_dead_letters_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum DeadLetter {
+    /// Acknowledged by Kafka.
+    Written,
+    /// The dead-letter topic does not exist (it is never created by the service).
+    NoTopic,
+    /// Kafka unreachable, refused the record, or no ack within the bound.
+    Failed,
+}
+
+impl DeadLetter {
+    /// Every variant, in declaration order (so `outcome as usize` indexes it).
+    const ALL: [DeadLetter; 3] = [DeadLetter::Written, DeadLetter::NoTopic, DeadLetter::Failed];
+
+    fn name(self) -> &'static str {
+        match self {
+            DeadLetter::Written => "written",
+            DeadLetter::NoTopic => "no_topic",
+            DeadLetter::Failed => "failed",
+        }
+    }
 }
 
 struct K2vMetrics {
@@ -56,6 +88,8 @@ struct K2vMetrics {
     resent: Counter,
     /// Indexed by [`SkipReason`].
     skipped: [Counter; SkipReason::ALL.len()],
+    /// Indexed by [`DeadLetter`].
+    dead_letters: [Counter; DeadLetter::ALL.len()],
     in_flight: Gauge,
     lag: Gauge,
 }
@@ -69,13 +103,21 @@ impl K2vMetrics {
                 &[("reason", reason.name())],
             )
         });
+        let dead_letters = DeadLetter::ALL.map(|outcome| {
+            metrics.counter(
+                "iotagent_k2v_dead_letters_total",
+                "Refused events written (or not) to their dead-letter topic, by outcome",
+                &[("outcome", outcome.name())],
+            )
+        });
         Self {
+            dead_letters,
             consumed: metrics.counter("iotagent_k2v_consumed_total", "Device-manager events consumed from Kafka", &[]),
             published: metrics.counter("iotagent_k2v_published_total", "Configurations published to devices", &[]),
-            acked: metrics.counter("iotagent_k2v_acked_total", "Publishes acknowledged by the broker (PUBACK)", &[]),
+            acked: metrics.counter("iotagent_k2v_acked_total", "Publishes accepted by the broker (PUBACK < 0x80)", &[]),
             resent: metrics.counter(
                 "iotagent_k2v_resent_total",
-                "Publishes sent again because the connection was lost before their PUBACK",
+                "Publishes sent again: the connection was lost before their PUBACK, or the broker answered quota exceeded",
                 &[],
             ),
             skipped,
@@ -120,10 +162,24 @@ impl K2v {
         budget: Budget,
     ) -> Result<Self, K2vError> {
         let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
+        // Dead letters are rare: no compression or batching to configure.
+        let dead_letters = ProducerSettings {
+            brokers: settings.consumer.brokers.clone(),
+            compression: "none".into(),
+            linger_ms: 0,
+            delivery_timeout_ms: DEAD_LETTER_TIMEOUT.as_millis() as u64,
+            client_id: format!("{}-dead-letter", settings.consumer.client_id),
+        };
+        let producer = Producer::new(&dead_letters).map_err(|e| K2vError::DeadLetterProducer(e.to_string()))?;
         let (publisher, acks) = Publisher::start(&settings.mqtt, ROLE, settings.max_in_flight, mqtt_probe)?;
         let stop = CancellationToken::new();
+        let (dead_done, dead_rx) = mpsc::unbounded_channel();
         let bridge = Bridge {
+            topics: consumer.topic_checker(),
             consumer,
+            producer,
+            dead_done,
+            dead_pending: 0,
             publisher,
             rules: settings.rules,
             retain: settings.retain,
@@ -133,7 +189,7 @@ impl K2v {
             metrics: K2vMetrics::new(metrics),
         };
         tracing::info!(pattern = %settings.consumer.topic_pattern, group = %settings.consumer.group_id, "K2V started");
-        let task = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, stop.clone(), budget)));
+        let task = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, dead_rx, stop.clone(), budget)));
         Ok(Self { stop, task })
     }
 
@@ -147,20 +203,40 @@ impl K2v {
     }
 }
 
+/// A published event, kept until the broker answers: where it came from, and what a dead letter would carry.
+struct Waiting {
+    position: Position,
+    mqtt_topic: String,
+    value: Vec<u8>,
+    key: Option<Vec<u8>>,
+    headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
 struct Bridge {
     consumer: K2vConsumer,
+    topics: TopicChecker,
+    producer: Producer,
+    /// Refused events whose dead letter is done (written or not): their offsets complete then.
+    dead_done: mpsc::UnboundedSender<Position>,
+    dead_pending: usize,
     publisher: Publisher,
     rules: EventRules,
     retain: bool,
     max_in_flight: usize,
     lag_interval: Duration,
-    /// Publishes awaiting PUBACK: publisher sequence number → Kafka position.
-    waiting: HashMap<u64, Position>,
+    /// Publishes awaiting the broker's answer, by publisher sequence number.
+    waiting: HashMap<u64, Waiting>,
     metrics: K2vMetrics,
 }
 
 impl Bridge {
-    async fn run(mut self, mut acks: mpsc::UnboundedReceiver<u64>, stop: CancellationToken, budget: Budget) {
+    async fn run(
+        mut self,
+        mut acks: mpsc::UnboundedReceiver<Ack>,
+        mut dead: mpsc::UnboundedReceiver<Position>,
+        stop: CancellationToken,
+        budget: Budget,
+    ) {
         // Consumption stops by itself while the broker is unreachable: no acks come back, so the in-flight bound is
         // reached after at most K2V_MAX_IN_FLIGHT messages, which the publisher holds and re-sends after the
         // reconnect. (librdkafka's pause/resume is not used: resuming could skip a message that had been fetched
@@ -186,12 +262,16 @@ impl Bridge {
             tokio::select! {
                 biased;
                 () = stop.cancelled() => break,
-                Some(seq) = acks.recv() => {
-                    self.acked(seq);
+                Some(ack) = acks.recv() => {
+                    self.answered(ack);
                     // Acks come in bursts (several PUBACKs per read): take them all, store offsets once.
-                    while let Ok(seq) = acks.try_recv() {
-                        self.acked(seq);
+                    while let Ok(ack) = acks.try_recv() {
+                        self.answered(ack);
                     }
+                    self.consumer.store();
+                }
+                Some(position) = dead.recv() => {
+                    self.dead_lettered(&position);
                     self.consumer.store();
                 }
                 changed = connected.changed() => {
@@ -232,20 +312,59 @@ impl Bridge {
         }
         // The lag task borrows the consumer, whose close waits for every call in progress.
         drop(lag);
-        self.stop(acks, budget).await;
+        self.stop(acks, dead, budget).await;
     }
 
-    fn acked(&mut self, seq: u64) {
-        if let Some(position) = self.waiting.remove(&seq) {
-            self.metrics.acked.increment(1);
-            self.consumer.complete(&position);
+    fn answered(&mut self, ack: Ack) {
+        let Some(waiting) = self.waiting.remove(&ack.seq) else { return };
+        match ack.outcome {
+            Outcome::Delivered => {
+                self.metrics.acked.increment(1);
+                self.consumer.complete(&waiting.position);
+            }
+            Outcome::Refused(refusal) => self.refused(waiting, refusal),
         }
+    }
+
+    /// A refused event is skipped: counted, logged, dead-lettered (off the bridge's loop), then its offset
+    /// completes in place.
+    fn refused(&mut self, waiting: Waiting, refusal: Refusal) {
+        self.metrics.skip(SkipReason::Refused);
+        let (tenant, device) = tenant_device(&waiting.mqtt_topic);
+        tracing::warn!(
+            tenant,
+            device,
+            topic = %waiting.mqtt_topic,
+            partition = waiting.position.partition,
+            offset = waiting.position.offset,
+            reason_code = refusal.code(),
+            reason = refusal.name(),
+            "K2V configuration refused by the broker; skipped and dead-lettered"
+        );
+        self.dead_pending += 1;
+        let producer = self.producer.clone();
+        let topics = self.topics.clone();
+        let counters = self.metrics.dead_letters.clone();
+        let done = self.dead_done.clone();
+        tokio::spawn(async move {
+            let position = waiting.position.clone();
+            let outcome =
+                tokio::time::timeout(DEAD_LETTER_TIMEOUT, dead_letter(&producer, &topics, waiting, refusal)).await;
+            let outcome = outcome.unwrap_or(DeadLetter::Failed);
+            counters[outcome as usize].increment(1);
+            let _ = done.send(position);
+        });
+    }
+
+    fn dead_lettered(&mut self, position: &Position) {
+        self.dead_pending = self.dead_pending.saturating_sub(1);
+        self.consumer.complete(position);
     }
 
     /// Publishes or skips one message. False when the publisher is gone.
     async fn handle(&mut self, message: Received, stop: &CancellationToken) -> bool {
         self.metrics.consumed.increment(1);
-        let Received { position, payload } = message;
+        let Received { position, payload, key, headers } = message;
         let action = match payload.as_deref().map(|p| self.rules.interpret(p)) {
             Some(Ok(action)) => action,
             Some(Err(error)) => {
@@ -258,8 +377,8 @@ impl Bridge {
                 return self.skip(&position, SkipReason::Malformed);
             }
         };
-        let (topic, payload) = match action {
-            Action::Publish { topic, payload } => (topic, Bytes::from(payload)),
+        let (topic, config) = match action {
+            Action::Publish { topic, payload: config } => (topic, Bytes::from(config)),
             Action::Ignore { event } => {
                 tracing::debug!(event, "K2V event is not a configuration");
                 return self.skip(&position, SkipReason::NotConfigure);
@@ -271,10 +390,11 @@ impl Bridge {
             }
         };
         loop {
-            match self.publisher.publish(&topic, payload.clone(), self.retain) {
+            match self.publisher.publish(&topic, config.clone(), self.retain) {
                 Ok(seq) => {
                     self.metrics.published.increment(1);
-                    self.waiting.insert(seq, position);
+                    let value = payload.unwrap_or_default();
+                    self.waiting.insert(seq, Waiting { position, mqtt_topic: topic, value, key, headers });
                     return true;
                 }
                 Err(PublishError::TooLarge(size)) => {
@@ -306,13 +426,23 @@ impl Bridge {
 
     /// Shutdown order: no more consuming (the loop has ended) → acks of in-flight publishes until the deadline →
     /// commit of what is acknowledged → MQTT disconnect → leave the consumer group, all before the budget's deadline.
-    async fn stop(mut self, mut acks: mpsc::UnboundedReceiver<u64>, budget: Budget) {
+    /// Refused events whose dead letter is under way count as in flight.
+    async fn stop(
+        mut self,
+        mut acks: mpsc::UnboundedReceiver<Ack>,
+        mut dead: mpsc::UnboundedReceiver<Position>,
+        budget: Budget,
+    ) {
         let deadline = budget.deadline();
         let acks_until = budget.before(COMMIT_RESERVE);
-        while !self.waiting.is_empty() {
-            match tokio::time::timeout_at(acks_until, acks.recv()).await {
-                Ok(Some(seq)) => self.acked(seq),
-                Ok(None) | Err(_) => break,
+        while !self.waiting.is_empty() || self.dead_pending > 0 {
+            tokio::select! {
+                () = tokio::time::sleep_until(acks_until) => break,
+                ack = acks.recv(), if !self.waiting.is_empty() => match ack {
+                    Some(ack) => self.answered(ack),
+                    None => break,
+                },
+                Some(position) = dead.recv() => self.dead_lettered(&position),
             }
         }
         if !self.waiting.is_empty() {
@@ -332,5 +462,63 @@ impl Bridge {
         // Leaving the group lets another instance take the partitions over at once; with Kafka away it cannot.
         self.consumer.close(budget.remaining()).await;
         tracing::info!("K2V stopped");
+    }
+}
+
+/// `<tenant>:<device>/<suffix>` → (tenant, device), for the logs.
+fn tenant_device(topic: &str) -> (&str, &str) {
+    let username = topic.split_once('/').map_or(topic, |(username, _)| username);
+    username.split_once(':').unwrap_or((username, ""))
+}
+
+/// Writes a refused event to `<its topic>.dead-letter` when that topic exists: the original key, value and headers,
+/// plus `reason` (the refusal's name) and `mqtt_reason_code` (decimal).
+async fn dead_letter(producer: &Producer, topics: &TopicChecker, waiting: Waiting, refusal: Refusal) -> DeadLetter {
+    let topic = format!("{}{DEAD_LETTER_SUFFIX}", waiting.position.topic);
+    match topics.exists(topic.clone(), TOPIC_LOOKUP_TIMEOUT).await {
+        Some(true) => {}
+        Some(false) => {
+            tracing::warn!(topic, "no dead-letter topic; the refused event is only logged and counted");
+            return DeadLetter::NoTopic;
+        }
+        None => {
+            tracing::warn!(topic, "dead-letter topic lookup failed; the refused event is only logged and counted");
+            return DeadLetter::Failed;
+        }
+    }
+    let mut headers = waiting.headers;
+    headers.push(("reason".into(), Some(refusal.name().as_bytes().to_vec())));
+    headers.push(("mqtt_reason_code".into(), Some(refusal.code().to_string().into_bytes())));
+    let sent = producer.send_bytes(&topic, waiting.key.as_deref(), Some(&waiting.value), &headers);
+    match sent {
+        Ok(delivery) => match delivery.wait(None).await {
+            Ok(()) => DeadLetter::Written,
+            Err(error) => {
+                tracing::warn!(topic, %error, "dead letter not written");
+                DeadLetter::Failed
+            }
+        },
+        Err(error) => {
+            tracing::warn!(topic, %error, "dead letter not written");
+            DeadLetter::Failed
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tenant_and_device_of_a_config_topic() {
+        assert_eq!(tenant_device("admin:a1998e/config"), ("admin", "a1998e"));
+        assert_eq!(tenant_device("odd"), ("odd", ""));
+    }
+
+    #[test]
+    fn dead_letter_outcomes_are_listed_in_declaration_order() {
+        for (index, outcome) in DeadLetter::ALL.iter().enumerate() {
+            assert_eq!(*outcome as usize, index, "{}", outcome.name());
+        }
     }
 }

@@ -11,7 +11,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::Message;
+use rdkafka::message::{Headers as _, Message};
 use rdkafka::statistics::Statistics;
 
 pub use super::offsets::Position;
@@ -51,6 +51,9 @@ pub struct Received {
     pub position: Position,
     /// `None` for a tombstone (no value).
     pub payload: Option<Vec<u8>>,
+    /// Kept for a dead letter, which carries the original key and headers.
+    pub key: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
 }
 
 /// Hands moved commit points to librdkafka (the next commit sends them).
@@ -245,7 +248,16 @@ impl K2vConsumer {
         let message = self.consumer().recv().await.map_err(ConsumeError::Receive)?;
         let position = self.tracker.lock().begin(message.topic(), message.partition(), message.offset());
         self.consumer().context().probe.set(true);
-        Ok(Received { position, payload: message.payload().map(<[u8]>::to_vec) })
+        let headers = message
+            .headers()
+            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default();
+        Ok(Received {
+            position,
+            payload: message.payload().map(<[u8]>::to_vec),
+            key: message.key().map(<[u8]>::to_vec),
+            headers,
+        })
     }
 
     /// A message if one is ready now, without waiting: lets the caller take a burst in one go.
@@ -266,6 +278,11 @@ impl K2vConsumer {
     /// Stores the commit points moved by [`Self::complete`] since the last call, for the next (auto-)commit.
     pub fn store(&self) {
         store_moved(self.consumer(), &self.tracker);
+    }
+
+    /// A handle that asks the brokers whether a topic exists, from another task.
+    pub fn topic_checker(&self) -> TopicChecker {
+        TopicChecker { consumer: self.lender() }
     }
 
     /// A handle that measures the lag from another task.
@@ -300,6 +317,35 @@ impl K2vConsumer {
         if tokio::time::timeout(deadline, done).await.is_err() {
             tracing::warn!("Kafka consumer did not close in time (brokers unreachable?)");
         }
+    }
+}
+
+/// Whether a topic exists, asked through the consumer: its metadata requests never create topics (librdkafka's
+/// `allow.auto.create.topics` is off for consumers), where a producer's could on a broker that auto-creates.
+#[derive(Clone)]
+pub struct TopicChecker {
+    consumer: Lender,
+}
+
+impl TopicChecker {
+    /// `None` when the brokers did not answer within `timeout`, or the consumer is closing.
+    pub async fn exists(&self, topic: String, timeout: Duration) -> Option<bool> {
+        let lender = self.consumer.clone();
+        tokio::task::spawn_blocking(move || {
+            lender.with(|consumer| {
+                let metadata = consumer.fetch_metadata(Some(&topic), timeout).ok()?;
+                Some(
+                    metadata
+                        .topics()
+                        .iter()
+                        .any(|t| t.name() == topic && t.error().is_none() && !t.partitions().is_empty()),
+                )
+            })
+        })
+        .await
+        .ok()
+        .flatten()
+        .flatten()
     }
 }
 

@@ -161,6 +161,31 @@ impl Producer {
         self.inner.send_result(future).map(Delivery).map_err(|(error, _)| classify(error))
     }
 
+    /// Queues a record given as bytes (a copy of a consumed message: key, value and headers as they were).
+    ///
+    /// # Errors
+    /// Queue full, or a record Kafka can never take.
+    pub fn send_bytes(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        value: Option<&[u8]>,
+        headers: &[(String, Option<Vec<u8>>)],
+    ) -> Result<Delivery, ProduceError> {
+        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+        for (key, value) in headers {
+            owned = owned.insert(Header { key, value: value.as_deref() });
+        }
+        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(owned);
+        if let Some(key) = key {
+            record = record.key(key);
+        }
+        if let Some(value) = value {
+            record = record.payload(value);
+        }
+        self.inner.send_result(record).map(Delivery).map_err(|(error, _)| classify(error))
+    }
+
     /// Records waiting for an ack (queued or in flight to Kafka).
     pub fn in_flight(&self) -> usize {
         usize::try_from(self.inner.in_flight_count()).unwrap_or_default()

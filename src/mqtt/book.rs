@@ -1,10 +1,79 @@
-//! The publisher's bookkeeping, pure: which message each packet id carries, which PUBACK acknowledges which
-//! message, and what a lost connection dropped and must be sent again, in order. rumqttc's events come in as data.
+//! The publisher's bookkeeping, pure: which message each packet id carries, what each PUBACK (MQTT 5 reason code)
+//! means for its message, and what a lost connection dropped and must be sent again, in order.
 
 use std::collections::{HashMap, VecDeque};
 
 use bytes::Bytes;
-use rumqttc::{Event, Outgoing, Packet, Publish, QoS};
+use rumqttc::Outgoing;
+use rumqttc::v5::Event;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason, Publish};
+
+/// A PUBACK reason code ≥ 0x80 that sending the same message again cannot change: the message is given up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// 0x80
+    Unspecified,
+    /// 0x83
+    ImplementationSpecific,
+    /// 0x87 (VerneMQ's answer to a denied `auth_on_publish_m5`, Mosquitto's to an ACL denial)
+    NotAuthorized,
+    /// 0x90
+    TopicNameInvalid,
+    /// 0x95: not a PUBACK code; the client refuses to send a packet above the broker's Maximum Packet Size.
+    PacketTooLarge,
+    /// 0x99
+    PayloadFormatInvalid,
+}
+
+impl Refusal {
+    /// The MQTT 5 reason code.
+    pub fn code(self) -> u8 {
+        match self {
+            Refusal::Unspecified => 0x80,
+            Refusal::ImplementationSpecific => 0x83,
+            Refusal::NotAuthorized => 0x87,
+            Refusal::TopicNameInvalid => 0x90,
+            Refusal::PacketTooLarge => 0x95,
+            Refusal::PayloadFormatInvalid => 0x99,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Refusal::Unspecified => "unspecified_error",
+            Refusal::ImplementationSpecific => "implementation_specific_error",
+            Refusal::NotAuthorized => "not_authorized",
+            Refusal::TopicNameInvalid => "topic_name_invalid",
+            Refusal::PacketTooLarge => "packet_too_large",
+            Refusal::PayloadFormatInvalid => "payload_format_invalid",
+        }
+    }
+}
+
+/// What a PUBACK means for its message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Answer {
+    /// Accepted (0x00, or 0x10 no matching subscribers).
+    Delivered(u64),
+    /// Refused for good: the message is forgotten.
+    Refused(u64, Refusal),
+    /// Refused for now (0x97 quota exceeded, 0x91 packet id in use): kept, and sent again after a pause
+    /// ([`Book::take_retries`]) or with the rest after a reconnect.
+    Retry(u64),
+}
+
+fn answer(seq: u64, reason: PubAckReason) -> Answer {
+    match reason {
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Answer::Delivered(seq),
+        PubAckReason::QuotaExceeded | PubAckReason::PacketIdentifierInUse => Answer::Retry(seq),
+        PubAckReason::UnspecifiedError => Answer::Refused(seq, Refusal::Unspecified),
+        PubAckReason::ImplementationSpecificError => Answer::Refused(seq, Refusal::ImplementationSpecific),
+        PubAckReason::NotAuthorized => Answer::Refused(seq, Refusal::NotAuthorized),
+        PubAckReason::TopicNameInvalid => Answer::Refused(seq, Refusal::TopicNameInvalid),
+        PubAckReason::PayloadFormatInvalid => Answer::Refused(seq, Refusal::PayloadFormatInvalid),
+    }
+}
 
 /// One message not yet acknowledged by the broker.
 #[derive(Debug, Clone)]
@@ -31,6 +100,10 @@ pub(super) struct Book {
     in_flight: HashMap<u16, u64>,
     /// A publish rumqttc holds back because its packet id is still in use (`Outgoing::AwaitAck`).
     collided: Option<(u16, u64)>,
+    /// Answered "not now" (see [`Answer::Retry`]), waiting to be sent again.
+    retry: Vec<u64>,
+    /// The message of the last `Outgoing::Publish`: the one a write failure (packet too large) is about.
+    last_sent: Option<u64>,
     /// Publishes sent again after a connection loss, since start.
     pub(super) resent: u64,
 }
@@ -45,8 +118,8 @@ impl Book {
         seq
     }
 
-    /// Matches packet ids to messages; returns the message a PUBACK acknowledges.
-    pub(super) fn on_event(&mut self, event: &Event) -> Option<u64> {
+    /// Matches packet ids to messages; returns what a PUBACK means for its message.
+    pub(super) fn on_event(&mut self, event: &Event) -> Option<Answer> {
         match event {
             Event::Outgoing(Outgoing::Publish(pkid)) if *pkid != 0 => {
                 if let Some((held, seq)) = self.collided
@@ -54,11 +127,13 @@ impl Book {
                 {
                     self.collided = None;
                     self.in_flight.insert(*pkid, seq);
+                    self.last_sent = Some(seq);
                     return None;
                 }
                 match self.unmatched.pop_front() {
                     Some(seq) => {
                         self.in_flight.insert(*pkid, seq);
+                        self.last_sent = Some(seq);
                     }
                     None => tracing::error!(pkid, "MQTT publish without a queued message"),
                 }
@@ -75,11 +150,46 @@ impl Book {
                     tracing::debug!(pkid = ack.pkid, "PUBACK for no message in flight (duplicate)");
                     return None;
                 };
-                self.messages.remove(&seq);
-                Some(seq)
+                let answer = answer(seq, ack.reason);
+                if !matches!(answer, Answer::Retry(_)) {
+                    self.messages.remove(&seq);
+                } else {
+                    self.retry.push(seq);
+                }
+                Some(answer)
             }
             _ => None,
         }
+    }
+
+    /// Gives up the message of the last publish written (the client refused to send it: larger than the broker's
+    /// Maximum Packet Size). Returns it, unless it was already answered.
+    pub(super) fn refuse_last_sent(&mut self) -> Option<u64> {
+        let seq = self.last_sent.take()?;
+        self.messages.remove(&seq)?;
+        self.in_flight.retain(|_, s| *s != seq);
+        self.unmatched.retain(|s| *s != seq);
+        Some(seq)
+    }
+
+    /// Whether messages wait for a retry ([`Answer::Retry`]).
+    #[cfg(test)]
+    pub(super) fn has_retries(&self) -> bool {
+        !self.retry.is_empty()
+    }
+
+    /// The messages answered [`Answer::Retry`], oldest first, to be appended to rumqttc's pending list, which holds
+    /// `queued` of our publishes: they go out after those and before anything in the request channel.
+    pub(super) fn take_retries(&mut self, queued: usize) -> Vec<Publish> {
+        let mut retry = std::mem::take(&mut self.retry);
+        retry.retain(|seq| self.messages.contains_key(seq));
+        retry.sort_unstable();
+        let at = queued.min(self.unmatched.len());
+        for (i, seq) in retry.iter().enumerate() {
+            self.unmatched.insert(at + i, *seq);
+        }
+        self.resent += retry.len() as u64;
+        retry.iter().filter_map(|seq| self.messages.get(seq)).map(Message::publish).collect()
     }
 
     /// After a connection error: nothing sent on that connection and un-acknowledged, nor anything rumqttc had
@@ -93,6 +203,7 @@ impl Book {
         let mut lost: Vec<u64> = self.unmatched.drain(..end).collect();
         lost.extend(self.in_flight.drain().map(|(_, seq)| seq));
         lost.extend(self.collided.take().map(|(_, seq)| seq));
+        lost.append(&mut self.retry);
         lost.retain(|seq| self.messages.contains_key(seq));
         lost.sort_unstable();
         self.resend = lost.len();
@@ -105,19 +216,16 @@ impl Book {
     pub(super) fn requeue(&mut self) -> Vec<Publish> {
         let count = std::mem::take(&mut self.resend);
         self.resent += count as u64;
-        self.unmatched
-            .iter()
-            .take(count)
-            .filter_map(|seq| self.messages.get(seq))
-            .map(|m| Publish {
-                dup: false,
-                qos: QoS::AtLeastOnce,
-                retain: m.retain,
-                topic: m.topic.clone(),
-                pkid: 0,
-                payload: m.payload.clone(),
-            })
-            .collect()
+        self.unmatched.iter().take(count).filter_map(|seq| self.messages.get(seq)).map(Message::publish).collect()
+    }
+}
+
+impl Message {
+    /// A fresh QoS 1 publish of the message (rumqttc numbers it).
+    fn publish(&self) -> Publish {
+        let mut publish = Publish::new(self.topic.as_str(), QoS::AtLeastOnce, self.payload.clone(), None);
+        publish.retain = self.retain;
+        publish
     }
 }
 
@@ -133,8 +241,12 @@ mod tests {
         Event::Outgoing(Outgoing::Publish(pkid))
     }
 
+    fn answered(pkid: u16, reason: PubAckReason) -> Event {
+        Event::Incoming(Packet::PubAck(rumqttc::v5::mqttbytes::v5::PubAck { pkid, reason, properties: None }))
+    }
+
     fn acked(pkid: u16) -> Event {
-        Event::Incoming(Packet::PubAck(rumqttc::PubAck { pkid }))
+        answered(pkid, PubAckReason::Success)
     }
 
     fn payloads(publishes: &[Publish]) -> Vec<String> {
@@ -149,11 +261,11 @@ mod tests {
         for pkid in [7, 8, 9] {
             assert_eq!(book.on_event(&sent(pkid)), None);
         }
-        assert_eq!(book.on_event(&acked(8)), Some(1));
+        assert_eq!(book.on_event(&acked(8)), Some(Answer::Delivered(1)));
         assert_eq!(book.on_event(&acked(8)), None, "a second PUBACK for the same id is a duplicate");
         assert_eq!(book.on_event(&acked(42)), None, "unknown id");
-        assert_eq!(book.on_event(&acked(7)), Some(0));
-        assert_eq!(book.on_event(&acked(9)), Some(2));
+        assert_eq!(book.on_event(&acked(7)), Some(Answer::Delivered(0)));
+        assert_eq!(book.on_event(&acked(9)), Some(Answer::Delivered(2)));
         assert!(book.messages.is_empty() && book.in_flight.is_empty() && book.unmatched.is_empty());
     }
 
@@ -167,7 +279,7 @@ mod tests {
         // 4 and 5 were submitted after the error and are still in the request channel.
         book.on_event(&sent(1));
         book.on_event(&sent(2));
-        assert_eq!(book.on_event(&acked(1)), Some(0));
+        assert_eq!(book.on_event(&acked(1)), Some(Answer::Delivered(0)));
         book.connection_lost(2);
         // Reconnection attempts that fail change nothing.
         book.connection_lost(0);
@@ -180,8 +292,17 @@ mod tests {
         for pkid in 3..=7 {
             book.on_event(&sent(pkid));
         }
-        let acks: Vec<Option<u64>> = (3..=7).map(|pkid| book.on_event(&acked(pkid))).collect();
-        assert_eq!(acks, [Some(1), Some(2), Some(3), Some(4), Some(5)]);
+        let acks: Vec<Option<Answer>> = (3..=7).map(|pkid| book.on_event(&acked(pkid))).collect();
+        assert_eq!(
+            acks,
+            [
+                Some(Answer::Delivered(1)),
+                Some(Answer::Delivered(2)),
+                Some(Answer::Delivered(3)),
+                Some(Answer::Delivered(4)),
+                Some(Answer::Delivered(5))
+            ]
+        );
         assert!(book.messages.is_empty());
     }
 
@@ -201,7 +322,7 @@ mod tests {
         // 4 was drained from the channel with them.
         book.on_event(&sent(5));
         book.on_event(&sent(6));
-        assert_eq!(book.on_event(&acked(5)), Some(0));
+        assert_eq!(book.on_event(&acked(5)), Some(Answer::Delivered(0)));
         book.connection_lost(3);
         assert_eq!(payloads(&book.requeue()), ["1", "2", "3", "4"]);
     }
@@ -216,14 +337,88 @@ mod tests {
         book.on_event(&sent(2));
         // rumqttc's next packet id (1) is still taken: it holds message 2 back until 1 is acknowledged.
         book.on_event(&Event::Outgoing(Outgoing::AwaitAck(1)));
-        assert_eq!(book.on_event(&acked(1)), Some(0));
+        assert_eq!(book.on_event(&acked(1)), Some(Answer::Delivered(0)));
         book.on_event(&sent(1));
-        assert_eq!(book.on_event(&acked(1)), Some(2));
-        assert_eq!(book.on_event(&acked(2)), Some(1));
+        assert_eq!(book.on_event(&acked(1)), Some(Answer::Delivered(2)));
+        assert_eq!(book.on_event(&acked(2)), Some(Answer::Delivered(1)));
         // Lost while held back: it is re-sent like the others.
         book.submitted(message(3));
         book.on_event(&Event::Outgoing(Outgoing::AwaitAck(5)));
         book.connection_lost(0);
         assert_eq!(payloads(&book.requeue()), ["3"]);
+    }
+
+    #[test]
+    fn a_refused_publish_is_given_up_in_its_place() {
+        let mut book = Book::default();
+        for n in 0..3 {
+            book.submitted(message(n));
+        }
+        for pkid in 1..=3 {
+            book.on_event(&sent(pkid));
+        }
+        assert_eq!(book.on_event(&acked(1)), Some(Answer::Delivered(0)));
+        assert_eq!(
+            book.on_event(&answered(2, PubAckReason::NotAuthorized)),
+            Some(Answer::Refused(1, Refusal::NotAuthorized))
+        );
+        assert_eq!(book.on_event(&acked(3)), Some(Answer::Delivered(2)));
+        assert!(book.messages.is_empty(), "nothing is kept for a resend");
+        // A refusal followed by a lost connection: only the unanswered message comes back.
+        book.submitted(message(3));
+        book.submitted(message(4));
+        book.on_event(&sent(4));
+        book.on_event(&sent(5));
+        assert_eq!(
+            book.on_event(&answered(4, PubAckReason::UnspecifiedError)),
+            Some(Answer::Refused(3, Refusal::Unspecified))
+        );
+        book.connection_lost(0);
+        assert_eq!(payloads(&book.requeue()), ["4"]);
+        assert_eq!(Refusal::NotAuthorized.code(), 0x87);
+        assert_eq!(answer(9, PubAckReason::NoMatchingSubscribers), Answer::Delivered(9));
+    }
+
+    #[test]
+    fn a_quota_answer_is_sent_again_after_what_rumqttc_already_holds() {
+        let mut book = Book::default();
+        for n in 0..4 {
+            book.submitted(message(n));
+        }
+        book.on_event(&sent(1));
+        book.on_event(&sent(2));
+        assert_eq!(book.on_event(&answered(1, PubAckReason::QuotaExceeded)), Some(Answer::Retry(0)));
+        assert_eq!(book.on_event(&acked(2)), Some(Answer::Delivered(1)));
+        assert!(book.has_retries());
+        // Message 2 sits in rumqttc's pending list, 3 in the channel: the retry goes between them.
+        let again = book.take_retries(1);
+        assert_eq!(payloads(&again), ["0"]);
+        assert!(!book.has_retries());
+        for pkid in 3..=5 {
+            book.on_event(&sent(pkid));
+        }
+        let acks: Vec<Option<Answer>> = (3..=5).map(|pkid| book.on_event(&acked(pkid))).collect();
+        assert_eq!(acks, [Some(Answer::Delivered(2)), Some(Answer::Delivered(0)), Some(Answer::Delivered(3))]);
+        // Waiting for a retry when the connection goes: sent again with the others, in order.
+        book.submitted(message(4));
+        book.submitted(message(5));
+        book.on_event(&sent(6));
+        book.on_event(&sent(7));
+        book.on_event(&answered(7, PubAckReason::QuotaExceeded));
+        book.connection_lost(0);
+        assert_eq!(payloads(&book.requeue()), ["4", "5"]);
+    }
+
+    #[test]
+    fn a_publish_too_large_to_write_is_given_up() {
+        let mut book = Book::default();
+        book.submitted(message(0));
+        book.submitted(message(1));
+        book.on_event(&sent(1));
+        book.on_event(&sent(2));
+        assert_eq!(book.refuse_last_sent(), Some(1));
+        assert_eq!(book.refuse_last_sent(), None);
+        book.connection_lost(0);
+        assert_eq!(payloads(&book.requeue()), ["0"]);
     }
 }

@@ -1,16 +1,18 @@
-//! The service's own MQTT connections to the broker (rumqttc): connection options from configuration, plain with a
-//! password or mutual TLS with the service's certificate (OpenSSL through native-tls).
+//! The service's own MQTT 5 connections to the broker (rumqttc's v5 client): connection options from configuration,
+//! plain with a password or mutual TLS with the service's certificate (OpenSSL through native-tls).
 
-mod backoff;
 mod book;
 pub mod publisher;
 pub mod subscriber;
 
+// One backoff for every retry loop; `super::backoff` keeps the clients' paths.
+use crate::backoff;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use rumqttc::Transport;
 use rumqttc::tokio_native_tls::native_tls::{Certificate, Identity, TlsConnector};
-use rumqttc::{MqttOptions, Transport};
+use rumqttc::v5::MqttOptions;
 
 use crate::secret::Secret;
 
@@ -18,6 +20,9 @@ use crate::secret::Secret;
 /// (to dead-letter them); a smaller client limit would turn such a message into a reconnect loop, so configuration
 /// refuses a device MAX_MESSAGE_SIZE that does not fit under it.
 pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
+/// Session Expiry Interval of the persistent sessions: "never", as a v3.1.1 persistent session (MQTT 5 ends a
+/// session at the disconnect unless told otherwise, which would drop the V2K subscription's queued messages).
+const SESSION_NEVER_EXPIRES: u32 = u32::MAX;
 
 #[derive(Debug, thiserror::Error)]
 pub enum MqttConfigError {
@@ -77,16 +82,26 @@ impl MqttSettings {
         Ok((host, parsed.port().unwrap_or(if tls { 8883 } else { 1883 }), tls))
     }
 
-    /// Options for one internal client. `role` makes the client id unique per client; `clean_session` false keeps
-    /// the broker-side session (queued and unacknowledged messages) across reconnects and restarts.
+    /// MQTT 5 options for one internal client. `role` makes the client id unique per client; `persistent` keeps
+    /// the broker-side session (queued and unacknowledged messages) across reconnects and restarts. MQTT 5 because
+    /// a broker refuses a v5 publish with a PUBACK reason code and keeps the connection, where VerneMQ closes a
+    /// v3.1.1 connection (and the client would resend the same publish first after every reconnect).
     ///
     /// # Errors
     /// Unreadable or invalid TLS files.
-    pub fn options(&self, role: &str, clean_session: bool) -> Result<MqttOptions, MqttConfigError> {
+    pub fn options(&self, role: &str, persistent: bool) -> Result<MqttOptions, MqttConfigError> {
         let mut options = MqttOptions::new(format!("{}-{role}", self.client_id), &self.host, self.port);
         options.set_keep_alive(self.keep_alive);
-        options.set_clean_session(clean_session);
-        options.set_max_packet_size(MAX_PACKET_BYTES, MAX_PACKET_BYTES);
+        options.set_clean_start(!persistent);
+        if persistent {
+            options.set_session_expiry_interval(Some(SESSION_NEVER_EXPIRES));
+        }
+        options.set_max_packet_size(Some(MAX_PACKET_BYTES as u32));
+        // Nagle off: acks and publishes are tiny, and delaying them behind the peer's delayed ACK caps throughput
+        // at a few hundred messages per second (and holds a lone configuration back).
+        let mut network = options.network_options();
+        network.set_tcp_nodelay(true);
+        options.set_network_options(network);
         if let Some(password) = &self.password {
             options.set_credentials(&self.username, password.expose());
         } else {
@@ -99,14 +114,9 @@ impl MqttSettings {
     }
 }
 
-/// A client and its event loop with Nagle's algorithm off: acks and publishes are tiny, and delaying them behind
-/// the peer's delayed ACK caps throughput at a few hundred messages per second.
-pub fn client(options: MqttOptions, request_capacity: usize) -> (rumqttc::AsyncClient, rumqttc::EventLoop) {
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, request_capacity);
-    let mut network = eventloop.network_options();
-    network.set_tcp_nodelay(true);
-    eventloop.set_network_options(network);
-    (client, eventloop)
+/// A client and its event loop.
+pub fn client(options: MqttOptions, request_capacity: usize) -> (rumqttc::v5::AsyncClient, rumqttc::v5::EventLoop) {
+    rumqttc::v5::AsyncClient::new(options, request_capacity)
 }
 
 fn read(path: &PathBuf) -> Result<Vec<u8>, MqttConfigError> {
@@ -166,9 +176,11 @@ mod tests {
             client_id: "iotagent-mqtt-node1".into(),
             keep_alive: Duration::from_secs(30),
         };
-        let options = settings.options("v2k", false).unwrap();
+        let options = settings.options("v2k", true).unwrap();
         assert_eq!(options.client_id(), "iotagent-mqtt-node1-v2k");
-        assert!(!options.clean_session());
+        assert!(!options.clean_start());
+        assert_eq!(options.session_expiry_interval(), Some(u32::MAX), "a v5 session outlives the connection");
+        assert!(settings.options("x", false).unwrap().clean_start());
     }
 
     #[test]

@@ -1,30 +1,40 @@
-//! The service's QoS 1 publisher (K2V): every publish is tracked until the broker's PUBACK and, after any reconnect,
-//! sent again in its original order — rumqttc silently drops what it had pending when the session was not resumed.
+//! The service's QoS 1 publisher (K2V), MQTT 5: every publish is tracked until the broker's PUBACK, whose reason code
+//! says delivered, refused for good, or "not now"; after any reconnect the unanswered ones are sent again in order.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::Mutex;
-use rumqttc::{AsyncClient, ClientError, Event, EventLoop, Outgoing, Packet, QoS, Request};
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::{Error as PacketError, QoS};
+use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, Request, StateError};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use super::backoff::Backoff;
-use super::book::{Book, Message};
+pub use super::book::Refusal;
+use super::book::{Answer, Book, Message};
 use super::{MAX_PACKET_BYTES, MqttConfigError, MqttSettings};
 use crate::health::Probe;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
-/// Room for the MQTT fixed header, topic length and packet id around topic and payload.
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A connection lost sooner than this after the CONNACK does not reset the reconnect delay.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+/// Pause before re-sending publishes the broker answered "quota exceeded"; doubles while it keeps answering so.
+const MIN_RETRY: Duration = Duration::from_millis(100);
+const MAX_RETRY: Duration = Duration::from_secs(5);
+/// Room for the MQTT fixed header, topic length, packet id and properties length around topic and payload.
 const PACKET_OVERHEAD: usize = 16;
 
 /// Why a message was not taken.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    /// Larger than the client may send: rumqttc would keep it and fail the connection with it after every reconnect.
+    /// Larger than the client may send (its own limit, or the broker's Maximum Packet Size): rumqttc would fail the
+    /// connection with it.
     #[error("message of {0} bytes exceeds the MQTT packet limit")]
     TooLarge(usize),
     /// Not a topic one can publish to (empty, or with a wildcard or NUL).
@@ -38,11 +48,29 @@ pub enum PublishError {
     Closed,
 }
 
-/// Handle to the publisher. Acknowledged sequence numbers arrive on the receiver [`Publisher::start`] returns.
+/// What became of an accepted publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// PUBACK 0x00 (or 0x10, no matching subscribers).
+    Delivered,
+    /// Refused for good: the message is not sent again.
+    Refused(Refusal),
+}
+
+/// The broker's final answer for one publish, on the receiver [`Publisher::start`] returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pub seq: u64,
+    pub outcome: Outcome,
+}
+
+/// Handle to the publisher.
 pub struct Publisher {
     client: AsyncClient,
     book: Arc<Mutex<Book>>,
     connected: watch::Receiver<bool>,
+    /// The broker's Maximum Packet Size (CONNACK), or ours.
+    max_packet: Arc<AtomicUsize>,
     stop: CancellationToken,
     task: Mutex<Option<AbortOnDropHandle<()>>>,
 }
@@ -64,40 +92,48 @@ impl Publisher {
         role: &str,
         max_in_flight: u16,
         probe: Probe,
-    ) -> Result<(Self, mpsc::UnboundedReceiver<u64>), MqttConfigError> {
-        let mut options = settings.options(role, false)?;
-        // Packet ids cycle over the in-flight window; twice the caller's bound keeps a slow ack from colliding.
-        options.set_inflight(max_in_flight.saturating_mul(2).saturating_add(10));
-        // Nagle off: a lone configuration must not wait for the broker's delayed ACK.
+    ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), MqttConfigError> {
+        let mut options = settings.options(role, true)?;
+        // Packet ids cycle over the in-flight window (the broker's Receive Maximum may lower it); twice the
+        // caller's bound keeps a slow ack from colliding.
+        options.set_outgoing_inflight_upper_limit(max_in_flight.saturating_mul(2).saturating_add(10));
         let (client, eventloop) = super::client(options, usize::from(max_in_flight) + 64);
         let book = Arc::new(Mutex::new(Book::default()));
         let (connected_tx, connected) = watch::channel(false);
         let (acks_tx, acks) = mpsc::unbounded_channel();
+        let max_packet = Arc::new(AtomicUsize::new(MAX_PACKET_BYTES));
         let stop = CancellationToken::new();
-        let driver =
-            Driver { eventloop, book: book.clone(), acks: acks_tx, connected: connected_tx, probe, stop: stop.clone() };
+        let driver = Driver {
+            eventloop,
+            book: book.clone(),
+            acks: acks_tx,
+            connected: connected_tx,
+            max_packet: max_packet.clone(),
+            probe,
+            stop: stop.clone(),
+        };
         let task = AbortOnDropHandle::new(tokio::spawn(driver.run()));
-        Ok((Self { client, book, connected, stop, task: Mutex::new(Some(task)) }, acks))
+        Ok((Self { client, book, connected, max_packet, stop, task: Mutex::new(Some(task)) }, acks))
     }
 
     /// Queues a QoS 1 publish and returns its sequence number, which comes back on the ack receiver once the broker
-    /// acknowledged it. Accepted while disconnected too: it goes out after the reconnect.
+    /// answered it for good. Accepted while disconnected too: it goes out after the reconnect.
     ///
     /// # Errors
     /// Too large for an MQTT packet, queue full, or closed.
     pub fn publish(&self, topic: &str, payload: Bytes, retain: bool) -> Result<u64, PublishError> {
         let size = topic.len() + payload.len() + PACKET_OVERHEAD;
-        if size > MAX_PACKET_BYTES {
+        if size > self.max_packet.load(Ordering::Relaxed) {
             return Err(PublishError::TooLarge(size));
         }
-        if topic.is_empty() || topic.contains('\0') || !rumqttc::valid_topic(topic) {
+        if topic.is_empty() || topic.contains('\0') || !rumqttc::v5::mqttbytes::valid_topic(topic) {
             return Err(PublishError::InvalidTopic(topic.to_string()));
         }
         let mut book = self.book.lock();
         if book.closed {
             return Err(PublishError::Closed);
         }
-        match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload.to_vec()) {
+        match self.client.try_publish(topic, QoS::AtLeastOnce, retain, payload.clone()) {
             Ok(()) => {}
             // Full, or the event loop is gone (its watch sender went with it).
             Err(ClientError::TryRequest(_) | ClientError::Request(_)) => {
@@ -108,12 +144,12 @@ impl Publisher {
         Ok(book.submitted(Message { topic: topic.to_string(), payload, retain }))
     }
 
-    /// Publishes not yet acknowledged.
+    /// Publishes not yet answered for good.
     pub fn in_flight(&self) -> usize {
         self.book.lock().messages.len()
     }
 
-    /// Publishes sent again after connection losses, since start.
+    /// Publishes sent again (after connection losses or a "quota exceeded" answer), since start.
     pub fn resent(&self) -> u64 {
         self.book.lock().resent
     }
@@ -123,8 +159,8 @@ impl Publisher {
         self.connected.clone()
     }
 
-    /// Refuses new publishes, waits until every accepted one is acknowledged (or `deadline` passes), then
-    /// disconnects cleanly. Returns how many stayed un-acknowledged.
+    /// Refuses new publishes, waits until every accepted one is answered (or `deadline` passes), then
+    /// disconnects cleanly. Returns how many stayed unanswered.
     pub async fn close(&self, deadline: Duration) -> usize {
         self.book.lock().closed = true;
         let until = tokio::time::Instant::now() + deadline;
@@ -153,25 +189,36 @@ impl Publisher {
 struct Driver {
     eventloop: EventLoop,
     book: Arc<Mutex<Book>>,
-    acks: mpsc::UnboundedSender<u64>,
+    acks: mpsc::UnboundedSender<Ack>,
     connected: watch::Sender<bool>,
+    max_packet: Arc<AtomicUsize>,
     probe: Probe,
     stop: CancellationToken,
 }
 
 impl Driver {
     async fn run(mut self) {
-        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF).with_jitter(0.2);
+        let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF).with_jitter(0.2).with_stable_after(STABLE_CONNECTION);
+        let mut quota = Backoff::new(MIN_RETRY, MAX_RETRY);
+        let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
             let event = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
+                () = async { if let Some(at) = retry_at { tokio::time::sleep_until(at).await } }, if retry_at.is_some() => {
+                    retry_at = None;
+                    self.retry_now();
+                    continue;
+                }
                 event = self.eventloop.poll() => event,
             };
             match event {
-                Ok(Event::Incoming(Packet::ConnAck(ack))) => {
+                Ok(Event::Incoming(Incoming::ConnAck(ack))) => {
                     tracing::info!(session_present = ack.session_present, "MQTT publisher connected");
-                    backoff.reset();
+                    let broker_max = ack.properties.as_ref().and_then(|p| p.max_packet_size);
+                    let limit = broker_max.map_or(MAX_PACKET_BYTES, |m| (m as usize).min(MAX_PACKET_BYTES));
+                    self.max_packet.store(limit, Ordering::Relaxed);
+                    backoff.connected();
                     self.requeue_lost();
                     self.connected.send_replace(true);
                     self.probe.set(true);
@@ -180,11 +227,22 @@ impl Driver {
                     tracing::info!("MQTT publisher disconnected");
                     break;
                 }
-                Ok(event) => self.handle(&event),
+                Ok(event) => match self.handle(&event) {
+                    Some(Answer::Delivered(_)) => quota.reset(),
+                    Some(Answer::Retry(seq)) => {
+                        if retry_at.is_none() {
+                            let delay = quota.next_delay();
+                            tracing::warn!(seq, retry_in = ?delay, "MQTT publish answered quota exceeded; sent again later");
+                            retry_at = Some(tokio::time::Instant::now() + delay);
+                        }
+                    }
+                    Some(Answer::Refused(..)) | None => {}
+                },
                 Err(error) => {
                     self.connected.send_replace(false);
-                    self.probe.set(false);
-                    self.connection_lost();
+                    self.probe.down(format!("connection lost: {error}"));
+                    retry_at = None;
+                    self.connection_lost(&error);
                     if self.book.lock().closed && self.book.lock().messages.is_empty() {
                         break;
                     }
@@ -201,19 +259,38 @@ impl Driver {
         self.probe.set(false);
     }
 
-    /// Reports acknowledgements.
-    fn handle(&mut self, event: &Event) {
-        if let Some(seq) = self.book.lock().on_event(event) {
-            let _ = self.acks.send(seq);
+    /// Reports final answers.
+    fn handle(&mut self, event: &Event) -> Option<Answer> {
+        let answer = self.book.lock().on_event(event)?;
+        match answer {
+            Answer::Delivered(seq) => {
+                let _ = self.acks.send(Ack { seq, outcome: Outcome::Delivered });
+            }
+            Answer::Refused(seq, refusal) => {
+                let _ = self.acks.send(Ack { seq, outcome: Outcome::Refused(refusal) });
+            }
+            Answer::Retry(_) => {}
         }
+        Some(answer)
     }
 
     /// Takes back from rumqttc everything it still holds of the lost connection (see [`Book::connection_lost`]).
-    fn connection_lost(&mut self) {
+    fn connection_lost(&mut self, error: &ConnectionError) {
         // Events read before the error are still buffered: PUBACKs among them are real acknowledgements of the old
         // connection and must be counted now, not mistaken for acks of new packets with the same id later.
         while let Some(event) = self.eventloop.state.events.pop_front() {
             self.handle(&event);
+        }
+        if let ConnectionError::MqttState(StateError::Deserialization(PacketError::OutgoingPacketTooLarge {
+            pkt_size,
+            max,
+        })) = error
+        {
+            // Sending it again would fail the next connection the same way.
+            if let Some(seq) = self.book.lock().refuse_last_sent() {
+                tracing::warn!(seq, pkt_size, max, "MQTT publish larger than the broker accepts; given up");
+                let _ = self.acks.send(Ack { seq, outcome: Outcome::Refused(Refusal::PacketTooLarge) });
+            }
         }
         let taken = std::mem::take(&mut self.eventloop.pending);
         self.eventloop.state.collision = None;
@@ -227,6 +304,13 @@ impl Driver {
         if !publishes.is_empty() {
             tracing::info!(count = publishes.len(), "re-sending MQTT publishes not acknowledged before the reconnect");
         }
+        self.eventloop.pending.extend(publishes.into_iter().map(Request::Publish));
+    }
+
+    /// Sends the "quota exceeded" publishes again, after what rumqttc already holds and before the request queue.
+    fn retry_now(&mut self) {
+        let queued = self.eventloop.pending.iter().filter(|r| matches!(r, Request::Publish(_))).count();
+        let publishes = self.book.lock().take_retries(queued);
         self.eventloop.pending.extend(publishes.into_iter().map(Request::Publish));
     }
 }

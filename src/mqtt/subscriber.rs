@@ -4,10 +4,13 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use rumqttc::{Event, Outgoing, Packet, Publish, QoS};
+use rumqttc::Outgoing;
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Publish, SubscribeReasonCode};
+use rumqttc::v5::{Event, Incoming};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +29,60 @@ pub struct Message {
 /// Room in the client's request queue; acknowledgements are small and the broker bounds what it sends unacked.
 const REQUEST_CAPACITY: usize = 10_000;
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A connection lost sooner than this after the CONNACK counts as dropped at once: the reconnect delay keeps growing.
+const STABLE_CONNECTION: Duration = Duration::from_secs(5);
+/// A refused SUBSCRIBE is tried again on the same connection after this, doubling up to the maximum (an operator
+/// may fix the broker's ACL; the readiness report says why meanwhile).
+const MIN_RESUBSCRIBE: Duration = Duration::from_secs(5);
+const MAX_RESUBSCRIBE: Duration = Duration::from_secs(300);
+
+/// The reason code of a SUBACK entry, and its name; `None` when granted.
+fn refused(code: &SubscribeReasonCode) -> Option<(u8, &'static str)> {
+    Some(match code {
+        SubscribeReasonCode::Success(_) => return None,
+        SubscribeReasonCode::Failure | SubscribeReasonCode::Unspecified => (0x80, "unspecified_error"),
+        SubscribeReasonCode::ImplementationSpecific => (0x83, "implementation_specific_error"),
+        SubscribeReasonCode::NotAuthorized => (0x87, "not_authorized"),
+        SubscribeReasonCode::TopicFilterInvalid => (0x8F, "topic_filter_invalid"),
+        SubscribeReasonCode::PkidInUse => (0x91, "packet_identifier_in_use"),
+        SubscribeReasonCode::QuotaExceeded => (0x97, "quota_exceeded"),
+        SubscribeReasonCode::SharedSubscriptionsNotSupported => (0x9E, "shared_subscriptions_not_supported"),
+        SubscribeReasonCode::SubscriptionIdNotSupported => (0xA1, "subscription_identifiers_not_supported"),
+        SubscribeReasonCode::WildcardSubscriptionsNotSupported => (0xA2, "wildcard_subscriptions_not_supported"),
+    })
+}
+
+/// Connections that ended soon after they were made, in a row: a broker closing the connection at once (a
+/// disconnect loop) is reported as such rather than as one more lost connection.
+#[derive(Debug, Default)]
+struct ShortLived {
+    connected_at: Option<Instant>,
+    in_a_row: u32,
+}
+
+impl ShortLived {
+    fn connected(&mut self, now: Instant) {
+        self.connected_at = Some(now);
+    }
+
+    /// The readiness reason for a lost connection.
+    fn lost(&mut self, now: Instant, error: &dyn std::fmt::Display) -> String {
+        match self.connected_at.take() {
+            Some(at) if now.saturating_duration_since(at) < STABLE_CONNECTION => self.in_a_row += 1,
+            Some(_) => self.in_a_row = 0,
+            None => {}
+        }
+        if self.in_a_row >= 3 {
+            format!(
+                "disconnect loop: {} connections in a row closed within {STABLE_CONNECTION:?}: {error}",
+                self.in_a_row
+            )
+        } else {
+            format!("connection lost: {error}")
+        }
+    }
+}
 
 /// Which messages must be acknowledged in order among themselves (V2K: one lane per tenant).
 pub type Lane = u64;
@@ -103,7 +159,7 @@ pub async fn run<H, F>(
     H: Fn(Message) -> (Lane, F),
     F: Future<Output = ()> + Send + 'static,
 {
-    let mut options = match settings.options(role, false) {
+    let mut options = match settings.options(role, true) {
         Ok(options) => options,
         Err(e) => {
             tracing::error!(error = %e, "MQTT subscription cannot start");
@@ -114,12 +170,21 @@ pub async fn run<H, F>(
     let (client, mut eventloop) = super::client(options, REQUEST_CAPACITY);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut acks = InOrderAcks::new();
-    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF);
+    let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF).with_jitter(0.2).with_stable_after(STABLE_CONNECTION);
+    let mut resubscribe = Backoff::new(MIN_RESUBSCRIBE, MAX_RESUBSCRIBE);
+    let mut resubscribe_at: Option<tokio::time::Instant> = None;
+    let mut short_lived = ShortLived::default();
 
     loop {
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
+            () = async { if let Some(at) = resubscribe_at { tokio::time::sleep_until(at).await } }, if resubscribe_at.is_some() => {
+                resubscribe_at = None;
+                if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
+                    tracing::error!(error = %e, "cannot subscribe");
+                }
+            }
             Some(done) = done_rx.recv() => {
                 for publish in acks.handled(done) {
                     if let Err(e) = client.try_ack(&publish) {
@@ -128,23 +193,34 @@ pub async fn run<H, F>(
                 }
             }
             event = eventloop.poll() => match event {
-                Ok(Event::Incoming(Packet::ConnAck(connack))) => {
-                    backoff.reset();
+                Ok(Event::Incoming(Incoming::ConnAck(connack))) => {
+                    backoff.connected();
+                    short_lived.connected(Instant::now());
+                    resubscribe_at = None;
                     tracing::info!(session_present = connack.session_present, %filter, "MQTT subscription connected");
                     if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
                         tracing::error!(error = %e, "cannot subscribe");
                     }
                 }
-                Ok(Event::Incoming(Packet::SubAck(suback))) => {
+                Ok(Event::Incoming(Incoming::SubAck(suback))) => {
                     // Ready means subscribed: before the SUBACK, messages for the group may have no taker.
-                    let refused = suback.return_codes.iter().any(|c| matches!(c, rumqttc::SubscribeReasonCode::Failure));
-                    if refused {
-                        tracing::error!(%filter, "the broker refused the subscription");
+                    match suback.return_codes.iter().find_map(refused) {
+                        None => {
+                            resubscribe.reset();
+                            probe.set(true);
+                        }
+                        Some((code, name)) => {
+                            let delay = resubscribe.next_delay();
+                            tracing::error!(%filter, code, reason = name, retry_in = ?delay, "the broker refused the subscription");
+                            probe.down(format!("subscription to {filter} refused: SUBACK {code:#04x} {name}"));
+                            resubscribe_at = Some(tokio::time::Instant::now() + delay);
+                        }
                     }
-                    probe.set(!refused);
                 }
-                Ok(Event::Incoming(Packet::Publish(publish))) => {
-                    let message = Message { topic: publish.topic.clone(), payload: publish.payload.clone() };
+                Ok(Event::Incoming(Incoming::Publish(publish))) => {
+                    // MQTT topics are UTF-8; a broker that breaks that gets U+FFFD, not a panic.
+                    let topic = String::from_utf8_lossy(&publish.topic).into_owned();
+                    let message = Message { topic, payload: publish.payload.clone() };
                     let (lane, work) = handle(message);
                     let done = acks.received(lane, publish);
                     let done_tx = done_tx.clone();
@@ -155,7 +231,8 @@ pub async fn run<H, F>(
                 }
                 Ok(_) => {}
                 Err(e) => {
-                    probe.set(false);
+                    probe.down(short_lived.lost(Instant::now(), &e));
+                    resubscribe_at = None;
                     acks.reconnected();
                     let delay = backoff.next_delay();
                     tracing::warn!(error = %e, retry_in = ?delay, "MQTT subscription connection lost");
@@ -202,7 +279,7 @@ mod tests {
     use super::*;
 
     fn publish(pkid: u16) -> Publish {
-        let mut p = Publish::new("t", QoS::AtLeastOnce, vec![]);
+        let mut p = Publish::new("t", QoS::AtLeastOnce, vec![], None);
         p.pkid = pkid;
         p
     }
@@ -239,5 +316,29 @@ mod tests {
         assert!(acks.handled(old).is_empty());
         let new = acks.received(0, publish(1));
         assert_eq!(acks.handled(new).len(), 1);
+    }
+
+    #[test]
+    fn suback_refusals_are_named() {
+        assert_eq!(refused(&SubscribeReasonCode::Success(QoS::AtLeastOnce)), None);
+        assert_eq!(refused(&SubscribeReasonCode::NotAuthorized), Some((0x87, "not_authorized")));
+        assert_eq!(refused(&SubscribeReasonCode::Failure), Some((0x80, "unspecified_error")));
+    }
+
+    #[test]
+    fn connections_dropped_at_once_are_a_loop() {
+        let mut s = ShortLived::default();
+        let mut now = Instant::now();
+        assert_eq!(s.lost(now, &"refused"), "connection lost: refused", "never connected");
+        for _ in 0..2 {
+            s.connected(now);
+            now += Duration::from_millis(50);
+            assert!(s.lost(now, &"eof").starts_with("connection lost"));
+        }
+        s.connected(now);
+        assert!(s.lost(now, &"eof").starts_with("disconnect loop: 3 connections"));
+        s.connected(now);
+        now += Duration::from_secs(6);
+        assert_eq!(s.lost(now, &"eof"), "connection lost: eof", "a connection that lasted ends the loop");
     }
 }

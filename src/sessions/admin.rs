@@ -32,7 +32,8 @@ pub fn routes(sessions: Arc<SessionRegistry>, token: Secret, id_charset: IdChars
         .route("/admin/sessions", get(list))
         .route("/admin/sessions/{device}/disconnect", post(disconnect))
         .with_state(AdminState { sessions, id_charset })
-        .layer(middleware::from_fn(move |request: Request, next: Next| {
+        // `route_layer`: only these routes need the token; unmatched paths stay 404, not 401.
+        .route_layer(middleware::from_fn(move |request: Request, next: Next| {
             let token = token.clone();
             async move { authorize(&token, request, next).await }
         }))

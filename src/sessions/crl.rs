@@ -23,12 +23,30 @@ pub enum CrlError {
     Empty,
 }
 
-impl CrlError {
-    /// The `reason` label of the failure counter.
-    pub fn reason(&self) -> &'static str {
+/// Why a CRL file was not loaded: the `reason` label of `iotagent_crl_reload_failures_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CrlFailure {
+    Unreadable,
+    Invalid,
+}
+
+impl CrlFailure {
+    /// Every variant, in declaration order (so `reason as usize` indexes it).
+    pub const ALL: [Self; 2] = [Self::Unreadable, Self::Invalid];
+
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Read(_) => "unreadable",
-            Self::Parse(_) | Self::Empty => "invalid",
+            Self::Unreadable => "unreadable",
+            Self::Invalid => "invalid",
+        }
+    }
+}
+
+impl CrlError {
+    pub fn kind(&self) -> CrlFailure {
+        match self {
+            Self::Read(_) => CrlFailure::Unreadable,
+            Self::Parse(_) | Self::Empty => CrlFailure::Invalid,
         }
     }
 }
@@ -109,15 +127,15 @@ mod tests {
     #[test]
     fn truncated_garbage_and_empty_files_are_refused() {
         let truncated = &CAPTURED_V3[..CAPTURED_V3.len() / 2];
-        assert_eq!(parse(truncated).unwrap_err().reason(), "invalid");
+        assert_eq!(parse(truncated).unwrap_err().kind(), CrlFailure::Invalid);
         let mut one_good_one_cut = CAPTURED_V1.to_vec();
         one_good_one_cut.extend_from_slice(truncated);
-        assert_eq!(parse(&one_good_one_cut).unwrap_err().reason(), "invalid");
-        assert_eq!(parse(b"").unwrap_err().reason(), "invalid");
-        assert_eq!(parse(b"hello").unwrap_err().reason(), "invalid");
+        assert_eq!(parse(&one_good_one_cut).unwrap_err().kind(), CrlFailure::Invalid);
+        assert_eq!(parse(b"").unwrap_err().kind(), CrlFailure::Invalid);
+        assert_eq!(parse(b"hello").unwrap_err().kind(), CrlFailure::Invalid);
         assert_eq!(
-            parse(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap_err().reason(),
-            "invalid"
+            parse(b"-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n").unwrap_err().kind(),
+            CrlFailure::Invalid
         );
     }
 

@@ -1,5 +1,5 @@
-//! The disconnect worker: one API call per session to close, a bounded number at once, retried with capped backoff
-//! until done or no longer wanted (session gone, device restored, certificate no longer listed).
+//! The disconnect worker: one API call per session to close, a bounded number at once, retried with backoff until
+//! done or no longer wanted (session gone, device restored, certificate no longer listed).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::SessionRegistry;
 use super::registry::Session;
 use super::vernemq_api::VernemqApi;
+use crate::backoff::Backoff;
 
 const FIRST_RETRY: Duration = Duration::from_millis(200);
 const MAX_RETRY: Duration = Duration::from_secs(30);
@@ -23,6 +24,9 @@ pub enum Cause {
 }
 
 impl Cause {
+    /// Every variant, in declaration order (so `cause as usize` indexes it).
+    pub const ALL: [Self; 3] = [Self::Removed, Self::Revoked, Self::Operator];
+
     pub fn name(self) -> &'static str {
         match self {
             Self::Removed => "removed",
@@ -32,16 +36,43 @@ impl Cause {
     }
 }
 
+/// How a queued disconnect ended (the `outcome` label).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done,
+    /// The session went, or its device or certificate was restored, before the call was needed.
+    NotNeeded,
+}
+
+impl Outcome {
+    /// Every variant, in declaration order (so `outcome as usize` indexes it).
+    pub const ALL: [Self; 2] = [Self::Done, Self::NotNeeded];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Done => "done",
+            Self::NotNeeded => "not_needed",
+        }
+    }
+}
+
+/// One session to close: its key, and which connection under that key was meant.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     pub mountpoint: Box<str>,
     pub client_id: Box<str>,
+    pub generation: u32,
     pub cause: Cause,
 }
 
 impl Target {
     pub fn new(session: &Session<'_>, cause: Cause) -> Self {
-        Self { mountpoint: session.mountpoint.into(), client_id: session.client_id.into(), cause }
+        Self {
+            mountpoint: session.mountpoint.into(),
+            client_id: session.client_id.into(),
+            generation: session.generation,
+            cause,
+        }
     }
 
     pub fn key(&self) -> (Box<str>, Box<str>) {
@@ -72,27 +103,28 @@ pub(super) async fn run(
 }
 
 async fn close(api: &VernemqApi, sessions: &SessionRegistry, target: &Target, shutdown: &CancellationToken) {
-    let mut delay = FIRST_RETRY;
+    // Jitter: after an API outage, thousands of pending calls must not come back in step.
+    let mut backoff = Backoff::new(FIRST_RETRY, MAX_RETRY).with_jitter(0.2);
     loop {
         if !sessions.still_to_close(target) {
-            sessions.closed(target, false);
+            sessions.closed(target, Outcome::NotNeeded);
             return;
         }
         match api.disconnect(&target.mountpoint, &target.client_id).await {
             Ok(()) => {
                 tracing::info!(client_id = %target.client_id, cause = target.cause.name(), "session disconnected");
-                sessions.closed(target, true);
+                sessions.closed(target, Outcome::Done);
                 return;
             }
             Err(e) => {
-                sessions.api_error(e.reason());
+                sessions.api_error(e.kind());
+                let delay = backoff.next_delay();
                 tracing::warn!(client_id = %target.client_id, error = %e, retry_in = ?delay, "disconnect failed");
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(delay) => {}
+                }
             }
         }
-        tokio::select! {
-            () = shutdown.cancelled() => return,
-            () = tokio::time::sleep(delay) => {}
-        }
-        delay = (delay * 2).min(MAX_RETRY);
     }
 }

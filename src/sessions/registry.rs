@@ -10,33 +10,33 @@ use hashbrown::HashTable;
 pub type Secs = u32;
 pub const NEVER: Secs = Secs::MAX;
 
-/// Issuer names (DER) mapped to small ids, so that each entry stores 4 bytes instead of a name. There are as many
+/// Issuer names (DER) mapped to small ids, so that each entry stores 2 bytes instead of a name. There are as many
 /// issuers as CAs VerneMQ trusts; the bound only guards against a misconfiguration growing it without end.
 #[derive(Debug, Default)]
 pub struct Issuers {
-    ids: HashMap<Box<[u8]>, u32>,
+    ids: HashMap<Box<[u8]>, u16>,
 }
 
 /// Issuer id 0 means "no certificate".
-pub const NO_ISSUER: u32 = 0;
-const MAX_ISSUERS: usize = 65_536;
+pub const NO_ISSUER: u16 = 0;
+const MAX_ISSUERS: usize = u16::MAX as usize;
 
 impl Issuers {
     /// The id of `issuer_der`, interning it; `None` once the bound is reached.
-    pub fn intern(&mut self, issuer_der: &[u8]) -> Option<u32> {
+    pub fn intern(&mut self, issuer_der: &[u8]) -> Option<u16> {
         if let Some(id) = self.ids.get(issuer_der) {
             return Some(*id);
         }
         if self.ids.len() >= MAX_ISSUERS {
             return None;
         }
-        let id = u32::try_from(self.ids.len() + 1).ok()?;
+        let id = u16::try_from(self.ids.len() + 1).ok()?;
         self.ids.insert(issuer_der.into(), id);
         Some(id)
     }
 
     /// The id of an issuer already seen, without interning.
-    pub fn get(&self, issuer_der: &[u8]) -> Option<u32> {
+    pub fn get(&self, issuer_der: &[u8]) -> Option<u16> {
         self.ids.get(issuer_der).copied()
     }
 }
@@ -49,10 +49,13 @@ struct Entry {
     blob: Box<[u8]>,
     key_len: u32,
     expires: Secs,
-    issuer: u32,
+    generation: u32,
+    issuer: u16,
     device_len: u8,
     device_in_client_id: bool,
 }
+
+const _: () = assert!(std::mem::size_of::<Entry>() == 32, "the per-session figure in README assumes it");
 
 impl Entry {
     fn key(&self) -> &[u8] {
@@ -79,6 +82,7 @@ impl Entry {
             issuer: self.issuer,
             serial: &self.blob[rest_start..],
             expires: self.expires,
+            generation: self.generation,
         }
     }
 }
@@ -91,10 +95,12 @@ pub struct Session<'a> {
     /// `tenant:device`.
     pub device: &'a str,
     /// `NO_ISSUER` when the session has no forwarded certificate.
-    pub issuer: u32,
+    pub issuer: u16,
     /// Certificate serial, big-endian without leading zeros; empty without certificate.
     pub serial: &'a [u8],
     pub expires: Secs,
+    /// Which connection under this key: a reconnect under the same key gets a new one.
+    pub generation: u32,
 }
 
 /// A session to record.
@@ -103,7 +109,7 @@ pub struct NewSession<'a> {
     pub mountpoint: &'a str,
     pub client_id: &'a str,
     pub device: &'a str,
-    pub issuer: u32,
+    pub issuer: u16,
     pub serial: &'a [u8],
     pub expires: Secs,
 }
@@ -132,6 +138,7 @@ fn encode_key(mountpoint: &str, client_id: &str) -> Vec<u8> {
 pub struct Registry {
     table: HashTable<Entry>,
     hasher: RandomState,
+    next_generation: u32,
 }
 
 impl Registry {
@@ -139,11 +146,12 @@ impl Registry {
         self.hasher.hash_one(key)
     }
 
-    /// Records a session, replacing one with the same key (a takeover: the new connection is the session now).
+    /// Records a session, replacing one with the same key (a takeover: the new connection is the session now); its
+    /// generation.
     ///
     /// # Errors
     /// A key that cannot be encoded; nothing is recorded then.
-    pub fn insert(&mut self, session: NewSession<'_>) -> Result<(), RecordError> {
+    pub fn insert(&mut self, session: NewSession<'_>) -> Result<u32, RecordError> {
         if session.mountpoint.as_bytes().contains(&0) {
             return Err(RecordError::Mountpoint);
         }
@@ -155,10 +163,13 @@ impl Registry {
             blob.extend_from_slice(session.device.as_bytes());
         }
         blob.extend_from_slice(session.serial);
+        let generation = self.next_generation;
+        self.next_generation = generation.wrapping_add(1);
         let entry = Entry {
             blob: blob.into_boxed_slice(),
             key_len,
             expires: session.expires,
+            generation,
             issuer: session.issuer,
             device_len,
             device_in_client_id,
@@ -171,7 +182,7 @@ impl Registry {
                 vacant.insert(entry);
             }
         }
-        Ok(())
+        Ok(generation)
     }
 
     /// Forgets a session; whether it was there.
@@ -179,6 +190,17 @@ impl Registry {
         let key = encode_key(mountpoint, client_id);
         let hash = self.hash(&key);
         self.table.find_entry(hash, |e| e.key() == key.as_slice()).map(|e| e.remove()).is_ok()
+    }
+
+    /// Forgets a session only if it is still the connection `generation` names: a disconnect that completes after the
+    /// device reconnected under the same key must not forget the new connection. Whether it was removed.
+    pub fn remove_generation(&mut self, mountpoint: &str, client_id: &str, generation: u32) -> bool {
+        let key = encode_key(mountpoint, client_id);
+        let hash = self.hash(&key);
+        self.table
+            .find_entry(hash, |e| e.key() == key.as_slice() && e.generation == generation)
+            .map(|e| e.remove())
+            .is_ok()
     }
 
     /// Sets a session's expiry (`on_register` confirming a connection when lifetimes are off); whether it was there.
@@ -267,6 +289,19 @@ mod tests {
         assert!(r.set_expiry("", "b", 20));
         assert!(!r.set_expiry("", "a", 20));
         assert_eq!(r.sweep(20), 1);
+        assert!(r.is_empty());
+    }
+
+    #[test]
+    fn a_reconnect_under_the_same_key_is_not_forgotten_by_the_old_connections_removal() {
+        let mut r = Registry::default();
+        let old = r.insert(session("k", "t:d", &[], NEVER)).unwrap();
+        let new = r.insert(session("k", "t:d", &[], NEVER)).unwrap();
+        assert_ne!(old, new);
+        assert_eq!(r.get("", "k", 0).unwrap().generation, new);
+        assert!(!r.remove_generation("", "k", old));
+        assert!(r.get("", "k", 0).is_some());
+        assert!(r.remove_generation("", "k", new));
         assert!(r.is_empty());
     }
 

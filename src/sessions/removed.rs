@@ -29,13 +29,39 @@ pub enum Skip {
     InvalidDevice(String),
 }
 
-impl Skip {
-    pub fn reason(&self) -> &'static str {
+/// Why the reader skipped something: the `reason` label of `iotagent_removed_events_skipped_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SkipReason {
+    Malformed,
+    Topic,
+    TenantMismatch,
+    InvalidDevice,
+    /// A Kafka error instead of a message (retried).
+    Kafka,
+}
+
+impl SkipReason {
+    /// Every variant, in declaration order (so `reason as usize` indexes it).
+    pub const ALL: [Self; 5] = [Self::Malformed, Self::Topic, Self::TenantMismatch, Self::InvalidDevice, Self::Kafka];
+
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Malformed(_) => "malformed",
-            Self::Topic { .. } => "topic",
-            Self::TenantMismatch { .. } => "tenant_mismatch",
-            Self::InvalidDevice(_) => "invalid_device",
+            Self::Malformed => "malformed",
+            Self::Topic => "topic",
+            Self::TenantMismatch => "tenant_mismatch",
+            Self::InvalidDevice => "invalid_device",
+            Self::Kafka => "kafka",
+        }
+    }
+}
+
+impl Skip {
+    pub fn reason(&self) -> SkipReason {
+        match self {
+            Self::Malformed(_) => SkipReason::Malformed,
+            Self::Topic { .. } => SkipReason::Topic,
+            Self::TenantMismatch { .. } => SkipReason::TenantMismatch,
+            Self::InvalidDevice(_) => SkipReason::InvalidDevice,
         }
     }
 }
@@ -156,14 +182,14 @@ mod tests {
     #[test]
     fn an_event_for_another_tenant_is_skipped() {
         let err = read(TOPIC, &event("remove", "other", "a1")).unwrap_err();
-        assert_eq!(err.reason(), "tenant_mismatch");
+        assert_eq!(err.reason(), SkipReason::TenantMismatch);
         let err = read("other.dojot.device-manager.device", &event("create", "admin", "a1")).unwrap_err();
-        assert_eq!(err.reason(), "tenant_mismatch");
+        assert_eq!(err.reason(), SkipReason::TenantMismatch);
         // A tenant that is a suffix or prefix of the topic's does not pass either.
-        assert_eq!(read(TOPIC, &event("remove", "dmin", "a1")).unwrap_err().reason(), "tenant_mismatch");
+        assert_eq!(read(TOPIC, &event("remove", "dmin", "a1")).unwrap_err().reason(), SkipReason::TenantMismatch);
         assert_eq!(
             read("x.admin.dojot.device-manager.device", &event("remove", "admin", "a1")).unwrap_err().reason(),
-            "tenant_mismatch"
+            SkipReason::TenantMismatch
         );
     }
 
@@ -179,11 +205,14 @@ mod tests {
             br#"{"event":"remove","meta":{"service":"admin"},"data":{"id":5}}"#,
         ] {
             let err = interpret(TOPIC, SUFFIX, bad, &IdCharset::default()).unwrap_err();
-            assert_eq!(err.reason(), "malformed", "{}", String::from_utf8_lossy(bad));
+            assert_eq!(err.reason(), SkipReason::Malformed, "{}", String::from_utf8_lossy(bad));
         }
-        assert_eq!(read(TOPIC, &event("remove", "admin", "a:b")).unwrap_err().reason(), "invalid_device");
-        assert_eq!(read(TOPIC, &event("remove", "admin", "")).unwrap_err().reason(), "invalid_device");
-        assert_eq!(read("admin.other-topic", &event("remove", "admin", "a1")).unwrap_err().reason(), "topic");
-        assert_eq!(read(".dojot.device-manager.device", &event("remove", "", "a1")).unwrap_err().reason(), "topic");
+        assert_eq!(read(TOPIC, &event("remove", "admin", "a:b")).unwrap_err().reason(), SkipReason::InvalidDevice);
+        assert_eq!(read(TOPIC, &event("remove", "admin", "")).unwrap_err().reason(), SkipReason::InvalidDevice);
+        assert_eq!(read("admin.other-topic", &event("remove", "admin", "a1")).unwrap_err().reason(), SkipReason::Topic);
+        assert_eq!(
+            read(".dojot.device-manager.device", &event("remove", "", "a1")).unwrap_err().reason(),
+            SkipReason::Topic
+        );
     }
 }

@@ -1,11 +1,20 @@
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::Request;
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
+use super::disconnect::Target;
+use super::removed::Change;
+use super::tasks::load_crl;
 use super::*;
-use crate::policy::IdCharset;
+use crate::cert::ClientCertificate;
+use crate::metrics::Metrics;
+use crate::policy::{DenyReason, IdCharset};
 
 /// Method, path, raw query, `x-api-key`.
 type Call = (String, String, String, Option<String>);
@@ -25,7 +34,7 @@ impl Recorder {
             let state = state.clone();
             async move {
                 let key = request.headers().get("x-api-key").and_then(|v| v.to_str().ok()).map(String::from);
-                lock(&state.calls).push((
+                state.calls.lock().push((
                     request.method().to_string(),
                     request.uri().path().to_string(),
                     request.uri().query().unwrap_or("").to_string(),
@@ -43,7 +52,7 @@ impl Recorder {
     }
 
     fn calls(&self) -> Vec<Call> {
-        lock(&self.calls).clone()
+        self.calls.lock().clone()
     }
 
     async fn wait_for(&self, n: usize) -> Vec<Call> {
@@ -256,4 +265,18 @@ async fn admin_routes_need_the_token() {
     assert_eq!(response.status(), 400);
     let response = call("POST", "/admin/sessions/admin:a1998e/disconnect", Some("Bearer t0ken")).await.unwrap();
     assert_eq!(response.status(), 202);
+}
+
+#[tokio::test]
+async fn a_disconnect_completing_after_a_reconnect_under_the_same_key_keeps_the_new_entry() {
+    let sessions = SessionRegistry::new(&Metrics::new(), true);
+    sessions.admit("admin:a1998e", "", "admin:a1998e|c", None, Some(60)).unwrap();
+    let target =
+        Target { mountpoint: "".into(), client_id: "admin:a1998e|c".into(), generation: 0, cause: Cause::Operator };
+    assert!(sessions.still_to_close(&target));
+    // The device reconnects (VerneMQ's takeover) while the API call is on its way.
+    sessions.admit("admin:a1998e", "", "admin:a1998e|c", None, Some(60)).unwrap();
+    assert!(!sessions.still_to_close(&target), "a retry would not close the new connection");
+    sessions.closed(&target, Outcome::Done);
+    assert_eq!(sessions.of_device("admin:a1998e").len(), 1, "the new connection stays recorded");
 }

@@ -20,13 +20,33 @@ pub enum ApiError {
     Status(u16),
 }
 
-impl ApiError {
-    /// The `reason` label of the error counter.
-    pub fn reason(&self) -> &'static str {
+/// Why an API call failed: the `reason` label of `iotagent_vernemq_api_errors_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiFailure {
+    Unreachable,
+    Unauthorized,
+    Status,
+}
+
+impl ApiFailure {
+    /// Every variant, in declaration order (so `reason as usize` indexes it).
+    pub const ALL: [Self; 3] = [Self::Unreachable, Self::Unauthorized, Self::Status];
+
+    pub fn name(self) -> &'static str {
         match self {
-            Self::Unreachable(_) => "unreachable",
+            Self::Unreachable => "unreachable",
             Self::Unauthorized => "unauthorized",
-            Self::Status(_) => "status",
+            Self::Status => "status",
+        }
+    }
+}
+
+impl ApiError {
+    pub fn kind(&self) -> ApiFailure {
+        match self {
+            Self::Unreachable(_) => ApiFailure::Unreachable,
+            Self::Unauthorized => ApiFailure::Unauthorized,
+            Self::Status(_) => ApiFailure::Status,
         }
     }
 }

@@ -8,4 +8,5 @@ mod k2v;
 mod pki;
 mod robustness;
 mod seed_cases;
+mod sessions;
 mod v2k;

@@ -206,6 +206,11 @@ impl Mosquitto {
 
     /// With extra configuration lines appended (for example a TLS listener).
     pub fn start_with(users: &[(&str, &str)], extra: &str) -> Self {
+        Self::start_with_acl(users, None, extra)
+    }
+
+    /// With an ACL file (Mosquitto's `user` / `topic` lines) on the password-protected listener.
+    pub fn start_with_acl(users: &[(&str, &str)], acl: Option<&str>, extra: &str) -> Self {
         let dir = tempfile::tempdir().expect("mosquitto dir");
         let passwd = dir.path().join("passwd");
         std::fs::write(&passwd, "").expect("passwd file");
@@ -216,12 +221,20 @@ impl Mosquitto {
                 .expect("mosquitto_passwd");
             assert!(status.success(), "mosquitto_passwd failed");
         }
+        let acl_line = match acl {
+            Some(rules) => {
+                let path = dir.path().join("acl");
+                std::fs::write(&path, rules).expect("acl file");
+                format!("acl_file {}\n", path.display())
+            }
+            None => String::new(),
+        };
         let port = free_port();
         let device_port = free_port();
         let config = format!(
             "user root\nper_listener_settings true\npersistence true\npersistence_location {dir}/\n\
              log_dest file {dir}/mosquitto.log\nmax_queued_messages 100000\n\
-             listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n\
+             listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n{acl_line}\
              listener {device_port} 127.0.0.1\nallow_anonymous true\n{extra}\n",
             dir = dir.path().display(),
             passwd = passwd.display(),

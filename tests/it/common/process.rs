@@ -47,10 +47,15 @@ impl ServiceProcess {
         self.child.wait().ok();
     }
 
+    /// SIGTERM, without waiting for the exit.
+    pub fn signal_term(&self) {
+        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+    }
+
     /// SIGTERM; the exit status and how long the exit took, failing past `limit`.
     pub async fn terminate_within(&mut self, limit: Duration) -> (ExitStatus, Duration) {
         let signalled = Instant::now();
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.signal_term();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the service") {
                 return (status, signalled.elapsed());

@@ -280,8 +280,8 @@ async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
             Ok(_) => next += 1,
             Err(_) => tokio::time::sleep(Duration::from_millis(1)).await,
         }
-        while let Ok(seq) = acks.try_recv() {
-            acked.insert(seq);
+        while let Ok(ack) = acks.try_recv() {
+            acked.insert(delivered(ack));
         }
         // Stop the broker while publishes are un-acknowledged, so the restart really cuts some off (stopping at a
         // moment when everything happened to be acknowledged would test nothing).
@@ -297,8 +297,8 @@ async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
         // Never more than the bound the caller promised.
         while publisher.in_flight() >= 1000 {
             match tokio::time::timeout(Duration::from_secs(30), acks.recv()).await {
-                Ok(Some(seq)) => {
-                    acked.insert(seq);
+                Ok(Some(ack)) => {
+                    acked.insert(delivered(ack));
                 }
                 _ => panic!("no acks for 30 s"),
             }
@@ -306,8 +306,8 @@ async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
     }
     while acked.len() < total as usize {
         match tokio::time::timeout(Duration::from_secs(30), acks.recv()).await {
-            Ok(Some(seq)) => {
-                acked.insert(seq);
+            Ok(Some(ack)) => {
+                acked.insert(delivered(ack));
             }
             _ => panic!("only {} of {total} acknowledged", acked.len()),
         }
@@ -359,4 +359,10 @@ async fn shutdown_is_bounded_when_kafka_is_gone() {
     app.stop().await.expect("clean stop");
     println!("stopped {:?} after Kafka went away", started.elapsed());
     assert!(started.elapsed() < Duration::from_secs(15), "shutdown took {:?}", started.elapsed());
+}
+
+/// The sequence number of an ack that must be a delivery (nothing is refused in these tests).
+fn delivered(ack: iotagent_mqtt::mqtt::publisher::Ack) -> u64 {
+    assert_eq!(ack.outcome, iotagent_mqtt::mqtt::publisher::Outcome::Delivered, "{ack:?}");
+    ack.seq
 }

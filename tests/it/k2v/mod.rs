@@ -2,6 +2,7 @@
 //! Fault tests are in `faults.rs`.
 
 mod faults;
+mod refusals;
 mod shutdown;
 
 use std::collections::{BTreeSet, HashMap};

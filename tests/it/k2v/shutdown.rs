@@ -126,3 +126,39 @@ async fn sigterm_with_kafka_gone_exits_within_the_budget() {
     // The process's own exit (dropping the Kafka clients) comes after the budget's last step.
     assert!(took <= budget + Duration::from_millis(1500), "the stop took {took:?}, over the {budget:?} budget");
 }
+
+/// K2V stops first: while it waits for the broker's PUBACKs of its in-flight configurations, VerneMQ still has to
+/// authorise those publishes (and every device's) through the webhooks, so the listener keeps serving until K2V is
+/// done. Had the webhooks stopped first, a real VerneMQ would refuse the in-flight configurations.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn webhooks_keep_serving_while_k2v_drains() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic("admin"), PARTITIONS).await;
+    let (mut mqtt, _device_port) = mosquitto("");
+    let mut env = k2v_env(&kafka, &mqtt.url(), "drain-webhooks");
+    env.push(("SHUTDOWN_TIMEOUT", "10".into()));
+    let stream = stream(&kafka, 250);
+    let mut process = ServiceProcess::start(&env);
+    process.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Publishes sent now wait for PUBACKs that cannot come: K2V's drain waits for them.
+    mqtt.stop();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    process.signal_term();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let body = json!({"username": "k2v-bridge", "mountpoint": "", "client_id": "iotagent-mqtt-k2v", "qos": 1,
+                      "topic": "admin:dev0/config", "payload": "e30=", "retain": false});
+    let reply = reqwest::Client::new()
+        .post(process.url("/vmq/auth_on_publish"))
+        .header("vernemq-hook", "auth_on_publish")
+        .body(body.to_string())
+        .send()
+        .await
+        .expect("the webhooks still answer while K2V drains");
+    assert_eq!(reply.status(), 200);
+    assert_eq!(reply.json::<Value>().await.unwrap()["result"], "ok", "the service's config publish is authorised");
+    stream.task.abort();
+    let (status, took) = process.terminate_within(Duration::from_secs(20)).await;
+    println!("stopped {took:?} after the webhook call");
+    assert!(status.success(), "{status}");
+}

@@ -1,0 +1,327 @@
+//! The decisions of live session control, without I/O: who is refused at connect, which sessions must be closed,
+//! and the bookkeeping of the disconnects queued to the worker.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use parking_lot::{Mutex, RwLock};
+use tokio::sync::{Notify, mpsc};
+
+use super::crl::{self, CrlFailure};
+use super::disconnect::{Cause, Outcome, Target};
+use super::metrics::SessionMetrics;
+use super::registry::{Issuers, NEVER, NO_ISSUER, NewSession, Registry, Secs};
+use super::removed::{Change, RemovedSet, SkipReason};
+use super::vernemq_api::ApiFailure;
+use crate::cert::ClientCertificate;
+use crate::metrics::Metrics;
+use crate::policy::DenyReason;
+
+/// VerneMQ closes a connection at the lifetime the service handed out, counted from CONNACK, which follows our reply:
+/// the entry outlives it by this much so it never expires before the connection.
+const LIFETIME_GRACE: Secs = 5;
+/// With lifetimes off, how long an accepted CONNECT waits for `on_register` before its entry is dropped (a client
+/// that vanished before CONNACK).
+const UNCONFIRMED_TTL: Secs = 60;
+
+/// Revoked serials per issuer id.
+type Revoked = HashMap<u16, HashSet<Box<[u8]>>>;
+
+/// The node's sessions and the state that decides which of them must go. Shared by the hooks, the admin routes and
+/// the background tasks.
+pub struct SessionRegistry {
+    epoch: Instant,
+    lifetimes: bool,
+    registry: Mutex<Registry>,
+    issuers: Mutex<Issuers>,
+    removed: RwLock<RemovedSet>,
+    revoked: RwLock<Revoked>,
+    /// Devices removed since the last scan, batched so that a burst of events costs one pass over the registry.
+    newly_removed: Mutex<Vec<String>>,
+    pub(super) scan: Notify,
+    /// Sessions queued or being disconnected: one job per session at a time.
+    in_flight: Mutex<HashSet<(Box<str>, Box<str>)>>,
+    pub(super) queue: Mutex<Option<mpsc::UnboundedSender<Target>>>,
+    pub(super) metrics: SessionMetrics,
+}
+
+impl std::fmt::Debug for SessionRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SessionRegistry").field("sessions", &self.len()).finish_non_exhaustive()
+    }
+}
+
+impl Default for SessionRegistry {
+    fn default() -> Self {
+        Self::new(&Metrics::new(), true)
+    }
+}
+
+/// A session as the admin route shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct SessionInfo {
+    pub mountpoint: String,
+    pub client_id: String,
+    pub device: String,
+    /// Upper-case hex, as `openssl x509 -serial` prints it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub certificate_serial: Option<String>,
+    /// Seconds until the entry expires with the connection lifetime; `None` without lifetime.
+    pub expires_in: Option<u32>,
+}
+
+impl SessionRegistry {
+    pub fn new(metrics: &Metrics, lifetimes: bool) -> Self {
+        Self {
+            epoch: Instant::now(),
+            lifetimes,
+            registry: Mutex::default(),
+            issuers: Mutex::default(),
+            removed: RwLock::default(),
+            revoked: RwLock::default(),
+            newly_removed: Mutex::default(),
+            scan: Notify::new(),
+            in_flight: Mutex::default(),
+            queue: Mutex::default(),
+            metrics: SessionMetrics::new(metrics),
+        }
+    }
+
+    fn now(&self) -> Secs {
+        Secs::try_from(self.epoch.elapsed().as_secs()).unwrap_or(NEVER - 1)
+    }
+
+    fn is_revoked(&self, issuer: u16, serial: &[u8]) -> bool {
+        issuer != NO_ISSUER && self.revoked.read().get(&issuer).is_some_and(|s| s.contains(serial))
+    }
+
+    pub fn is_removed(&self, device: &str) -> bool {
+        self.removed.read().contains(device)
+    }
+
+    /// Devices in the removed set.
+    pub fn removed_count(&self) -> usize {
+        self.removed.read().len()
+    }
+
+    /// `auth_on_register` accepted a device: refuse it if removed or its certificate revoked, otherwise record the
+    /// session under its final key (after the client-id policy's rewrite) until `lifetime` seconds from now.
+    ///
+    /// # Errors
+    /// The reason to refuse the connection.
+    pub fn admit(
+        &self,
+        device: &str,
+        mountpoint: &str,
+        client_id: &str,
+        certificate: Option<&ClientCertificate>,
+        lifetime: Option<u64>,
+    ) -> Result<(), DenyReason> {
+        if self.is_removed(device) {
+            self.metrics.refused_removed.increment(1);
+            return Err(DenyReason::Removed);
+        }
+        let (issuer, serial) = match certificate {
+            Some(c) => (self.issuers.lock().intern(&c.issuer_der).unwrap_or(NO_ISSUER), c.serial_bytes.as_slice()),
+            None => (NO_ISSUER, &[][..]),
+        };
+        if self.is_revoked(issuer, serial) {
+            self.metrics.refused_revoked.increment(1);
+            return Err(DenyReason::Revoked);
+        }
+        let now = self.now();
+        let expires = match lifetime {
+            Some(seconds) => {
+                now.saturating_add(Secs::try_from(seconds).unwrap_or(NEVER)).saturating_add(LIFETIME_GRACE)
+            }
+            None if self.lifetimes => NEVER,
+            None => now.saturating_add(UNCONFIRMED_TTL),
+        };
+        let session = NewSession { mountpoint, client_id, device, issuer, serial, expires };
+        if let Err(e) = self.registry.lock().insert(session) {
+            self.metrics.record_failed.increment(1);
+            tracing::warn!(client_id, error = %e, "session not recorded; it cannot be force-disconnected");
+        }
+        Ok(())
+    }
+
+    /// `on_register(_m5)`: with lifetimes off, the connection is confirmed and its entry kept until it goes.
+    pub fn registered(&self, mountpoint: &str, client_id: &str) {
+        if !self.lifetimes {
+            self.registry.lock().set_expiry(mountpoint, client_id, NEVER);
+        }
+    }
+
+    /// `on_client_offline` / `on_client_gone`: no connection is left under this key.
+    pub fn gone(&self, mountpoint: &str, client_id: &str) {
+        self.registry.lock().remove(mountpoint, client_id);
+    }
+
+    /// Entries held (expired ones are swept every 30 s).
+    pub fn len(&self) -> usize {
+        self.registry.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The sessions of one device on this node.
+    pub fn of_device(&self, device: &str) -> Vec<SessionInfo> {
+        let now = self.now();
+        self.registry.lock().select(now, |s| {
+            (s.device == device).then(|| SessionInfo {
+                mountpoint: s.mountpoint.into(),
+                client_id: s.client_id.into(),
+                device: s.device.into(),
+                certificate_serial: (!s.serial.is_empty())
+                    .then(|| s.serial.iter().map(|b| format!("{b:02X}")).collect::<String>()),
+                expires_in: (s.expires != NEVER).then(|| s.expires.saturating_sub(now)),
+            })
+        })
+    }
+
+    /// A device-manager event: keeps the removed set, and queues a scan for a newly removed device.
+    pub fn device_event(&self, change: &Change) {
+        let newly = {
+            let mut removed = self.removed.write();
+            let newly = removed.apply(change);
+            self.metrics.removed_gauge.set(removed.len() as f64);
+            newly
+        };
+        if let (true, Change::Removed(device)) = (newly, change) {
+            tracing::info!(device, "device removed; closing its sessions on this node");
+            self.newly_removed.lock().push(device.clone());
+            self.scan.notify_one();
+        }
+    }
+
+    /// Counts an event the removed-device reader skipped.
+    pub fn event_skipped(&self, reason: SkipReason) {
+        self.metrics.event_skipped(reason);
+    }
+
+    pub(super) fn crl_failed(&self, reason: CrlFailure) {
+        self.metrics.crl_failed(reason);
+    }
+
+    /// Installs a new CRL; whether the revoked set changed (its sessions are then closed).
+    pub fn set_revocations(&self, crls: &[crl::Revocations]) -> bool {
+        let mut new: Revoked = HashMap::new();
+        {
+            let mut issuers = self.issuers.lock();
+            for crl in crls {
+                let Some(issuer) = issuers.intern(&crl.issuer_der) else { continue };
+                new.entry(issuer).or_default().extend(crl.serials.iter().map(|s| s.clone().into_boxed_slice()));
+            }
+        }
+        let flatten = |r: &Revoked| -> HashSet<(u16, Box<[u8]>)> {
+            r.iter().flat_map(|(i, s)| s.iter().map(move |serial| (*i, serial.clone()))).collect()
+        };
+        let mut revoked = self.revoked.write();
+        let (added, dropped) = crl::diff(&flatten(&revoked), &flatten(&new));
+        self.metrics.crl_loaded.increment(1);
+        if added == 0 && dropped == 0 {
+            return false;
+        }
+        let total: usize = new.values().map(HashSet::len).sum();
+        tracing::info!(added, dropped, total, "CRL changed");
+        self.metrics.revoked_gauge.set(total as f64);
+        *revoked = new;
+        drop(revoked);
+        if added > 0 {
+            self.scan_revoked();
+        }
+        true
+    }
+
+    fn scan_revoked(&self) {
+        let now = self.now();
+        let targets = {
+            let revoked = self.revoked.read();
+            self.registry.lock().select(now, |s| {
+                (s.issuer != NO_ISSUER && revoked.get(&s.issuer).is_some_and(|set| set.contains(s.serial)))
+                    .then(|| Target::new(s, Cause::Revoked))
+            })
+        };
+        self.enqueue(targets);
+    }
+
+    /// Closes the sessions of the devices removed since the last scan (the scanner task calls it when notified).
+    pub(super) fn scan_removed(&self) {
+        let devices: HashSet<String> = self.newly_removed.lock().drain(..).collect();
+        if devices.is_empty() {
+            return;
+        }
+        let now = self.now();
+        let targets =
+            self.registry.lock().select(now, |s| devices.contains(s.device).then(|| Target::new(s, Cause::Removed)));
+        self.enqueue(targets);
+    }
+
+    /// Operator request: closes every session of `device` on this node; how many were queued.
+    pub fn disconnect_device(&self, device: &str) -> usize {
+        let now = self.now();
+        let targets =
+            self.registry.lock().select(now, |s| (s.device == device).then(|| Target::new(s, Cause::Operator)));
+        self.enqueue(targets)
+    }
+
+    fn enqueue(&self, targets: Vec<Target>) -> usize {
+        let queue = self.queue.lock();
+        let Some(queue) = queue.as_ref() else {
+            if !targets.is_empty() {
+                tracing::warn!(
+                    sessions = targets.len(),
+                    "VERNEMQ_API_URL is not set: sessions to close stay connected until their lifetime ends"
+                );
+            }
+            return 0;
+        };
+        let mut in_flight = self.in_flight.lock();
+        let mut queued = 0;
+        for target in targets {
+            if in_flight.insert(target.key()) && queue.send(target).is_ok() {
+                queued += 1;
+            }
+        }
+        queued
+    }
+
+    /// Whether a queued disconnect is still wanted: the connection it was queued for is still here, and (but for an
+    /// operator's request) its device is still removed or its certificate still revoked.
+    pub(super) fn still_to_close(&self, target: &Target) -> bool {
+        let now = self.now();
+        let registry = self.registry.lock();
+        let Some(session) = registry.get(&target.mountpoint, &target.client_id, now) else { return false };
+        if session.generation != target.generation {
+            // Reconnected under the same key since: admitted again, so not removed or revoked at that moment, and
+            // an operator's request named the connection of its time.
+            return false;
+        }
+        match target.cause {
+            Cause::Operator => true,
+            Cause::Removed => self.is_removed(session.device),
+            Cause::Revoked => self.is_revoked(session.issuer, session.serial),
+        }
+    }
+
+    /// The job ended. A done disconnect forgets the session whether or not a gone hook is registered — but only the
+    /// connection it was queued for: a device that reconnected under the same key meanwhile keeps its new entry.
+    pub(super) fn closed(&self, target: &Target, outcome: Outcome) {
+        self.in_flight.lock().remove(&target.key());
+        self.metrics.disconnected(target.cause, outcome);
+        if outcome == Outcome::Done {
+            self.registry.lock().remove_generation(&target.mountpoint, &target.client_id, target.generation);
+        }
+    }
+
+    pub(super) fn api_error(&self, reason: ApiFailure) {
+        self.metrics.api_error(reason);
+    }
+
+    pub(super) fn sweep(&self) -> usize {
+        let now = self.now();
+        self.registry.lock().sweep(now)
+    }
+}
