@@ -1,7 +1,7 @@
 //! Per-tenant bound on records waiting for Kafka, so that one tenant's backlog never takes the others' room.
 //! A sharded map of small per-tenant states; a message over the bound is refused (webhook modes) or waits its turn.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
@@ -12,15 +12,14 @@ const SHARDS: usize = 16;
 #[derive(Debug, Default)]
 struct State {
     in_flight: usize,
-    /// Tickets of messages waiting for room, in arrival order; `serving` is the next one allowed to take a slot.
-    next_ticket: u64,
-    serving: u64,
+    /// Messages waiting for room, in arrival order; the front one is the next allowed to take a slot. Only the front
+    /// is ever woken (one wake-up per freed slot, not one per waiter).
+    queue: VecDeque<Arc<Notify>>,
 }
 
 #[derive(Debug, Default)]
 struct Tenant {
     state: Mutex<State>,
-    changed: Notify,
 }
 
 impl Tenant {
@@ -35,13 +34,10 @@ pub struct Slot(Arc<Tenant>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let waiting = {
-            let mut state = self.0.lock();
-            state.in_flight = state.in_flight.saturating_sub(1);
-            state.next_ticket != state.serving
-        };
-        if waiting {
-            self.0.changed.notify_waiters();
+        let mut state = self.0.lock();
+        state.in_flight = state.in_flight.saturating_sub(1);
+        if let Some(front) = state.queue.front() {
+            front.notify_one();
         }
     }
 }
@@ -50,7 +46,7 @@ impl Drop for Slot {
 #[derive(Debug)]
 pub struct Ticket {
     tenant: Arc<Tenant>,
-    number: u64,
+    wake: Arc<Notify>,
 }
 
 /// The turn of a waiting message: the next message waits until this is dropped, so that the caller queues its
@@ -62,8 +58,11 @@ pub struct Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        self.tenant.lock().serving += 1;
-        self.tenant.changed.notify_waiters();
+        let mut state = self.tenant.lock();
+        state.queue.pop_front();
+        if let Some(next) = state.queue.front() {
+            next.notify_one();
+        }
     }
 }
 
@@ -72,18 +71,17 @@ impl Ticket {
     /// wait is abandoned stalls the tenant's later messages: the subscription's tasks are never cancelled.
     pub async fn turn(self, bound: usize) -> (Turn, Slot) {
         loop {
-            let notified = self.tenant.changed.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
             {
                 let mut state = self.tenant.lock();
-                if state.serving == self.number && state.in_flight < bound {
+                let first = state.queue.front().is_some_and(|front| Arc::ptr_eq(front, &self.wake));
+                if first && state.in_flight < bound {
                     state.in_flight += 1;
                     drop(state);
                     return (Turn { tenant: self.tenant.clone() }, Slot(self.tenant.clone()));
                 }
             }
-            notified.await;
+            // notify_one keeps a permit when nobody waits yet: a wake-up between the check and here is not lost.
+            self.wake.notified().await;
         }
     }
 }
@@ -143,15 +141,15 @@ impl Tenants {
     pub fn try_acquire(&self, name: &str) -> Room {
         let tenant = self.tenant(name);
         let mut state = tenant.lock();
-        if state.next_ticket == state.serving && state.in_flight < self.bound {
+        if state.queue.is_empty() && state.in_flight < self.bound {
             state.in_flight += 1;
             drop(state);
             return Room::Slot(Slot(tenant));
         }
-        let number = state.next_ticket;
-        state.next_ticket += 1;
+        let wake = Arc::new(Notify::new());
+        state.queue.push_back(wake.clone());
         drop(state);
-        Ticket { tenant, number }.into_room()
+        Room::Full(Ticket { tenant, wake })
     }
 
     /// Whether the tenant is below its bound (the gate of on_publish mode).
@@ -163,12 +161,6 @@ impl Tenants {
     #[cfg(test)]
     pub fn in_flight(&self, name: &str) -> usize {
         self.tenant(name).lock().in_flight
-    }
-}
-
-impl Ticket {
-    fn into_room(self) -> Room {
-        Room::Full(self)
     }
 }
 
