@@ -99,7 +99,7 @@ fn plain_producer_client(brokers: &str) -> FutureProducer {
 }
 
 /// Baseline: a plain producer with the service's settings, `DEVICES` concurrent senders each waiting for its ack.
-async fn plain_producer(brokers: &str) -> Outcome {
+async fn plain_producer(brokers: &str, tenants: usize) -> Outcome {
     let producer = plain_producer_client(brokers);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -108,12 +108,13 @@ async fn plain_producer(brokers: &str) -> Outcome {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("hist");
-            let key = format!("bench:d{device}");
+            let key = format!("{}:d{device}", tenant(device, tenants));
+            let topic = format!("{}.device-data", tenant(device, tenants));
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let value = dojot_value(device, n);
                 let started = Instant::now();
-                producer.send(FutureRecord::to(TOPIC).key(&key).payload(&value), Duration::from_secs(5)).await.ok();
+                producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(5)).await.ok();
                 hist.record(started.elapsed().as_micros() as u64).ok();
                 n += 1;
             }
@@ -244,13 +245,17 @@ fn main() {
     });
 
     println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
-    let plain = rt.block_on(plain_producer(&brokers));
-    println!(
-        "plain rdkafka producer       {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs",
-        plain.per_second,
-        micros(&plain.latency, 0.5),
-        micros(&plain.latency, 0.99)
-    );
+    // Baselines on the same topics as the rows they are compared with: one tenant's, or 100 tenants' topics.
+    let plain_one = rt.block_on(plain_producer(&brokers, 1));
+    let plain_many = rt.block_on(plain_producer(&brokers, MANY_TENANTS));
+    for (plain, tenants) in [(&plain_one, 1), (&plain_many, MANY_TENANTS)] {
+        println!(
+            "plain producer, {tenants:>3} topic(s) {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs",
+            plain.per_second,
+            micros(&plain.latency, 0.5),
+            micros(&plain.latency, 0.99)
+        );
+    }
     let kafka_env = |mode: &str| {
         vec![
             ("KAFKA_BROKERS", brokers.clone()),
@@ -270,6 +275,7 @@ fn main() {
         let cpu_before = service.cpu_seconds();
         let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), tenants));
         let cpu = service.cpu_seconds() - cpu_before;
+        let plain = if tenants == 1 { &plain_one } else { &plain_many };
         let mode = format!("{mode}, {tenants} tenant(s)");
         println!(
             "{mode:<28} {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs  ratio {:.2}  added p50 {:>5} µs p99 {:>5} µs  CPU {:.1} µs/call",
@@ -306,9 +312,9 @@ fn main() {
     // V2K_MAX_IN_FLIGHT (1000) unacknowledged. Baseline: the same records from a plain producer with the same window.
     let total: u64 = 100_000;
     let window = 1000;
-    let plain_window = rt.block_on(plain_producer_window(&brokers, total, window));
-    println!("plain rdkafka producer, {window} in flight: {:>8.0} msg/s", plain_window);
     for tenants in [1, MANY_TENANTS] {
+        let plain_window = rt.block_on(plain_producer_window(&brokers, total, window, tenants));
+        println!("plain producer, {tenants:>3} topic(s), {window} in flight: {:>8.0} msg/s", plain_window);
         subscription_row(&rt, &kafka_env("subscription"), mqtt_port, device_port, total, window, plain_window, tenants);
     }
 }
@@ -391,16 +397,17 @@ fn subscription_row(
 }
 
 /// `total` records with at most `window` unacknowledged; returns records/s.
-async fn plain_producer_window(brokers: &str, total: u64, window: usize) -> f64 {
+async fn plain_producer_window(brokers: &str, total: u64, window: usize, tenants: usize) -> f64 {
     let producer = plain_producer_client(brokers);
     let started = Instant::now();
     let mut in_flight = std::collections::VecDeque::new();
     for n in 0..total {
         let device = (n % DEVICES as u64) as usize;
-        let key = format!("bench:d{device}");
+        let key = format!("{}:d{device}", tenant(device, tenants));
+        let topic = format!("{}.device-data", tenant(device, tenants));
         let value = dojot_value(device, n);
         loop {
-            match producer.send_result(FutureRecord::to(TOPIC).key(&key).payload(&value)) {
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
                 Ok(delivery) => {
                     in_flight.push_back(delivery);
                     break;
