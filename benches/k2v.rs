@@ -116,7 +116,12 @@ fn acked(metrics: &Metrics) -> f64 {
 /// Starts the bridge on the backlog; returns (time to the first ack, time to the last ack).
 async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Duration) {
     let settings = K2vSettings {
-        rules: EventRules { id_charset: IdCharset::default(), config_suffix: "config".into(), max_message_size: None },
+        rules: EventRules {
+            id_charset: IdCharset::default(),
+            config_suffix: "config".into(),
+            topic_suffix: "dojot.device-manager.device".into(),
+            max_message_size: None,
+        },
         retain: false,
         max_in_flight: IN_FLIGHT,
         lag_interval: Duration::from_secs(10),

@@ -1,7 +1,8 @@
 //! Webhook decision throughput and latency, against a trivial axum handler measured in the same run.
 //!
 //! Both servers run in this process on runtimes of the same size, loaded one at a time by the same generator, so the
-//! ratio is what the service's work costs on top of HTTP itself.
+//! ratio is what the service's work costs on top of HTTP itself. The service's HTTPS listener (TLS 1.2, client
+//! certificate, keep-alive connections as hackney pools them) is compared with its plain listener.
 //! Run with `cargo bench --bench webhooks`.
 
 use std::net::SocketAddr;
@@ -17,8 +18,54 @@ use http_body_util::{BodyExt, Full};
 use hyper::Request;
 use hyper_util::rt::TokioIo;
 use iotagent_mqtt::{Config, Listeners};
+use openssl::ssl::{SslConnector, SslFiletype, SslMethod, SslVersion};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
+
+// The tests' throwaway PKI; the bench uses only `write`.
+#[allow(dead_code)]
+#[path = "../tests/it/common/pki.rs"]
+mod pki;
+
+/// Where the load goes: plain HTTP, or HTTPS with a client certificate.
+#[derive(Clone)]
+enum Target {
+    Plain(SocketAddr),
+    Tls(SocketAddr, SslConnector),
+}
+
+trait Io: AsyncRead + AsyncWrite + Unpin + Send {}
+impl<T: AsyncRead + AsyncWrite + Unpin + Send> Io for T {}
+
+impl Target {
+    async fn connect(&self) -> Box<dyn Io> {
+        let addr = match self {
+            Target::Plain(addr) | Target::Tls(addr, _) => *addr,
+        };
+        let stream = TcpStream::connect(addr).await.expect("connect");
+        stream.set_nodelay(true).ok();
+        match self {
+            Target::Plain(_) => Box::new(stream),
+            Target::Tls(_, connector) => {
+                let ssl = connector.configure().expect("ssl").into_ssl("localhost").expect("ssl");
+                let mut tls = tokio_openssl::SslStream::new(ssl, stream).expect("ssl stream");
+                std::pin::Pin::new(&mut tls).connect().await.expect("TLS handshake");
+                Box::new(tls)
+            }
+        }
+    }
+}
+
+/// A TLS 1.2 client (VerneMQ's default `vmq_webhooks.tls_version`) with the test PKI's client certificate.
+fn tls_connector(dir: &std::path::Path) -> SslConnector {
+    let mut connector = SslConnector::builder(SslMethod::tls_client()).expect("connector");
+    connector.set_ca_file(dir.join("ca.pem")).expect("ca");
+    connector.set_max_proto_version(Some(SslVersion::TLS1_2)).expect("version");
+    connector.set_certificate_file(dir.join("k2v.pem"), SslFiletype::PEM).expect("cert");
+    connector.set_private_key_file(dir.join("k2v.key"), SslFiletype::PEM).expect("key");
+    connector.build()
+}
 
 const CONNECTIONS: usize = 32;
 const PHASE: Duration = Duration::from_secs(3);
@@ -45,15 +92,35 @@ fn server_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().expect("runtime")
 }
 
-fn start_service(rt: &tokio::runtime::Runtime) -> (SocketAddr, CancellationToken) {
+/// The service on loopback, with its HTTPS listener on a free port too.
+fn start_service(rt: &tokio::runtime::Runtime, pki: &std::path::Path) -> (SocketAddr, SocketAddr, CancellationToken) {
     rt.block_on(async {
-        let config = Config::from_env_and_args(["iotagent-mqtt", "--listen", "127.0.0.1:0", "--log-format", "text"])
-            .expect("config");
+        let tls_addr = std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).expect("free port");
+        let file = |name: &str| pki.join(name).to_string_lossy().into_owned();
+        let tls_listen = tls_addr.to_string();
+        let args = [
+            "iotagent-mqtt",
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "text",
+            "--tls-listen",
+            &tls_listen,
+            "--tls-cert-file",
+            &file("server.pem"),
+            "--tls-key-file",
+            &file("server.key"),
+            "--tls-client-ca-file",
+            &file("ca.pem"),
+            "--tls-client-names",
+            "k2v-bridge",
+        ];
+        let config = Config::from_env_and_args(args).expect("config");
         let listeners = Listeners::bind(&config).await.expect("bind");
         let addr = listeners.http.local_addr().expect("addr");
         let token = CancellationToken::new();
         tokio::spawn(iotagent_mqtt::run(config, listeners, token.clone()));
-        (addr, token)
+        (addr, tls_addr, token)
     })
 }
 
@@ -76,14 +143,14 @@ fn start_trivial(rt: &tokio::runtime::Runtime) -> (SocketAddr, CancellationToken
 
 /// `rate` = None: closed loop, each connection sends as soon as the previous answer came (peak).
 /// `rate` = Some(r): paced at r requests/s in total.
-async fn drive(addr: SocketAddr, load: &'static Load, rate: Option<f64>) -> Outcome {
+async fn drive(target: Target, load: &'static Load, rate: Option<f64>) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for i in 0..CONNECTIONS {
         let stop = stop.clone();
+        let target = target.clone();
         tasks.push(tokio::spawn(async move {
-            let stream = TcpStream::connect(addr).await.expect("connect");
-            stream.set_nodelay(true).ok();
+            let stream = target.connect().await;
             let (mut sender, conn) =
                 hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("handshake");
             tokio::spawn(conn);
@@ -133,16 +200,20 @@ fn main() {
     let load_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
     let service_rt = server_runtime();
     let trivial_rt = server_runtime();
-    let (service, service_stop) = start_service(&service_rt);
+    let pki_dir = tempfile::tempdir().expect("pki dir");
+    pki::write(pki_dir.path());
+    let (service, service_tls, service_stop) = start_service(&service_rt, pki_dir.path());
     let (trivial, trivial_stop) = start_trivial(&trivial_rt);
+    let (service, trivial) = (Target::Plain(service), Target::Plain(trivial));
+    let tls = Target::Tls(service_tls, tls_connector(pki_dir.path()));
 
     println!("webhook benchmark: {CONNECTIONS} keep-alive connections, {PHASE:?} per phase, best of {ROUNDS} rounds");
     for load in &LOADS {
         let (mut best_service, mut best_trivial): (Option<Outcome>, Option<Outcome>) = (None, None);
         for _ in 0..ROUNDS {
             // Alternate so that drift in machine load hits both sides alike.
-            let t = load_rt.block_on(drive(trivial, load, None));
-            let s = load_rt.block_on(drive(service, load, None));
+            let t = load_rt.block_on(drive(trivial.clone(), load, None));
+            let s = load_rt.block_on(drive(service.clone(), load, None));
             if best_trivial.as_ref().is_none_or(|b| t.per_second > b.per_second) {
                 best_trivial = Some(t);
             }
@@ -163,8 +234,8 @@ fn main() {
             s.per_second / t.per_second
         );
         let half = s.per_second / 2.0;
-        let s50 = load_rt.block_on(drive(service, load, Some(half)));
-        let t50 = load_rt.block_on(drive(trivial, load, Some(half)));
+        let s50 = load_rt.block_on(drive(service.clone(), load, Some(half)));
+        let t50 = load_rt.block_on(drive(trivial.clone(), load, Some(half)));
         println!(
             "{:<18} at 50% of service peak ({:.0}/s, achieved {:.0}/s): service p50 {} p99 {} | trivial p50 {} p99 {}",
             load.hook,
@@ -174,6 +245,22 @@ fn main() {
             micros(&s50.latency, 0.99),
             micros(&t50.latency, 0.5),
             micros(&t50.latency, 0.99)
+        );
+        let mut best_tls: Option<Outcome> = None;
+        for _ in 0..ROUNDS {
+            let h = load_rt.block_on(drive(tls.clone(), load, None));
+            if best_tls.as_ref().is_none_or(|b| h.per_second > b.per_second) {
+                best_tls = Some(h);
+            }
+        }
+        let h = best_tls.expect("ran");
+        println!(
+            "{:<18} HTTPS (TLS 1.2, client cert, keep-alive): service {:>8.0}/s (p50 {}, p99 {})  ratio to plain {:.2}",
+            load.hook,
+            h.per_second,
+            micros(&h.latency, 0.5),
+            micros(&h.latency, 0.99),
+            h.per_second / s.per_second
         );
     }
     service_stop.cancel();

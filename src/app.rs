@@ -23,6 +23,8 @@ use crate::webhooks::HookState;
 #[derive(Debug)]
 pub struct Listeners {
     pub http: TcpListener,
+    /// The HTTPS webhook listener's (IOTAGENT_TLS_LISTEN), when its files are set.
+    pub https: Option<TcpListener>,
     /// The PKI API's (PKI_LISTEN), when set.
     pub pki: Option<TcpListener>,
 }
@@ -36,13 +38,20 @@ impl Listeners {
         let http = TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("cannot listen on {} (IOTAGENT_LISTEN)", config.listen))?;
+        let https =
+            match config.webhooks.tls_cert_file {
+                Some(_) => Some(TcpListener::bind(config.webhooks.tls_listen).await.with_context(|| {
+                    format!("cannot listen on {} (IOTAGENT_TLS_LISTEN)", config.webhooks.tls_listen)
+                })?),
+                None => None,
+            };
         let pki = match config.pki.pki_listen {
             Some(address) => Some(
                 TcpListener::bind(address).await.with_context(|| format!("cannot listen on {address} (PKI_LISTEN)"))?,
             ),
             None => None,
         };
-        Ok(Self { http, pki })
+        Ok(Self { http, https, pki })
     }
 }
 
@@ -62,6 +71,15 @@ const AFTER_K2V_RESERVE: Duration = Duration::from_secs(3);
 /// Invalid configuration, or a listener that fails.
 pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
     let settings = config.settings()?;
+    warn_about_open_doors(&settings, &listeners)?;
+    let https = match (listeners.https, settings.tls) {
+        (Some(listener), Some(tls)) => Some(crate::http_tls::TlsListener::new(listener, tls)?),
+        _ => None,
+    };
+    let service_certificates = Arc::new(
+        crate::service_certs::ServiceCertificates::load(settings.service_certificates)
+            .context("cannot read the service's certificate (MQTT_CERT_FILE)")?,
+    );
     let budget = Budget::new(settings.shutdown_timeout);
     let metrics = Arc::new(Metrics::new());
     // Live session control (README): entries expire with the lifetime handed out, when there is one.
@@ -81,7 +99,11 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         None => None,
     };
     let hooks =
-        HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics);
+        HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics)
+            .with_service_certificates(service_certificates.clone());
+    if let Some(watcher) = service_certificates.watch(shutdown.clone()) {
+        session_tasks.push(watcher);
+    }
     let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
     // Not ready until the removed devices Kafka held at start are read (README "Live session control").
     let removed_probe = settings.removed_reader.as_ref().map(|_| readiness.probe("removed_devices"));
@@ -134,6 +156,14 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
     };
     let address = listeners.http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
+    // Both webhook listeners stop together, after K2V (see below).
+    let webhooks_stop = CancellationToken::new();
+    let https = https.map(|listener| {
+        if let Ok(address) = listener.local_addr() {
+            tracing::info!(%address, "serving webhooks over HTTPS, client certificates required");
+        }
+        listener.serve(router.clone(), webhooks_stop.clone())
+    });
     // K2V starts once the webhook listener is up: the broker authorises the service's connection through it.
     let k2v = match (settings.k2v, k2v_probes) {
         (Some(settings), Some((kafka, mqtt))) => {
@@ -142,12 +172,13 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         }
         _ => None,
     };
-    let webhooks_stop = CancellationToken::new();
-    let mut server = tokio::spawn(
-        axum::serve(listeners.http, router)
-            .with_graceful_shutdown(webhooks_stop.clone().cancelled_owned())
-            .into_future(),
-    );
+    let plain = axum::serve(listeners.http, router).with_graceful_shutdown(webhooks_stop.clone().cancelled_owned());
+    let mut server = tokio::spawn(async move {
+        match https {
+            Some(https) => tokio::join!(plain.into_future(), https).0,
+            None => plain.into_future().await,
+        }
+    });
     tokio::select! {
         result = &mut server => {
             return match result {
@@ -184,6 +215,26 @@ pub async fn run(config: Config, listeners: Listeners, shutdown: CancellationTok
         task.abort();
     }
     tracing::info!(took = ?budget.total().saturating_sub(budget.remaining()), "stopped");
+    Ok(())
+}
+
+/// One warning line per door left open: devices that may connect without a certificate, webhooks that anyone who
+/// reaches the plain port can call.
+fn warn_about_open_doors(settings: &crate::config::Settings, listeners: &Listeners) -> anyhow::Result<()> {
+    if !settings.policy.require_client_cert {
+        tracing::warn!(
+            "REQUIRE_CLIENT_CERT is off: a device may connect without a certificate, so anyone who reaches VerneMQ's \
+             plain listener can claim any device; for testing only"
+        );
+    }
+    let plain = listeners.http.local_addr()?;
+    if !plain.ip().is_loopback() {
+        tracing::warn!(
+            %plain,
+            "webhooks are served over plain HTTP on a non-loopback address: anyone who reaches it acts as VerneMQ; \
+             serve VerneMQ over HTTPS (IOTAGENT_TLS_*) and keep IOTAGENT_LISTEN on loopback"
+        );
+    }
     Ok(())
 }
 

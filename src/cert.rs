@@ -1,8 +1,11 @@
-//! Reads the client certificate VerneMQ forwards (`client_cert`, base64 DER): its common name and serial number.
+//! Reads the client certificate VerneMQ forwards (`client_cert`, base64 DER): its common name, serial number and
+//! SHA-256 fingerprint.
 
 use base64::Engine as _;
 use openssl::nid::Nid;
 use openssl::x509::X509;
+
+use crate::policy::Fingerprint;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClientCertificate {
@@ -29,8 +32,17 @@ pub enum CertificateError {
 /// # Errors
 /// Not base64, or not a DER certificate.
 pub fn parse_forwarded(client_cert: &str) -> Result<ClientCertificate, CertificateError> {
+    parse_forwarded_pinned(client_cert).map(|(certificate, _)| certificate)
+}
+
+/// Decodes the `client_cert` field and computes its SHA-256 fingerprint (what pins the service's own certificates).
+///
+/// # Errors
+/// Not base64, or not a DER certificate.
+pub fn parse_forwarded_pinned(client_cert: &str) -> Result<(ClientCertificate, Fingerprint), CertificateError> {
     let der = base64::engine::general_purpose::STANDARD.decode(client_cert)?;
     let x509 = X509::from_der(&der).map_err(CertificateError::Der)?;
+    let fingerprint = Fingerprint(openssl::sha::sha256(&der));
     let mut names = x509.subject_name().entries_by_nid(Nid::COMMONNAME);
     let common_name = match (names.next(), names.next()) {
         // Two CNs make the identity ambiguous: treat as no usable CN, which denies.
@@ -41,7 +53,7 @@ pub fn parse_forwarded(client_cert: &str) -> Result<ClientCertificate, Certifica
     let serial_bytes = serial.to_vec();
     let serial = serial.to_hex_str().map(|s| s.to_string()).map_err(CertificateError::Der)?;
     let issuer_der = x509.issuer_name().to_der().map_err(CertificateError::Der)?;
-    Ok(ClientCertificate { common_name, serial, serial_bytes, issuer_der })
+    Ok((ClientCertificate { common_name, serial, serial_bytes, issuer_der }, fingerprint))
 }
 
 #[cfg(test)]
@@ -52,11 +64,13 @@ mod tests {
 
     #[test]
     fn reads_the_certificate_verne_forwarded() {
-        let cert = parse_forwarded(CAPTURED.trim()).unwrap();
+        let (cert, fingerprint) = parse_forwarded_pinned(CAPTURED.trim()).unwrap();
         assert_eq!(cert.common_name.as_deref(), Some("admin:a1998e"));
         assert_eq!(cert.serial, "1001");
         assert_eq!(cert.serial_bytes, vec![0x10, 0x01]);
         assert!(!cert.issuer_der.is_empty());
+        let der = base64::engine::general_purpose::STANDARD.decode(CAPTURED.trim()).unwrap();
+        assert_eq!(fingerprint, Fingerprint(openssl::sha::sha256(&der)));
     }
 
     #[test]

@@ -6,7 +6,8 @@
 //! - [`v2k`]: device data into Kafka (dojot contract, delivery modes); [`k2v`]: commands from Kafka to devices.
 //! - [`kafka`], [`mqtt`]: the only modules that talk to rdkafka and rumqttc.
 //! - [`sessions`]: live session control: the node's sessions, removed devices, revoked certificates, disconnects.
-//! - [`cert`]: reading the client certificates VerneMQ forwards.
+//! - [`cert`]: reading the client certificates VerneMQ forwards; [`service_certs`]: the service's own, pinned.
+//! - [`http_tls`]: the HTTPS webhook listener (client certificates required); [`log_guard`]: bounded denial logs.
 //! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
 //!   health check (`iotagent-mqtt healthcheck`).
 //! - [`pki`]: the development CA, its HTTP API and certificate upkeep (`iotagent-mqtt pki`).
@@ -22,8 +23,10 @@ pub mod config;
 pub mod health;
 pub mod healthcheck;
 pub mod http;
+pub mod http_tls;
 pub mod k2v;
 pub mod kafka;
+pub mod log_guard;
 pub mod metrics;
 pub mod mqtt;
 pub mod ordered;
@@ -31,6 +34,7 @@ pub mod pki;
 pub mod policy;
 pub mod schedule;
 pub mod secret;
+pub mod service_certs;
 pub mod sessions;
 pub mod shutdown;
 pub mod telemetry;

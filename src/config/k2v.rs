@@ -97,6 +97,7 @@ impl K2vArgs {
             rules: EventRules {
                 id_charset: policy.id_charset.clone(),
                 config_suffix: policy.config_suffix.clone(),
+                topic_suffix: self.k2v_topic_suffix.clone(),
                 // K2V refuses what the devices' sessions could not take (MAX_MESSAGE_SIZE).
                 max_message_size: policy.max_message_size,
             },

@@ -119,6 +119,10 @@ pub struct Settings {
     pub pki: Option<PkiParts>,
     /// The whole shutdown's budget.
     pub shutdown_timeout: Duration,
+    /// The HTTPS webhook listener, when its files are set.
+    pub tls: Option<crate::http_tls::TlsSettings>,
+    /// The certificates that make a connection the service (MQTT_CERT_FILE, SERVICE_CERT_FINGERPRINTS).
+    pub service_certificates: crate::service_certs::Settings,
 }
 
 impl Config {
@@ -140,6 +144,8 @@ impl Config {
     /// The first invalid value, naming its environment variable.
     pub fn settings(&self) -> Result<Settings, ConfigError> {
         let mut policy = self.policy.policy_config()?;
+        // Every internal client's id starts with this base (`<base>-k2v`, `<base>-v2k`): never a device's.
+        policy.service_client_id = Some(self.mqtt.client_id());
         let mqtt = self.mqtt_settings()?;
         self.message_size_fits()?;
         let v2k = match &self.kafka_brokers {
@@ -180,6 +186,11 @@ impl Config {
             v2k,
             k2v,
             shutdown_timeout: Duration::from_secs(self.shutdown_timeout),
+            tls: self.webhooks.tls()?,
+            service_certificates: crate::service_certs::Settings {
+                pinned: self.policy.service_fingerprints()?,
+                file: self.mqtt.mqtt_cert_file.clone(),
+            },
         })
     }
 

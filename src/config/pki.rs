@@ -49,6 +49,11 @@ pub struct PkiArgs {
     #[arg(long, env = "PKI_SERVER_NAMES", default_value = "vernemq localhost 127.0.0.1")]
     pub pki_server_names: String,
 
+    /// subjectAltNames of the service's HTTPS webhook certificate (the host in VerneMQ's endpoint URLs; the first is
+    /// also its CN).
+    #[arg(long, env = "PKI_WEBHOOK_NAMES", default_value = "iotagent-mqtt localhost 127.0.0.1")]
+    pub pki_webhook_names: String,
+
     /// Lifetime of the API's tokens (`1h`, `15m`).
     #[arg(long, env = "PKI_TOKEN_TTL", default_value = "1h", value_parser = humantime::parse_duration)]
     pub pki_token_ttl: Duration,
@@ -106,6 +111,11 @@ impl PkiArgs {
         if server_names.is_empty() {
             return Err(invalid("PKI_SERVER_NAMES", "needs at least one name"));
         }
+        let webhook_names: Vec<String> =
+            self.pki_webhook_names.split([' ', ',']).filter(|n| !n.is_empty()).map(String::from).collect();
+        if webhook_names.is_empty() {
+            return Err(invalid("PKI_WEBHOOK_NAMES", "needs at least one name"));
+        }
         if self.pki_ca_name.trim().is_empty() || self.pki_ca_name.contains('/') {
             return Err(invalid("PKI_CA_NAME", "must be non-empty and contain no '/'"));
         }
@@ -118,6 +128,7 @@ impl PkiArgs {
         settings.ca_days = self.pki_ca_days;
         settings.crl_days = self.pki_crl_days;
         settings.server_names = server_names;
+        settings.webhook_names = webhook_names;
         settings.service_name = service_name.to_string();
         settings.id_charset = id_charset;
         settings.renew_before = Duration::from_secs(self.checkend_expiration_sec);
@@ -173,9 +184,13 @@ struct PkiCli {
     #[arg(long, env = "MQTT_USERNAME", default_value = "k2v-bridge")]
     mqtt_username: String,
 
-    /// Characters allowed in tenant and device ids [default: A-Z a-z 0-9 _ . -].
+    /// Characters allowed in device ids [default: A-Za-z0-9_.-].
     #[arg(long, env = "DEVICE_ID_CHARS")]
     device_id_chars: Option<String>,
+
+    /// Characters allowed in tenant ids, never `.` [default: A-Za-z0-9_-].
+    #[arg(long, env = "TENANT_ID_CHARS")]
+    tenant_id_chars: Option<String>,
 }
 
 /// Parses `args` (starting at `pki`) and runs the command.
@@ -190,7 +205,11 @@ pub fn cli(args: impl IntoIterator<Item = OsString>) -> ExitCode {
     let charset = match &parsed.device_id_chars {
         Some(chars) => IdCharset::from_chars(chars).map_err(|e| invalid("DEVICE_ID_CHARS", e)),
         None => Ok(IdCharset::default()),
-    };
+    }
+    .and_then(|charset| match &parsed.tenant_id_chars {
+        Some(chars) => charset.with_tenant_chars(chars).map_err(|e| invalid("TENANT_ID_CHARS", e)),
+        None => Ok(charset),
+    });
     match charset.and_then(|charset| parsed.pki.settings(&parsed.mqtt_username, charset)) {
         Ok(settings) => pki::cli::run(&parsed.command, &pki::Store::new(settings)),
         Err(e) => {

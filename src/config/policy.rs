@@ -5,7 +5,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 
 use super::{ConfigError, invalid};
-use crate::policy::{ClientIdPolicy, IdCharset, Lifetime, PolicyConfig};
+use crate::policy::{ClientIdPolicy, Fingerprint, IdCharset, Lifetime, PolicyConfig};
 use crate::secret::Secret;
 
 /// Device identities, topics and session limits; the service's own identity.
@@ -36,9 +36,13 @@ pub struct PolicyArgs {
     #[arg(long, env = "DEVICE_CONFIG_SUFFIX", default_value = "config")]
     pub config_suffix: String,
 
-    /// Characters allowed in tenant and device ids [default: A-Z a-z 0-9 _ . -].
+    /// Characters allowed in device ids, ranges such as `a-z` allowed [default: A-Za-z0-9_.-].
     #[arg(long, env = "DEVICE_ID_CHARS")]
     pub device_id_chars: Option<String>,
+
+    /// Characters allowed in tenant ids, never `.` (tenants prefix Kafka topic names) [default: A-Za-z0-9_-].
+    #[arg(long, env = "TENANT_ID_CHARS")]
+    pub tenant_id_chars: Option<String>,
 
     /// Let devices publish retained messages on their attrs topic.
     #[arg(long, env = "DEVICE_ALLOW_RETAIN", default_value = "false", action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
@@ -61,6 +65,11 @@ pub struct PolicyArgs {
     /// Password of the service identity (without it, the identity is accepted only with a forwarded certificate).
     #[arg(long, env = "MQTT_PASSWORD", hide_env_values = true)]
     pub mqtt_password: Option<Secret>,
+
+    /// SHA-256 fingerprints (comma separated, hex with or without ':') of further certificates accepted as the
+    /// service's, besides the one in MQTT_CERT_FILE: other instances', or one about to be rotated in.
+    #[arg(long, env = "SERVICE_CERT_FINGERPRINTS", value_delimiter = ',')]
+    pub service_cert_fingerprints: Vec<String>,
 }
 
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(1800);
@@ -86,6 +95,33 @@ impl PolicyArgs {
         Ok(Lifetime { base, jitter_percent: self.max_connection_lifetime_jitter })
     }
 
+    /// Tenant and device id characters (DEVICE_ID_CHARS, TENANT_ID_CHARS).
+    ///
+    /// # Errors
+    /// A set with a forbidden character, or a tenant set with a dot.
+    pub fn id_charset(&self) -> Result<IdCharset, ConfigError> {
+        let charset = match &self.device_id_chars {
+            Some(chars) => IdCharset::from_chars(chars).map_err(|e| invalid("DEVICE_ID_CHARS", e))?,
+            None => IdCharset::default(),
+        };
+        match &self.tenant_id_chars {
+            Some(chars) => charset.with_tenant_chars(chars).map_err(|e| invalid("TENANT_ID_CHARS", e)),
+            None => Ok(charset),
+        }
+    }
+
+    /// SERVICE_CERT_FINGERPRINTS, parsed.
+    ///
+    /// # Errors
+    /// An entry that is not a SHA-256 fingerprint.
+    pub fn service_fingerprints(&self) -> Result<Vec<Fingerprint>, ConfigError> {
+        self.service_cert_fingerprints
+            .iter()
+            .filter(|f| !f.trim().is_empty())
+            .map(|f| f.parse().map_err(|e| invalid("SERVICE_CERT_FINGERPRINTS", format!("{f:?}: {e}"))))
+            .collect()
+    }
+
     /// The policy's configuration, without the service subscription (V2K's part adds it).
     ///
     /// # Errors
@@ -104,10 +140,7 @@ impl PolicyArgs {
         if self.attrs_suffix == self.config_suffix {
             return Err(invalid("DEVICE_CONFIG_SUFFIX", "must differ from DEVICE_ATTRS_SUFFIX"));
         }
-        let id_charset = match &self.device_id_chars {
-            Some(chars) => IdCharset::from_chars(chars).map_err(|e| invalid("DEVICE_ID_CHARS", e))?,
-            None => IdCharset::default(),
-        };
+        let id_charset = self.id_charset()?;
         if self.mqtt_username.is_empty() || self.mqtt_username.contains(':') {
             return Err(invalid(
                 "MQTT_USERNAME",
@@ -131,6 +164,7 @@ impl PolicyArgs {
             max_message_size: (self.max_message_size > 0).then_some(self.max_message_size),
             service_username: self.mqtt_username.clone(),
             service_password: self.mqtt_password.clone(),
+            service_client_id: None,
             service_subscription: None,
             service_max_inflight: None,
         })
@@ -168,6 +202,18 @@ mod tests {
         assert_eq!(policy(&["--config-suffix", "attrs"]).unwrap_err().variable, "DEVICE_CONFIG_SUFFIX");
         assert_eq!(policy(&["--device-id-chars", "ab/"]).unwrap_err().variable, "DEVICE_ID_CHARS");
         assert_eq!(policy(&["--mqtt-username", "admin:x"]).unwrap_err().variable, "MQTT_USERNAME");
+        assert_eq!(policy(&["--tenant-id-chars", "a-z."]).unwrap_err().variable, "TENANT_ID_CHARS");
+        let bad = parse(&["--service-cert-fingerprints", "AB:CD"]).unwrap().policy.service_fingerprints();
+        assert_eq!(bad.unwrap_err().variable, "SERVICE_CERT_FINGERPRINTS");
+    }
+
+    #[test]
+    fn service_fingerprints_are_a_list() {
+        let one = "0".repeat(64);
+        let two = "AB:".repeat(31) + "CD";
+        let c = parse(&["--service-cert-fingerprints", &format!("{one}, {two},")]).unwrap();
+        assert_eq!(c.policy.service_fingerprints().unwrap().len(), 2);
+        assert!(parse(&[]).unwrap().policy.service_fingerprints().unwrap().is_empty());
     }
 
     #[test]

@@ -34,6 +34,12 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_MAX_PAYLOAD_BYTES", default_value_t = 256 * 1024)]
     pub v2k_max_payload_bytes: usize,
 
+    /// Dead-letter values are cut to this size (headers `original_size`, `sha256`), well under Kafka's 1 MiB record
+    /// limit, so a dead letter always lands.
+    #[arg(long, env = "V2K_DEAD_LETTER_MAX_BYTES", default_value_t = 256 * 1024,
+          value_parser = clap::value_parser!(u32).range(1024..=900_000))]
+    pub v2k_dead_letter_max_bytes: u32,
+
     /// Webhook modes: how long a QoS 1/2 publish waits for Kafka's ack (below VerneMQ's 5 s webhook timeout).
     #[arg(long, env = "V2K_ACK_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=4900))]
     pub v2k_ack_timeout_ms: u64,
@@ -118,6 +124,7 @@ impl V2kArgs {
             contract: Contract {
                 topic_suffix: self.v2k_topic_suffix.clone(),
                 max_payload_bytes: self.v2k_max_payload_bytes,
+                max_dead_letter_bytes: self.v2k_dead_letter_max_bytes as usize,
             },
             ack_timeout: Duration::from_millis(self.v2k_ack_timeout_ms),
             gate_max_queue: self.v2k_gate.then_some(self.v2k_gate_max_queue),

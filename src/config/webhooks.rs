@@ -1,5 +1,10 @@
-//! Webhook options, validated into [`CachePolicy`] and the body limit.
+//! Webhook options, validated into [`CachePolicy`], the body limit and the HTTPS listener's files.
 
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use super::{ConfigError, invalid};
+use crate::http_tls::TlsSettings;
 use crate::webhooks::CachePolicy;
 
 /// What VerneMQ may cache and how large a request may be.
@@ -17,9 +22,56 @@ pub struct WebhookArgs {
     /// Largest webhook request body accepted (bytes); larger ones are refused with 400.
     #[arg(long, env = "WEBHOOK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub webhook_max_body_bytes: usize,
+
+    /// Address of the HTTPS webhook listener, served when IOTAGENT_TLS_CERT_FILE is set.
+    #[arg(long, env = "IOTAGENT_TLS_LISTEN", default_value = "0.0.0.0:8443")]
+    pub tls_listen: SocketAddr,
+
+    /// Server certificate (PEM, chain after it) of the HTTPS listener; its SAN names the host VerneMQ calls.
+    #[arg(long, env = "IOTAGENT_TLS_CERT_FILE")]
+    pub tls_cert_file: Option<PathBuf>,
+
+    /// Its key (PEM).
+    #[arg(long, env = "IOTAGENT_TLS_KEY_FILE")]
+    pub tls_key_file: Option<PathBuf>,
+
+    /// CA certificates (PEM) that sign the client certificate VerneMQ presents; every client must present one.
+    #[arg(long, env = "IOTAGENT_TLS_CLIENT_CA_FILE")]
+    pub tls_client_ca_file: Option<PathBuf>,
+
+    /// Common names the client certificate may have (comma separated; empty: any that CA signed). The PKI's CA also
+    /// signs devices: only the broker's name gets in.
+    #[arg(long, env = "IOTAGENT_TLS_CLIENT_NAMES", default_value = "vernemq", value_delimiter = ',')]
+    pub tls_client_names: Vec<String>,
 }
 
 impl WebhookArgs {
+    /// The HTTPS listener's files, when IOTAGENT_TLS_CERT_FILE is set: all three or none.
+    ///
+    /// # Errors
+    /// One file given without the others.
+    pub fn tls(&self) -> Result<Option<TlsSettings>, ConfigError> {
+        match (&self.tls_cert_file, &self.tls_key_file, &self.tls_client_ca_file) {
+            (None, None, None) => Ok(None),
+            (Some(cert), Some(key), Some(client_ca)) => {
+                let client_names =
+                    self.tls_client_names.iter().map(|n| n.trim().to_string()).filter(|n| !n.is_empty()).collect();
+                Ok(Some(TlsSettings {
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    client_ca: client_ca.clone(),
+                    client_names,
+                }))
+            }
+            (_, None, _) => Err(invalid("IOTAGENT_TLS_KEY_FILE", "HTTPS needs the certificate, key and client CA")),
+            (None, _, _) => Err(invalid("IOTAGENT_TLS_CERT_FILE", "HTTPS needs the certificate, key and client CA")),
+            // Without client verification anyone reaching the port would be VerneMQ: never serve that.
+            (_, _, None) => {
+                Err(invalid("IOTAGENT_TLS_CLIENT_CA_FILE", "HTTPS webhooks require client certificates: set their CA"))
+            }
+        }
+    }
+
     /// Which decisions VerneMQ may cache, and for how long.
     pub fn cache(&self) -> CachePolicy {
         let max_age = |seconds: u32| (seconds > 0).then_some(seconds);
@@ -28,5 +80,25 @@ impl WebhookArgs {
             publish: max_age(self.webhook_cache_max_age),
             subscribe: max_age(self.webhook_cache_max_age),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::parse;
+
+    #[test]
+    fn tls_files_go_together() {
+        assert!(parse(&[]).unwrap().webhooks.tls().unwrap().is_none());
+        let all = ["--tls-cert-file", "c", "--tls-key-file", "k", "--tls-client-ca-file", "ca"];
+        let tls = parse(&all).unwrap().webhooks.tls().unwrap().unwrap();
+        assert_eq!(tls.client_ca.to_str(), Some("ca"));
+        assert_eq!(tls.client_names, ["vernemq"]);
+        assert_eq!(parse(&all[..4]).unwrap().webhooks.tls().unwrap_err().variable, "IOTAGENT_TLS_CLIENT_CA_FILE");
+        assert_eq!(parse(&all[2..]).unwrap().webhooks.tls().unwrap_err().variable, "IOTAGENT_TLS_CERT_FILE");
+        assert_eq!(
+            parse(&[&all[..2], &all[4..]].concat()).unwrap().webhooks.tls().unwrap_err().variable,
+            "IOTAGENT_TLS_KEY_FILE"
+        );
     }
 }

@@ -365,10 +365,12 @@ impl Bridge {
     async fn handle(&mut self, message: Received, stop: &CancellationToken) -> bool {
         self.metrics.consumed.increment(1);
         let Received { position, payload, key, headers } = message;
-        let action = match payload.as_deref().map(|p| self.rules.interpret(p)) {
+        let action = match payload.as_deref().map(|p| self.rules.interpret(&position.topic, p)) {
             Some(Ok(action)) => action,
             Some(Err(error)) => {
-                tracing::warn!(%error, topic = %position.topic, partition = position.partition,
+                // The event's fields are whatever a producer wrote: clipped.
+                let message = crate::log_guard::clip(&error.to_string()).to_string();
+                tracing::warn!(error = %message, topic = %position.topic, partition = position.partition,
                                offset = position.offset, "K2V event skipped");
                 return self.skip(&position, error.reason());
             }

@@ -14,7 +14,7 @@ use std::time::Duration;
 use crate::policy::IdCharset;
 
 pub use api::{ApiSettings, MAX_BODY_BYTES, serve};
-pub use store::{IssuedCert, Role, Store};
+pub use store::{BROKER_CLIENT_CN, IssuedCert, Role, Store};
 pub use upkeep::{Upkeep, UpkeepSettings, start as start_upkeep};
 pub use users::{Users, UsersError};
 
@@ -33,6 +33,8 @@ pub struct Settings {
     pub crl_days: u32,
     /// subjectAltNames of the broker's certificate: IP addresses become IP entries, the rest DNS entries.
     pub server_names: Vec<String>,
+    /// subjectAltNames of the service's HTTPS webhook certificate: the host VerneMQ's endpoint URLs name.
+    pub webhook_names: Vec<String>,
     /// The service's MQTT username: CN of its certificate, and a name `sign` refuses.
     pub service_name: String,
     /// Which characters device ids may contain (the ACL's rule).
@@ -54,6 +56,7 @@ impl Settings {
             ca_days: 3650,
             crl_days: 30,
             server_names: ["vernemq", "localhost", "127.0.0.1"].map(String::from).to_vec(),
+            webhook_names: ["iotagent-mqtt", "localhost", "127.0.0.1"].map(String::from).to_vec(),
             service_name: "k2v-bridge".into(),
             id_charset: IdCharset::default(),
             renew_before: Duration::from_secs(30 * 24 * 3600),

@@ -29,20 +29,20 @@ pub(crate) fn csr(cn: &str) -> Vec<u8> {
 fn init_is_idempotent_and_keys_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let s = store(dir.path());
-    assert_eq!(s.init().unwrap(), vec![Role::Server, Role::Service]);
-    let files = ["ca.crt", "server.crt", "server.key", "service.crt", "service.key", "ca/ca.key"];
+    assert_eq!(s.init().unwrap(), vec![Role::Server, Role::Service, Role::Webhook, Role::BrokerClient]);
+    let files = ["ca.crt", "server.crt", "server.key", "service.crt", "service.key", "webhook.crt", "ca/ca.key"];
     let before = read(dir.path(), &files);
     assert_eq!(s.init().unwrap(), Vec::<Role>::new(), "second init keeps everything");
     assert!(before == read(dir.path(), &files), "keys or certificates replaced");
-    for key in ["server.key", "service.key", "ca/ca.key", "ca/index.json"] {
+    for key in ["server.key", "service.key", "webhook.key", "broker-client.key", "ca/ca.key", "ca/index.json"] {
         let mode = std::fs::metadata(dir.path().join(key)).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{key}");
     }
     let mode = std::fs::metadata(dir.path().join("ca")).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode, 0o700);
     assert_eq!(std::fs::metadata(dir.path().join("crl.pem")).unwrap().permissions().mode() & 0o777, 0o644);
-    // Two own certificates, nothing left behind by the atomic writes.
-    assert_eq!(s.issued().unwrap().len(), 2);
+    // Four own certificates, nothing left behind by the atomic writes.
+    assert_eq!(s.issued().unwrap().len(), 4);
     let stray: Vec<_> = std::fs::read_dir(dir.path())
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
@@ -61,7 +61,7 @@ fn init_renews_within_the_window_and_replaces_broken_files() {
     // 10-day certificates with a 30-day window: both are due again.
     settings.renew_before = Duration::from_secs(30 * 24 * 3600);
     let s = Store::new(settings.clone());
-    assert_eq!(s.renew_own_certs().unwrap(), vec![Role::Server, Role::Service]);
+    assert_eq!(s.renew_own_certs().unwrap(), vec![Role::Server, Role::Service, Role::Webhook, Role::BrokerClient]);
     settings.renew_before = Duration::from_secs(24 * 3600);
     let s = Store::new(settings);
     assert_eq!(s.renew_own_certs().unwrap(), Vec::<Role>::new());
@@ -91,6 +91,15 @@ fn own_certificates_have_the_configured_names() {
         .collect();
     assert_eq!(sans, ["vernemq", "localhost", "[127, 0, 0, 1]"]);
     assert_eq!(x509::common_name(ca.subject_name()).unwrap(), "IOTmidCA");
+    // The HTTPS webhook pair: the service's server certificate names its compose host, the broker's client
+    // certificate is `vernemq` for client authentication.
+    let webhook = X509::from_pem(&std::fs::read(dir.path().join("webhook.crt")).unwrap()).unwrap();
+    let names: Vec<String> =
+        webhook.subject_alt_names().unwrap().iter().filter_map(|n| n.dnsname().map(str::to_string)).collect();
+    assert_eq!(names, ["iotagent-mqtt", "localhost"]);
+    let client = X509::from_pem(&std::fs::read(dir.path().join("broker-client.crt")).unwrap()).unwrap();
+    assert_eq!(x509::common_name(client.subject_name()).unwrap(), "vernemq");
+    assert!(String::from_utf8_lossy(&client.to_text().unwrap()).contains("TLS Web Client Authentication"));
 }
 
 #[test]
@@ -105,7 +114,7 @@ fn sign_refuses_identities_the_acl_refuses() {
     let mut settings = Settings::with_defaults(dir.path().to_path_buf());
     settings.service_name = "svc:bridge".into();
     assert!(matches!(Store::new(settings).sign(&csr("svc:bridge"), None), Err(PkiError::Request(_))));
-    assert_eq!(s.issued().unwrap().len(), 2, "nothing signed");
+    assert_eq!(s.issued().unwrap().len(), 4, "nothing signed");
 }
 
 #[test]
@@ -117,7 +126,7 @@ fn sign_with_expected_cn_needs_the_same_registered_cn() {
     assert!(s.register("admin:a1").unwrap());
     assert!(!s.register("admin:a1").unwrap(), "registering twice is fine");
     assert!(matches!(s.sign(&csr("admin:a2"), Some("admin:a1")), Err(PkiError::Request(_))));
-    assert_eq!(s.issued().unwrap().len(), 2);
+    assert_eq!(s.issued().unwrap().len(), 4);
     let cert = s.sign(&csr("admin:a1"), Some("admin:a1")).unwrap();
     let eku = cert.to_text().unwrap();
     assert!(String::from_utf8_lossy(&eku).contains("TLS Web Client Authentication"));

@@ -33,29 +33,24 @@ pub enum IdentityError {
     BadCharacter,
 }
 
-/// The characters a tenant or device id may contain. The default is dojot's `[A-Za-z0-9_.-]`; an operator may
-/// narrow or widen it, but characters that are MQTT topic syntax or invisible are refused whatever the set says.
+/// The characters tenant and device ids may contain, each its own set. Device ids default to dojot's
+/// `[A-Za-z0-9_.-]`; tenant ids to `[A-Za-z0-9_-]`, never `.`, since a tenant is the first part of Kafka topic names
+/// (`<tenant>.device-data`) and a dot in it would alias another tenant's topics. Characters that are MQTT topic syntax
+/// or invisible are refused whatever the sets say.
 #[derive(Debug, Clone)]
 pub struct IdCharset {
-    allowed: [bool; 128],
+    device: [bool; 128],
+    tenant: [bool; 128],
 }
+
+/// Default device id characters (dojot's).
+pub const DEFAULT_DEVICE_ID_CHARS: &str = "A-Za-z0-9_.-";
+/// Default tenant id characters: the device default without the dot.
+pub const DEFAULT_TENANT_ID_CHARS: &str = "A-Za-z0-9_-";
 
 impl Default for IdCharset {
     fn default() -> Self {
-        let mut allowed = [false; 128];
-        for b in b'a'..=b'z' {
-            allowed[b as usize] = true;
-        }
-        for b in b'A'..=b'Z' {
-            allowed[b as usize] = true;
-        }
-        for b in b'0'..=b'9' {
-            allowed[b as usize] = true;
-        }
-        for b in [b'_', b'.', b'-'] {
-            allowed[b as usize] = true;
-        }
-        Self { allowed }
+        Self { device: table(DEFAULT_DEVICE_ID_CHARS), tenant: table(DEFAULT_TENANT_ID_CHARS) }
     }
 }
 
@@ -63,31 +58,83 @@ impl Default for IdCharset {
 /// identity separator itself, and the scoped client-id separator.
 const ALWAYS_FORBIDDEN: &[u8] = b"/+#$:|";
 
+/// The set `chars` describes, ranges `a-z` included (a `-` first or last is itself); no validation.
+fn table(chars: &str) -> [bool; 128] {
+    let mut allowed = [false; 128];
+    let bytes: Vec<char> = chars.chars().collect();
+    let mut i = 0;
+    while i < bytes.len() {
+        let c = bytes[i];
+        if i + 2 < bytes.len() && bytes[i + 1] == '-' {
+            for r in c..=bytes[i + 2] {
+                if r.is_ascii() {
+                    allowed[r as usize] = true;
+                }
+            }
+            i += 3;
+        } else {
+            if c.is_ascii() {
+                allowed[c as usize] = true;
+            }
+            i += 1;
+        }
+    }
+    allowed
+}
+
+/// Validates a set: printable ASCII only, nothing always forbidden, not empty.
+fn checked_table(chars: &str, what: &str) -> Result<[bool; 128], String> {
+    for c in chars.chars() {
+        if !c.is_ascii_graphic() || ALWAYS_FORBIDDEN.contains(&(c as u8)) {
+            return Err(format!("character {c:?} cannot be part of a {what}"));
+        }
+    }
+    let allowed = table(chars);
+    for (b, on) in allowed.iter().enumerate() {
+        // A range such as `+-0` spans forbidden characters without naming them.
+        if *on && (ALWAYS_FORBIDDEN.contains(&(b as u8)) || !(b as u8).is_ascii_graphic()) {
+            return Err(format!("character {:?} cannot be part of a {what}", b as u8 as char));
+        }
+    }
+    if allowed.iter().all(|a| !a) {
+        return Err(format!("the set of {what} characters is empty"));
+    }
+    Ok(allowed)
+}
+
 impl IdCharset {
-    /// Builds a charset from the ASCII characters of `chars`.
+    /// Device id characters from `chars` (ranges such as `a-z` allowed); tenant ids keep their default.
     ///
     /// # Errors
-    /// A character that is not printable ASCII or is always forbidden (`/ + # $ : |`).
+    /// A character that is not printable ASCII or is always forbidden (`/ + # $ : |`), or an empty set.
     pub fn from_chars(chars: &str) -> Result<Self, String> {
-        let mut allowed = [false; 128];
-        for c in chars.chars() {
-            if !c.is_ascii_graphic() || ALWAYS_FORBIDDEN.contains(&(c as u8)) {
-                return Err(format!("character {c:?} cannot be part of a device id"));
-            }
-            allowed[c as usize] = true;
-        }
-        if allowed.iter().all(|a| !a) {
-            return Err("the set of device id characters is empty".into());
-        }
-        Ok(Self { allowed })
+        Ok(Self { device: checked_table(chars, "device id")?, ..Self::default() })
     }
 
-    fn accepts(&self, part: &str) -> bool {
-        part.bytes().all(|b| b < 128 && self.allowed[b as usize])
+    /// The same device set, with tenant id characters from `chars`.
+    ///
+    /// # Errors
+    /// As [`Self::from_chars`], and a `.` (tenant ids are Kafka topic prefixes).
+    pub fn with_tenant_chars(self, chars: &str) -> Result<Self, String> {
+        let tenant = checked_table(chars, "tenant id")?;
+        if tenant[b'.' as usize] {
+            return Err("'.' cannot be part of a tenant id: tenants are Kafka topic prefixes".into());
+        }
+        Ok(Self { tenant, ..self })
     }
 
+    fn accepts(set: &[bool; 128], part: &str) -> bool {
+        part.bytes().all(|b| b < 128 && set[b as usize])
+    }
+
+    /// Whether `c` may be part of a device id.
     pub fn accepts_char(&self, c: char) -> bool {
-        c.is_ascii() && self.allowed[c as usize]
+        c.is_ascii() && self.device[c as usize]
+    }
+
+    /// Whether `tenant` is a tenant id (length aside).
+    pub fn accepts_tenant(&self, tenant: &str) -> bool {
+        Self::accepts(&self.tenant, tenant)
     }
 }
 
@@ -109,7 +156,7 @@ pub fn parse_device<'a>(username: &'a str, charset: &IdCharset) -> Result<Device
     if tenant.len() > MAX_PART_LEN || device.len() > MAX_PART_LEN {
         return Err(IdentityError::TooLong);
     }
-    if !charset.accepts(tenant) || !charset.accepts(device) {
+    if !charset.accepts_tenant(tenant) || !IdCharset::accepts(&charset.device, device) {
         return Err(IdentityError::BadCharacter);
     }
     Ok(DeviceId { tenant, device })
@@ -129,7 +176,7 @@ mod tests {
         assert_eq!(id.tenant, "admin");
         assert_eq!(id.device, "a1998e");
         assert_eq!(id.to_string(), "admin:a1998e");
-        assert!(parse("Ten_ant.1-x:Dev.ice_2-y").is_ok());
+        assert!(parse("Ten_ant-1x:Dev.ice_2-y").is_ok());
     }
 
     #[test]
@@ -177,11 +224,27 @@ mod tests {
     fn custom_charset() {
         let lower = IdCharset::from_chars("abcdefghijklmnopqrstuvwxyz0123456789").unwrap();
         assert!(parse_device("admin:a1998e", &lower).is_ok());
-        assert_eq!(parse_device("Admin:a1998e", &lower), Err(IdentityError::BadCharacter));
+        assert_eq!(parse_device("admin:A1998e", &lower), Err(IdentityError::BadCharacter));
         assert!(IdCharset::from_chars("ab/").is_err());
         assert!(IdCharset::from_chars("ab:").is_err());
         assert!(IdCharset::from_chars("a b").is_err());
         assert!(IdCharset::from_chars("").is_err());
         assert!(IdCharset::from_chars("é").is_err());
+        assert!(IdCharset::from_chars("*-0").is_err(), "a range over '+' and '/'");
+        let ranges = IdCharset::from_chars("a-c0-1_-").unwrap();
+        assert!(parse_device("admin:ab1_-", &ranges).is_ok());
+        assert_eq!(parse_device("admin:abd", &ranges), Err(IdentityError::BadCharacter));
+    }
+
+    #[test]
+    fn tenants_have_their_own_charset_without_dots() {
+        assert_eq!(parse("admin.x:a1998e"), Err(IdentityError::BadCharacter));
+        assert!(parse("admin:a1998e.x").is_ok(), "device ids keep the dot");
+        let lower = IdCharset::default().with_tenant_chars("a-z").unwrap();
+        assert!(parse_device("admin:A1", &lower).is_ok());
+        assert_eq!(parse_device("Admin:a1", &lower), Err(IdentityError::BadCharacter));
+        assert!(IdCharset::default().with_tenant_chars("a-z.").is_err());
+        assert!(IdCharset::default().with_tenant_chars("--/").is_err());
+        assert!(IdCharset::default().with_tenant_chars("").is_err());
     }
 }

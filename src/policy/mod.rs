@@ -3,11 +3,15 @@
 
 mod client_id;
 mod identity;
+mod service;
 
 use std::time::Duration;
 
 pub use client_id::is_disconnect_safe;
-pub use identity::{DeviceId, IdCharset, IdentityError, MAX_PART_LEN, parse_device};
+pub use identity::{
+    DEFAULT_DEVICE_ID_CHARS, DEFAULT_TENANT_ID_CHARS, DeviceId, IdCharset, IdentityError, MAX_PART_LEN, parse_device,
+};
+pub use service::{Fingerprint, FingerprintError, topic_tenant};
 
 use crate::secret::Secret;
 
@@ -64,6 +68,9 @@ pub struct PolicyConfig {
     pub max_message_size: Option<u32>,
     pub service_username: String,
     pub service_password: Option<Secret>,
+    /// Base of the service's own MQTT client ids (`<base>-k2v`, `<base>-v2k`): no device may use an id starting
+    /// with it, or it would take over the service's sessions.
+    pub service_client_id: Option<String>,
     /// The shared subscription the service holds in subscription mode (`$share/<group>/+/<attrs>`), if any.
     pub service_subscription: Option<String>,
     /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service (its default, 20,
@@ -84,6 +91,7 @@ impl Default for PolicyConfig {
             max_message_size: None,
             service_username: "k2v-bridge".into(),
             service_password: None,
+            service_client_id: None,
             service_subscription: None,
             service_max_inflight: None,
         }
@@ -100,6 +108,11 @@ pub struct RegisterRequest<'a> {
     /// The forwarded client certificate, already parsed by the caller; `Some(None)` when it was forwarded but has
     /// no usable common name.
     pub certificate_cn: Option<Option<&'a str>>,
+    /// SHA-256 of the forwarded certificate's DER, when one was forwarded.
+    pub certificate_fingerprint: Option<Fingerprint>,
+    /// The service's own certificates at the time of the request (they change when the PKI renews them): the only
+    /// certificates that make a connection the service.
+    pub service_certificates: &'a [Fingerprint],
 }
 
 /// Why a request is refused. Logged and counted; VerneMQ only ever sees `not_allowed`.
@@ -115,10 +128,14 @@ pub enum DenyReason {
     CertificateRequired,
     #[error("wrong service credentials")]
     ServiceCredentials,
+    #[error("certificate names the service but is not one of the service's own")]
+    ServiceCertificate,
     #[error("client id not allowed by the client id policy")]
     ClientId,
     #[error("client id contains a quote, a backslash or a control character")]
     UnsafeClientId,
+    #[error("client id is one of the service's own")]
+    ServiceClientId,
     #[error("device removed")]
     Removed,
     #[error("certificate revoked")]
@@ -224,17 +241,19 @@ impl Policy {
         }
         let device = match principal {
             Principal::Service => {
-                let by_certificate = req.certificate_cn.is_some();
+                // A certificate with the service's CN proves nothing by itself (the device CA signs any CN): it must
+                // be one of the service's own.
+                let by_certificate = req.certificate_fingerprint.is_some_and(|f| req.service_certificates.contains(&f));
                 let by_password = match (&self.config.service_password, req.password) {
                     (Some(expected), Some(given)) => expected.matches(given),
                     _ => false,
                 };
                 let modifiers =
                     RegisterModifiers { max_inflight_messages: self.config.service_max_inflight, ..Default::default() };
-                return if by_certificate || by_password {
-                    Ok((principal, modifiers))
-                } else {
-                    Err(DenyReason::ServiceCredentials)
+                return match (by_certificate || by_password, req.certificate_cn.is_some()) {
+                    (true, _) => Ok((principal, modifiers)),
+                    (false, true) => Err(DenyReason::ServiceCertificate),
+                    (false, false) => Err(DenyReason::ServiceCredentials),
                 };
             }
             Principal::Device(device) => device,
@@ -242,6 +261,9 @@ impl Policy {
         // In every client-id policy: a forced disconnect names the session by its client id (policy/client_id.rs).
         if !is_disconnect_safe(req.client_id) {
             return Err(DenyReason::UnsafeClientId);
+        }
+        if self.is_service_client_id(req.client_id) {
+            return Err(DenyReason::ServiceClientId);
         }
         if self.config.require_client_cert && req.certificate_cn.is_none() {
             return Err(DenyReason::CertificateRequired);
@@ -253,6 +275,10 @@ impl Policy {
             ClientIdPolicy::Equal | ClientIdPolicy::Prefix => return Err(DenyReason::ClientId),
             ClientIdPolicy::Scoped => Some((req.mountpoint.to_owned(), format!("{username}|{}", req.client_id))),
         };
+        // The rewritten session key must not be one of the service's either (a base id may contain `:` and `|`).
+        if subscriber_id.as_ref().is_some_and(|(_, id)| self.is_service_client_id(id)) {
+            return Err(DenyReason::ServiceClientId);
+        }
         let modifiers = RegisterModifiers {
             max_connection_lifetime: self.config.lifetime.seconds(jitter_unit),
             max_message_size: self.config.max_message_size,
@@ -260,6 +286,11 @@ impl Policy {
             subscriber_id,
         };
         Ok((Principal::Device(device), modifiers))
+    }
+
+    /// Whether `client_id` is the service's base id, with any suffix: the ids of its internal clients.
+    fn is_service_client_id(&self, client_id: &str) -> bool {
+        self.config.service_client_id.as_deref().is_some_and(|base| !base.is_empty() && client_id.starts_with(base))
     }
 
     /// `client_id` is `username` itself or `username` followed by a character no device id can contain, so that

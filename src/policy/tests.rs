@@ -13,8 +13,20 @@ fn policy_with(f: impl FnOnce(&mut PolicyConfig)) -> Policy {
 }
 
 fn register<'a>(username: Option<&'a str>, client_id: &'a str) -> RegisterRequest<'a> {
-    RegisterRequest { username, password: None, mountpoint: "", client_id, certificate_cn: None }
+    RegisterRequest {
+        username,
+        password: None,
+        mountpoint: "",
+        client_id,
+        certificate_cn: None,
+        certificate_fingerprint: None,
+        service_certificates: &SERVICE_CERTIFICATES,
+    }
 }
+
+/// The service's own certificates in these tests; [`FORGED`] has the service's CN but is not one of them.
+static SERVICE_CERTIFICATES: [Fingerprint; 2] = [Fingerprint([1; 32]), Fingerprint([2; 32])];
+const FORGED: Fingerprint = Fingerprint([3; 32]);
 
 fn allowed_modifiers(decision: RegisterDecision<'_>) -> RegisterModifiers {
     match decision {
@@ -147,7 +159,10 @@ fn service_identity_needs_exact_name_and_password_or_certificate() {
 
     let mut by_cert = register(Some("k2v-bridge"), "any-id");
     by_cert.certificate_cn = Some(Some("k2v-bridge"));
-    assert!(matches!(p.register(&by_cert, 0.5), RegisterDecision::Allow { principal: Principal::Service, .. }));
+    for own in SERVICE_CERTIFICATES {
+        by_cert.certificate_fingerprint = Some(own);
+        assert!(matches!(p.register(&by_cert, 0.5), RegisterDecision::Allow { principal: Principal::Service, .. }));
+    }
     by_cert.certificate_cn = Some(Some("admin:a1998e"));
     assert_eq!(denied(p.register(&by_cert, 0.5)), DenyReason::CertificateMismatch);
 
@@ -157,6 +172,54 @@ fn service_identity_needs_exact_name_and_password_or_certificate() {
         r.password = Some("svc-pass");
         assert!(matches!(p.register(&r, 0.5), RegisterDecision::Deny(_)), "{near}");
     }
+}
+
+#[test]
+fn a_certificate_with_the_service_cn_is_the_service_only_if_pinned() {
+    let p = Policy::new(PolicyConfig::default());
+    let mut forged = register(Some("k2v-bridge"), "k2v-bridge-k2v");
+    forged.certificate_cn = Some(Some("k2v-bridge"));
+    forged.certificate_fingerprint = Some(FORGED);
+    assert_eq!(denied(p.register(&forged, 0.5)), DenyReason::ServiceCertificate);
+    forged.service_certificates = &[];
+    forged.certificate_fingerprint = Some(SERVICE_CERTIFICATES[0]);
+    assert_eq!(denied(p.register(&forged, 0.5)), DenyReason::ServiceCertificate, "nothing pinned: nobody");
+    // A pinned certificate whose CN is not the service's name stays a mismatch.
+    let mut renamed = register(Some("k2v-bridge"), "c");
+    renamed.certificate_cn = Some(Some("other"));
+    renamed.certificate_fingerprint = Some(SERVICE_CERTIFICATES[0]);
+    assert_eq!(denied(p.register(&renamed, 0.5)), DenyReason::CertificateMismatch);
+    // The password still works over a forged certificate (it is the credential there).
+    let p = policy();
+    let mut with_password = register(Some("k2v-bridge"), "c");
+    with_password.certificate_cn = Some(Some("k2v-bridge"));
+    with_password.certificate_fingerprint = Some(FORGED);
+    with_password.password = Some("svc-pass");
+    assert!(matches!(p.register(&with_password, 0.5), RegisterDecision::Allow { principal: Principal::Service, .. }));
+}
+
+#[test]
+fn devices_never_get_the_services_client_ids() {
+    for client_id_policy in [ClientIdPolicy::Any, ClientIdPolicy::Equal, ClientIdPolicy::Prefix, ClientIdPolicy::Scoped]
+    {
+        let p = policy_with(|c| {
+            c.client_id_policy = client_id_policy;
+            c.service_client_id = Some("gw1".into());
+        });
+        for id in ["gw1", "gw1-k2v", "gw1-v2k", "gw1x"] {
+            assert_eq!(denied(p.register(&register(Some(DEV), id), 0.5)), DenyReason::ServiceClientId, "{id}");
+        }
+        assert!(matches!(p.register(&register(Some(DEV), DEV), 0.5), RegisterDecision::Allow { .. }));
+        // The service itself connects with them.
+        let mut service = register(Some("k2v-bridge"), "gw1-k2v");
+        service.password = Some("svc-pass");
+        assert!(matches!(p.register(&service, 0.5), RegisterDecision::Allow { principal: Principal::Service, .. }));
+    }
+    // A base id that is the start of a scoped session key (`<username>|<id>`) is refused after the rewrite too.
+    let p = policy_with(|c| c.service_client_id = Some("admin:a1998e|svc".into()));
+    assert_eq!(denied(p.register(&register(Some(DEV), "svc-k2v"), 0.5)), DenyReason::ServiceClientId);
+    let p = policy_with(|c| c.service_client_id = Some(String::new()));
+    assert!(matches!(p.register(&register(Some(DEV), "x"), 0.5), RegisterDecision::Allow { .. }));
 }
 
 #[test]
@@ -205,6 +268,7 @@ fn service_publishes_only_config_of_valid_devices() {
     let p = policy();
     assert_eq!(p.publish(Some("k2v-bridge"), "admin:a1998e/config", false), Ok(()));
     assert_eq!(p.publish(Some("k2v-bridge"), "tenant2:dev.x_y-z/config", true), Ok(()));
+    assert_eq!(p.publish(Some("k2v-bridge"), "admin.x:a1/config", false), Err(DenyReason::Topic), "dotted tenant");
     for topic in [
         "admin:a1998e/attrs",
         "admin/config",

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use serde::Deserialize;
 
-use crate::policy::{IdCharset, parse_device};
+use crate::policy::{IdCharset, parse_device, topic_tenant};
 
 /// What one event changes.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -93,11 +93,8 @@ pub fn interpret(topic: &str, suffix: &str, value: &[u8], charset: &IdCharset) -
     if event.event != "remove" && event.event != "create" {
         return Ok(Change::Unrelated);
     }
-    let topic_tenant = topic
-        .strip_suffix(suffix)
-        .and_then(|t| t.strip_suffix('.'))
-        .filter(|t| !t.is_empty())
-        .ok_or_else(|| Skip::Topic { topic: topic.to_string() })?;
+    // The same rule as K2V's (policy::topic_tenant).
+    let topic_tenant = topic_tenant(topic, suffix).ok_or_else(|| Skip::Topic { topic: topic.to_string() })?;
     let tenant = event.meta.ok_or_else(|| Skip::Malformed("missing meta.service".into()))?.service;
     let device = event.data.ok_or_else(|| Skip::Malformed("missing data.id".into()))?.id;
     if tenant != topic_tenant {

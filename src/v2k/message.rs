@@ -44,6 +44,9 @@ impl Invalid {
 pub struct Contract {
     pub topic_suffix: String,
     pub max_payload_bytes: usize,
+    /// Dead-letter values are cut to this many bytes, so that Kafka (1 MiB per record by default) never refuses
+    /// one for its size, which would lose it for good.
+    pub max_dead_letter_bytes: usize,
 }
 
 /// What one device publish becomes.
@@ -83,7 +86,8 @@ impl Contract {
         }
     }
 
-    /// The dead letter keeps the payload exactly as the device sent it.
+    /// The dead letter keeps the payload exactly as the device sent it, up to `max_dead_letter_bytes`; a longer one
+    /// is cut there and says so in `original_size` and `sha256` (of the whole payload, lower-case hex).
     pub fn dead_letter(
         &self,
         device: DeviceId<'_>,
@@ -92,15 +96,22 @@ impl Contract {
         received_ms: u64,
         reason: Invalid,
     ) -> Outcome {
+        let mut headers = vec![
+            ("reason", reason.as_str().to_string()),
+            ("mqtt_topic", mqtt_topic.to_string()),
+            ("received_at", received_ms.to_string()),
+        ];
+        let kept = payload.len().min(self.max_dead_letter_bytes);
+        if kept < payload.len() {
+            let digest: String = openssl::sha::sha256(payload).iter().map(|b| format!("{b:02x}")).collect();
+            headers.push(("original_size", payload.len().to_string()));
+            headers.push(("sha256", digest));
+        }
         let record = Record {
             topic: self.dead_letter_topic(device.tenant),
             key: device.to_string(),
-            value: payload.to_vec(),
-            headers: vec![
-                ("reason", reason.as_str().to_string()),
-                ("mqtt_topic", mqtt_topic.to_string()),
-                ("received_at", received_ms.to_string()),
-            ],
+            value: payload[..kept].to_vec(),
+            headers,
         };
         Outcome::DeadLetter { record, reason }
     }
@@ -145,7 +156,7 @@ mod tests {
     const NOW: u64 = 1_732_540_000_000;
 
     fn contract() -> Contract {
-        Contract { topic_suffix: "device-data".into(), max_payload_bytes: 64 }
+        Contract { topic_suffix: "device-data".into(), max_payload_bytes: 64, max_dead_letter_bytes: 100 }
     }
 
     fn data(payload: &[u8]) -> (Record, Value) {
@@ -224,5 +235,23 @@ mod tests {
     fn attrs_keep_nested_values_and_unicode() {
         let (_, value) = data("{\"a\":{\"b\":[1,true]},\"é\":\"ü\"}".as_bytes());
         assert_eq!(value["attrs"], json!({"a": {"b": [1, true]}, "é": "ü"}));
+    }
+
+    #[test]
+    fn dead_letters_are_capped_so_kafka_takes_them() {
+        let device = DeviceId { tenant: "admin", device: "a1998e" };
+        let huge = vec![b'x'; 5000];
+        let outcome = contract().build(device, "admin:a1998e/attrs", &huge, 7);
+        let Outcome::DeadLetter { record, reason: Invalid::TooLarge } = outcome else { panic!("{outcome:?}") };
+        assert_eq!(record.value, vec![b'x'; 100]);
+        let header = |name: &str| record.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
+        assert_eq!(header("original_size").as_deref(), Some("5000"));
+        let digest: String = openssl::sha::sha256(&huge).iter().map(|b| format!("{b:02x}")).collect();
+        assert_eq!(header("sha256"), Some(digest));
+        assert_eq!(header("reason").as_deref(), Some("too_large"));
+        // At the cap or below: byte for byte, no extra headers.
+        let outcome = contract().build(device, "admin:a1998e/attrs", &[b'x'; 100], 7);
+        assert_eq!(outcome.record().value.len(), 100);
+        assert!(outcome.record().headers.iter().all(|(k, _)| *k != "original_size" && *k != "sha256"));
     }
 }

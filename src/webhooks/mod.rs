@@ -21,8 +21,10 @@ use axum::routing::post;
 use metrics::{Counter, Histogram};
 pub use reply::{Outcome, Reply};
 
+use crate::log_guard::{Denial, LogGuard, clip};
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::service_certs::ServiceCertificates;
 use crate::sessions::SessionRegistry;
 use crate::v2k::V2k;
 
@@ -124,6 +126,10 @@ pub struct HookState {
     pub cache: CachePolicy,
     pub max_body_bytes: usize,
     pub v2k: Option<Arc<V2k>>,
+    /// The only certificates that make a connection the service (none unless set).
+    pub service_certificates: Arc<ServiceCertificates>,
+    /// Samples denial log lines per identity.
+    pub log_guard: Arc<LogGuard>,
     metrics: Arc<[HookMetrics; Hook::ALL.len()]>,
 }
 
@@ -137,7 +143,23 @@ impl HookState {
         metrics: &Metrics,
     ) -> Self {
         let per_hook = Hook::ALL.map(|hook| HookMetrics::new(metrics, hook));
-        Self { policy, sessions, cache, max_body_bytes, v2k, metrics: Arc::new(per_hook) }
+        Self {
+            policy,
+            sessions,
+            cache,
+            max_body_bytes,
+            v2k,
+            service_certificates: Arc::default(),
+            log_guard: Arc::new(LogGuard::new(metrics)),
+            metrics: Arc::new(per_hook),
+        }
+    }
+
+    /// Accepts these certificates as the service's own.
+    #[must_use]
+    pub fn with_service_certificates(mut self, certificates: Arc<ServiceCertificates>) -> Self {
+        self.service_certificates = certificates;
+        self
     }
 
     fn metrics(&self, hook: Hook) -> &HookMetrics {
@@ -206,8 +228,12 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
         Reply::Unavailable(message) => {
             tracing::warn!(hook = hook.name(), %message, "publish refused: Kafka cannot take it now");
         }
+        // Anyone who reaches the port can send these: sampled, and what they sent clipped.
         Reply::BadRequest(message) => {
-            tracing::warn!(hook = hook.name(), %message, "rejected malformed webhook request")
+            if let Some(suppressed) = state.log_guard.admit(Denial::BadRequest, hook.name()) {
+                tracing::warn!(hook = hook.name(), message = %clip(message), suppressed,
+                               "rejected malformed webhook request");
+            }
         }
         Reply::Internal(message) => tracing::error!(hook = hook.name(), %message, "webhook failed"),
         Reply::Allow { .. } | Reply::Deny(_) | Reply::Notified => {}

@@ -2,6 +2,7 @@
 //! modes of V2K.
 
 use super::{HookState, Reply, wire};
+use crate::log_guard::{Denial, clip};
 use crate::policy::Principal;
 use crate::v2k::{Admission, Notice};
 
@@ -15,7 +16,11 @@ pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
     let principal = match state.policy.authorize_publish(username, &req.topic, req.retain) {
         Ok(principal) => principal,
         Err(reason) => {
-            tracing::info!(?username, client_id = %req.client_id, topic = %req.topic, %reason, "publish denied");
+            let who = username.unwrap_or_default();
+            if let Some(suppressed) = state.log_guard.admit(Denial::Publish, who) {
+                tracing::info!(username = %clip(who), client_id = %clip(&req.client_id), topic = %clip(&req.topic),
+                               %reason, suppressed, "publish denied");
+            }
             return Reply::Deny(reason);
         }
     };

@@ -4,6 +4,7 @@ use serde::Serialize;
 
 use super::{HookState, Reply, wire};
 use crate::cert;
+use crate::log_guard::{Denial, clip};
 use crate::policy::{DenyReason, Principal, RegisterDecision, RegisterRequest};
 
 /// Modifier keys allowed for `auth_on_register(_m5)` (ARCHITECTURE.md §2.3); `mountpoint`, `client_id` only together.
@@ -35,20 +36,27 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
         Ok(req) => req,
         Err(reply) => return reply,
     };
-    let certificate = match req.client_cert.as_deref().map(cert::parse_forwarded).transpose() {
-        Ok(certificate) => certificate,
+    let (certificate, fingerprint) = match req.client_cert.as_deref().map(cert::parse_forwarded_pinned).transpose() {
+        Ok(parsed) => parsed.unzip(),
         Err(e) => return Reply::BadRequest(e.to_string()),
     };
+    let service_certificates = state.service_certificates.current();
     let request = RegisterRequest {
         username: req.username.as_deref(),
         password: req.password.as_deref(),
         mountpoint: &req.mountpoint,
         client_id: &req.client_id,
         certificate_cn: certificate.as_ref().map(|c| c.common_name.as_deref()),
+        certificate_fingerprint: fingerprint,
+        service_certificates: &service_certificates,
     };
     match state.policy.register(&request, rand::random::<f64>()) {
         RegisterDecision::Deny(reason) => {
-            tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "connection denied");
+            let username = req.username.as_deref().unwrap_or_default();
+            if let Some(suppressed) = state.log_guard.admit(Denial::Register, username) {
+                tracing::info!(username = %clip(username), client_id = %clip(&req.client_id), %reason, suppressed,
+                               "connection denied");
+            }
             Reply::Deny(reason)
         }
         RegisterDecision::Allow { principal, modifiers } => {
@@ -56,7 +64,10 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
                 // Data of a tenant without a topic has nowhere to go: refuse the device before it publishes.
                 if state.v2k.as_ref().is_some_and(|v2k| !v2k.tenant_admitted(device.tenant)) {
                     let reason = DenyReason::UnknownTenant;
-                    tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "connection denied");
+                    if let Some(suppressed) = state.log_guard.admit(Denial::Register, device.tenant) {
+                        tracing::info!(device = %device, client_id = %clip(&req.client_id), %reason, suppressed,
+                                       "connection denied");
+                    }
                     return Reply::Deny(reason);
                 }
                 // The session key VerneMQ will use: the policy's rewrite if any (live session control).
@@ -71,7 +82,10 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
                     modifiers.max_connection_lifetime,
                 );
                 if let Err(reason) = admitted {
-                    tracing::info!(device = %name, client_id = %req.client_id, %reason, "connection denied");
+                    if let Some(suppressed) = state.log_guard.admit(Denial::Register, &name) {
+                        tracing::info!(device = %name, client_id = %clip(&req.client_id), %reason, suppressed,
+                                       "connection denied");
+                    }
                     return Reply::Deny(reason);
                 }
             }

@@ -3,6 +3,7 @@
 use serde::Serialize;
 
 use super::{HookState, Reply, wire};
+use crate::log_guard::{Denial, clip};
 use crate::policy::FilterDecision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,7 +43,11 @@ pub fn auth_on_subscribe(state: &HookState, body: &[u8], version: Version) -> Re
     let Some(reason) = first_denial else {
         return Reply::ok(state.cache.subscribe);
     };
-    tracing::info!(username = ?req.username, client_id = %req.client_id, %reason, "subscription denied");
+    let username = req.username.as_deref().unwrap_or_default();
+    if let Some(suppressed) = state.log_guard.admit(Denial::Subscribe, username) {
+        tracing::info!(username = %clip(username), client_id = %clip(&req.client_id), %reason, suppressed,
+                       "subscription denied");
+    }
     match version {
         // VerneMQ 2.1 subscribes a v5 filter whose modifier entry says 135, and crashes on 128 (ARCHITECTURE.md §2.3):
         // only an error result for the whole SUBSCRIBE is safe.

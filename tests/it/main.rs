@@ -9,4 +9,5 @@ mod pki;
 mod robustness;
 mod seed_cases;
 mod sessions;
+mod trust;
 mod v2k;

@@ -75,3 +75,23 @@ fn save(dir: &Path, file: &str, cert: &X509, key: &PKey<Private>) {
     std::fs::write(dir.join(format!("{file}.pem")), cert.to_pem().unwrap()).unwrap();
     std::fs::write(dir.join(format!("{file}.key")), key.private_key_to_pem_pkcs8().unwrap()).unwrap();
 }
+
+/// Issues `<file>.pem` / `<file>.key` for `cn` from the CA in `dir` (`ca.pem`, `ca.key`): another certificate of the
+/// same PKI, such as a device certificate that claims the service's name.
+pub fn issue(dir: &Path, file: &str, cn: &str) {
+    let ca = X509::from_pem(&std::fs::read(dir.join("ca.pem")).unwrap()).unwrap();
+    let ca_key = PKey::private_key_from_pem(&std::fs::read(dir.join("ca.key")).unwrap()).unwrap();
+    let key = key();
+    let mut cert = builder(cn, &key);
+    cert.set_issuer_name(ca.subject_name()).unwrap();
+    cert.append_extension(BasicConstraints::new().build().unwrap()).unwrap();
+    cert.sign(&ca_key, MessageDigest::sha256()).unwrap();
+    save(dir, file, &cert.build(), &key);
+}
+
+/// The certificate in `<dir>/<file>.pem` as VerneMQ forwards it (`client_cert`: base64 DER).
+pub fn forwarded(dir: &Path, file: &str) -> String {
+    use base64::Engine as _;
+    let cert = X509::from_pem(&std::fs::read(dir.join(format!("{file}.pem"))).unwrap()).unwrap();
+    base64::engine::general_purpose::STANDARD.encode(cert.to_der().unwrap())
+}

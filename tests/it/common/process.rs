@@ -19,6 +19,16 @@ impl ServiceProcess {
 
     /// Starts the binary on a given port: a restart where VerneMQ would call the same endpoint again.
     pub fn start_on(port: u16, env: &[(&str, String)]) -> Self {
+        Self::spawn(port, env, Stdio::null())
+    }
+
+    /// Starts the binary with its log (stderr) written to `log`, for tests that read what it logged.
+    pub fn start_logging_to(log: &std::path::Path, env: &[(&str, String)]) -> Self {
+        let file = std::fs::File::create(log).expect("create the log file");
+        Self::spawn(free_port(), env, Stdio::from(file))
+    }
+
+    fn spawn(port: u16, env: &[(&str, String)], stderr: Stdio) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
             .env_clear()
             .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
@@ -26,7 +36,7 @@ impl ServiceProcess {
             .env("RUST_LOG", "warn")
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()
             .expect("start iotagent-mqtt");
         Self { child, port }

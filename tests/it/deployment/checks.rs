@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use iotagent_mqtt::webhooks::Hook;
 
-use super::parse::{Compose, Conf, VERNEMQ_CONF_TARGET, listen_port, parse_http_url};
+use super::parse::{Compose, Conf, VERNEMQ_CONF_TARGET, parse_http_url, tls_listen_port};
 
 pub type Problems = Vec<String>;
 
@@ -40,9 +40,12 @@ pub fn check_webhooks(conf: &Conf, compose: &Compose) -> Result<(), Problems> {
             continue;
         };
         let Some((host, port, url_path)) = parse_http_url(endpoint) else {
-            problems.push(format!("vmq_webhooks.{name}: endpoint {endpoint} is not http://host:port/path"));
+            problems.push(format!("vmq_webhooks.{name}: endpoint {endpoint} is not https://host:port/path"));
             continue;
         };
+        if !endpoint.starts_with("https://") {
+            problems.push(format!("vmq_webhooks.{name}: {endpoint} is not HTTPS: anyone on the network could call it"));
+        }
         if &url_path != path {
             problems
                 .push(format!("vmq_webhooks.{name}: endpoint path {url_path}, the service serves {hook} at {path}"));
@@ -50,14 +53,47 @@ pub fn check_webhooks(conf: &Conf, compose: &Compose) -> Result<(), Problems> {
         if Some(host.as_str()) != agent {
             problems
                 .push(format!("vmq_webhooks.{name}: host {host} is not the compose service built here ({agent:?})"));
-        } else if listen_port(compose, &host) != Some(port) {
+        } else if tls_listen_port(compose, &host) != Some(port) {
             problems.push(format!(
-                "vmq_webhooks.{name}: port {port}, but {host} listens on {:?} (IOTAGENT_LISTEN)",
-                listen_port(compose, &host)
+                "vmq_webhooks.{name}: port {port}, but {host} serves HTTPS on {:?} (IOTAGENT_TLS_LISTEN)",
+                tls_listen_port(compose, &host)
             ));
         }
     }
+    problems.extend(https_problems(conf, compose, agent));
     result(problems)
+}
+
+/// VerneMQ's HTTPS client side and the service's HTTPS listener agree: the broker presents its certificate, checks
+/// the server's against the PKI's CA with the version the service accepts, without CRL distribution points
+/// (reference §9.1); the service requires the client certificate, and its own names the host VerneMQ calls.
+fn https_problems(conf: &Conf, compose: &Compose, agent: Option<&str>) -> Vec<String> {
+    let mut problems = Vec::new();
+    for (key, wanted) in [("vmq_webhooks.use_crls", Some("off")), ("vmq_webhooks.tls_version", Some("tlsv1.2"))] {
+        if conf.get(key) != wanted {
+            problems.push(format!("{key} is {:?}, expected {wanted:?}", conf.get(key)));
+        }
+    }
+    for key in ["vmq_webhooks.cafile", "vmq_webhooks.certfile", "vmq_webhooks.keyfile"] {
+        if conf.get(key).is_none() {
+            problems.push(format!("{key} is not set: VerneMQ would present no client certificate"));
+        }
+    }
+    let Some(agent) = agent else { return problems };
+    let env = compose.env(agent);
+    for variable in ["IOTAGENT_TLS_CERT_FILE", "IOTAGENT_TLS_KEY_FILE", "IOTAGENT_TLS_CLIENT_CA_FILE"] {
+        if !env.contains_key(variable) {
+            problems.push(format!("{agent} has no {variable}: its webhooks are not HTTPS"));
+        }
+    }
+    if env.get("IOTAGENT_LISTEN").is_some_and(|listen| !listen.starts_with("127.0.0.1:")) {
+        problems.push(format!("{agent}'s plain IOTAGENT_LISTEN is not on loopback"));
+    }
+    let names = env.get("PKI_WEBHOOK_NAMES").cloned().unwrap_or_default();
+    if !names.split([' ', ',']).any(|n| n == agent) {
+        problems.push(format!("{agent}'s PKI_WEBHOOK_NAMES {names:?} lacks {agent}, the host VerneMQ calls"));
+    }
+    problems
 }
 
 /// Every line of each plugin fragment appears unchanged in vernemq.conf.
@@ -237,7 +273,7 @@ pub fn check_tls_files(conf: &Conf, compose: &Compose, pki_output: &Path) -> Res
         ));
     }
     for (var, path) in compose.env(agent) {
-        if var.starts_with("MQTT_") && var.ends_with("_FILE") {
+        if (var.starts_with("MQTT_") || var.starts_with("IOTAGENT_TLS_")) && var.ends_with("_FILE") {
             wanted.push((agent, var, path));
         }
     }

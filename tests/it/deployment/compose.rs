@@ -72,15 +72,15 @@ fn checks_catch_broken_inputs() {
 
     for extra in [
         // A hook the service does not serve.
-        "vmq_webhooks.on_deliver.hook = on_deliver\nvmq_webhooks.on_deliver.endpoint = http://iotagent-mqtt:8080/vmq/on_deliver",
+        "vmq_webhooks.on_deliver.hook = on_deliver\nvmq_webhooks.on_deliver.endpoint = https://iotagent-mqtt:8443/vmq/on_deliver",
         // Name and hook differ.
-        "vmq_webhooks.a_pub.hook = auth_on_publish\nvmq_webhooks.a_pub.endpoint = http://iotagent-mqtt:8080/vmq/auth_on_publish",
+        "vmq_webhooks.a_pub.hook = auth_on_publish\nvmq_webhooks.a_pub.endpoint = https://iotagent-mqtt:8443/vmq/auth_on_publish",
         // No endpoint.
         "vmq_webhooks.on_client_wakeup.hook = on_client_wakeup",
         // Wrong host, wrong port, wrong path.
         "vmq_webhooks.on_publish.endpoint = http://localhost:8080/vmq/on_publish",
         "vmq_webhooks.on_publish.endpoint = http://iotagent-mqtt:9090/vmq/on_publish",
-        "vmq_webhooks.on_publish.endpoint = http://iotagent-mqtt:8080/vmq/on_publish_m5",
+        "vmq_webhooks.on_publish.endpoint = https://iotagent-mqtt:8443/vmq/on_publish_m5",
         "plugins.vmq_webhooks = off",
     ] {
         assert!(check_webhooks(&broken_conf(extra), &compose).is_err(), "check_webhooks passed with {extra:?}");
@@ -89,7 +89,7 @@ fn checks_catch_broken_inputs() {
     for extra in [
         "vmq_webhooks.auth_on_publish.response_timeout = 2000",
         "vmq_webhooks.auth_on_publish_m5.response_timeout = 4000",
-        "vmq_webhooks.on_publish_m5.hook = on_publish_m5\nvmq_webhooks.on_publish_m5.endpoint = http://iotagent-mqtt:8080/vmq/on_publish_m5",
+        "vmq_webhooks.on_publish_m5.hook = on_publish_m5\nvmq_webhooks.on_publish_m5.endpoint = https://iotagent-mqtt:8443/vmq/on_publish_m5",
     ] {
         assert!(check_v2k_hooks(&broken_conf(extra), &mode, ack_timeout_ms).is_err(), "passed with {extra:?}");
     }
@@ -99,8 +99,24 @@ fn checks_catch_broken_inputs() {
     assert!(check_v2k_hooks(&conf, &mode, slower_ack).is_ok(), "4900 ms is still under 5000 ms");
     assert!(check_v2k_hooks(&conf, &mode, 5000).is_err());
 
-    let moved = broken_compose("IOTAGENT_LISTEN: 0.0.0.0:8080", "IOTAGENT_LISTEN: 0.0.0.0:8081");
+    let moved = broken_compose("IOTAGENT_TLS_LISTEN: 0.0.0.0:8443", "IOTAGENT_TLS_LISTEN: 0.0.0.0:8444");
     assert!(check_webhooks(&conf, &moved).is_err());
+    // HTTPS is the boundary: a plain endpoint, CRL checks VerneMQ cannot pass, no client certificate, a plain
+    // listener on the network, or a server certificate without the host's name all fail.
+    for extra in [
+        "vmq_webhooks.auth_on_register.endpoint = http://iotagent-mqtt:8443/vmq/auth_on_register",
+        "vmq_webhooks.use_crls = on",
+        "vmq_webhooks.tls_version = tlsv1.3",
+    ] {
+        assert!(check_webhooks(&broken_conf(extra), &compose).is_err(), "check_webhooks passed with {extra:?}");
+    }
+    for (from, to) in [
+        ("IOTAGENT_LISTEN: 127.0.0.1:8080", "IOTAGENT_LISTEN: 0.0.0.0:8080"),
+        ("      IOTAGENT_TLS_CLIENT_CA_FILE: /tls/ca.crt\n", ""),
+        ("      PKI_WEBHOOK_NAMES: iotagent-mqtt\n      PKI_USERS", "      PKI_USERS"),
+    ] {
+        assert!(check_webhooks(&conf, &broken_compose(from, to)).is_err(), "check_webhooks passed with {to:?}");
+    }
 
     let mut fragment = fragments();
     fragment[0].1.entries.push(("vmq_webhooks.auth_on_register.response_timeout".into(), "9000".into()));

@@ -4,8 +4,6 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use serde_yaml_ng::Value;
 
-/// The service's default `IOTAGENT_LISTEN` port.
-pub const DEFAULT_LISTEN_PORT: u16 = 8080;
 /// Where the official image reads the mounted configuration (ARCHITECTURE.md §8.3).
 pub const VERNEMQ_CONF_TARGET: &str = "/vernemq/etc/vernemq.conf.local";
 
@@ -184,9 +182,9 @@ impl Compose {
     }
 }
 
-/// `http://host:port/path` → (host, port, path).
+/// `http://host:port/path` or `https://…` → (host, port, path).
 pub fn parse_http_url(url: &str) -> Option<(String, u16, String)> {
-    let rest = url.strip_prefix("http://")?;
+    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"))?;
     let (authority, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
     let (host, port) = match authority.rsplit_once(':') {
         Some((host, port)) => (host, port.parse().ok()?),
@@ -195,9 +193,14 @@ pub fn parse_http_url(url: &str) -> Option<(String, u16, String)> {
     Some((host.to_string(), port, path))
 }
 
-pub fn listen_port(compose: &Compose, service: &str) -> Option<u16> {
-    match compose.env(service).get("IOTAGENT_LISTEN") {
+/// The port of the service's HTTPS webhook listener (IOTAGENT_TLS_LISTEN, default 8443).
+pub fn tls_listen_port(compose: &Compose, service: &str) -> Option<u16> {
+    port_of(compose, service, "IOTAGENT_TLS_LISTEN", 8443)
+}
+
+fn port_of(compose: &Compose, service: &str, variable: &str, default: u16) -> Option<u16> {
+    match compose.env(service).get(variable) {
         Some(listen) => listen.rsplit_once(':').and_then(|(_, p)| p.parse().ok()),
-        None => Some(DEFAULT_LISTEN_PORT),
+        None => Some(default),
     }
 }

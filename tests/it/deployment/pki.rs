@@ -41,6 +41,14 @@ fn pki_bootstrap_produces_what_broker_and_service_read() {
     for wanted in [compose.broker().unwrap(), "localhost", "127.0.0.1"] {
         assert!(names.iter().any(|n| n == wanted), "server.crt SAN {names:?} lacks {wanted}");
     }
+    // The HTTPS webhook pair: VerneMQ checks webhook.crt against the host of its endpoint URLs (the compose service),
+    // and presents broker-client.crt, CN vernemq, the name the service's IOTAGENT_TLS_CLIENT_NAMES lets in.
+    let webhook = load("webhook.crt");
+    let webhook_names: Vec<String> =
+        webhook.subject_alt_names().unwrap().iter().filter_map(|n| n.dnsname().map(str::to_string)).collect();
+    assert!(webhook_names.iter().any(|n| n == agent), "webhook.crt SAN {webhook_names:?} lacks {agent}");
+    assert!(webhook.verify(&ca_key).unwrap());
+    assert_eq!(cn(&load("broker-client.crt")), "vernemq");
     let crl = X509Crl::from_pem(&std::fs::read(out.join("crl.pem")).unwrap()).unwrap();
     assert!(crl.verify(&ca_key).unwrap(), "CRL signed by the CA");
     assert!(crl.get_revoked().is_none_or(|r| r.is_empty()), "nothing revoked yet");
@@ -48,7 +56,8 @@ fn pki_bootstrap_produces_what_broker_and_service_read() {
     // Keys are private, and (run as root, as the compose step is) owned by their readers: VerneMQ, the service.
     use std::os::unix::fs::MetadataExt as _;
     let root = std::fs::metadata("/proc/self").unwrap().uid() == 0;
-    for (key, uid) in [("server.key", 10000), ("service.key", 10001), ("ca/ca.key", 10001)] {
+    let keys = [("server.key", 10000), ("broker-client.key", 10000), ("service.key", 10001), ("webhook.key", 10001)];
+    for (key, uid) in keys.into_iter().chain([("ca/ca.key", 10001)]) {
         let meta = std::fs::metadata(out.join(key)).unwrap();
         assert_eq!(meta.mode() & 0o777, 0o600, "{key}");
         if root {

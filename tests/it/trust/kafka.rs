@@ -1,0 +1,115 @@
+//! Attacks 1 and 6, against real brokers: K2V across tenants, and dead letters too large for Kafka.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rdkafka::ClientConfig;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
+use serde_json::json;
+
+use crate::common::brokers::{Mosquitto, Storage, Tansu};
+use crate::common::{RawClient, flags, spawn_app, wait_ready, wait_until};
+
+const SUFFIX: &str = "dojot.device-manager.device";
+
+/// Everything published on the broker's device listener, as (topic, payload).
+async fn spy(port: u16) -> Arc<Mutex<Vec<(String, Vec<u8>)>>> {
+    let mut options = MqttOptions::new("spy", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(5));
+    let (client, mut eventloop): (AsyncClient, _) = AsyncClient::new(options, 100);
+    client.subscribe("#", QoS::AtLeastOnce).await.expect("subscribe");
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
+    let record = seen.clone();
+    tokio::spawn(async move {
+        let _client = client;
+        let mut subscribed_tx = Some(subscribed_tx);
+        loop {
+            match eventloop.poll().await {
+                Ok(Event::Incoming(Packet::SubAck(_))) => {
+                    if let Some(tx) = subscribed_tx.take() {
+                        let _ = tx.send(());
+                    }
+                }
+                Ok(Event::Incoming(Packet::Publish(p))) => {
+                    record.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
+                }
+                Ok(_) => {}
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    });
+    tokio::time::timeout(Duration::from_secs(10), subscribed).await.expect("spy subscribed").ok();
+    seen
+}
+
+/// Attack 1: an event on `evil.<suffix>` naming tenant `admin` is skipped and counted, never published to an admin
+/// device; the same event on admin's own topic is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn k2v_events_act_only_on_their_topics_tenant() {
+    let kafka = Tansu::start(Storage::Memory);
+    for tenant in ["evil", "admin"] {
+        kafka.create_topic(&format!("{tenant}.{SUFFIX}"), 1).await;
+    }
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "k2v-secret")]);
+    let seen = spy(mqtt.device_port).await;
+    let env = [
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("MQTT_URL", mqtt.url()),
+        ("MQTT_PASSWORD", "k2v-secret".into()),
+        ("MQTT_CLIENT_ID", "it-trust-k2v".into()),
+        ("K2V_KAFKA_GROUP_ID", "trust".into()),
+        ("K2V_METADATA_REFRESH_MS", "500".into()),
+        ("K2V_STATS_INTERVAL_MS", "500".into()),
+    ];
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app(&flags(&pairs)).await;
+    wait_ready(&app.url("/health/ready")).await;
+
+    let producer: FutureProducer =
+        ClientConfig::new().set("bootstrap.servers", kafka.brokers()).create().expect("producer");
+    let send = async |tenant: &str, event: serde_json::Value| {
+        let topic = format!("{tenant}.{SUFFIX}");
+        let value = event.to_string();
+        producer.send(FutureRecord::<str, str>::to(&topic).payload(&value), Duration::from_secs(10)).await.unwrap();
+    };
+    let attack = |from: &str| json!({"event": "configure", "meta": {"service": "admin"}, "data": {"id": "a1", "attrs": {"from": from}}});
+    send("evil", attack("evil")).await;
+    send("evil", json!({"event": "remove", "meta": {"service": "admin"}, "data": {"id": "a1"}})).await;
+    send("admin", attack("admin")).await;
+    let delivered = wait_until(Duration::from_secs(20), async || !seen.lock().unwrap().is_empty()).await;
+    assert!(delivered, "admin's own event published");
+    let skipped = wait_until(Duration::from_secs(10), async || {
+        let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
+        metrics.contains(r#"iotagent_k2v_skipped_total{reason="tenant_mismatch"} 2"#)
+    })
+    .await;
+    assert!(skipped, "both events from evil's topic skipped and counted as tenant_mismatch");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(*seen.lock().unwrap(), vec![("admin:a1/config".to_string(), br#"{"from":"admin"}"#.to_vec())]);
+}
+
+/// Attack 6: a payload far over V2K_MAX_PAYLOAD_BYTES is dead-lettered cut to V2K_DEAD_LETTER_MAX_BYTES (default
+/// 256 KiB, under Kafka's 1 MiB record limit), with its original size and digest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_dead_letter_still_lands() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic("admin.device-data", 1).await;
+    kafka.create_topic("admin.device-data.dead-letter", 1).await;
+    let brokers = kafka.brokers();
+    let app = spawn_app(&flags(&[("KAFKA_BROKERS", &brokers), ("WEBHOOK_MAX_BODY_BYTES", "8388608")])).await;
+    wait_ready(&app.url("/health/ready")).await;
+    let payload = vec![b'x'; 3 * 1024 * 1024];
+    let body = crate::v2k::publish_body("admin:a1998e", "admin:a1998e/attrs", &payload, 1);
+    let mut client: RawClient = app.client().await;
+    let reply = client.hook("auth_on_publish", body.as_bytes()).await;
+    assert_eq!(reply.json()["result"], "ok", "the device's publish is taken (as a dead letter)");
+    let records = kafka.read("admin.device-data.dead-letter", 1, Duration::from_secs(20)).await;
+    let [record] = records.as_slice() else { panic!("one dead letter, got {}", records.len()) };
+    assert!(record.value.len() <= 256 * 1024, "dead letter of {} bytes", record.value.len());
+    assert_eq!(record.header("reason"), Some("too_large"));
+    assert_eq!(record.header("original_size"), Some(payload.len().to_string().as_str()));
+    let digest: String = openssl::sha::sha256(&payload).iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(record.header("sha256"), Some(digest.as_str()));
+}
