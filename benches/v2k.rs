@@ -25,10 +25,14 @@ use tokio::net::TcpStream;
 const DEVICES: usize = 64;
 const PHASE: Duration = Duration::from_secs(5);
 const TOPIC: &str = "bench.device-data";
+/// Tenants of the per-tenant rows.
+const MANY_TENANTS: usize = 100;
 
 #[allow(dead_code)]
 #[path = "../tests/it/common/brokers.rs"]
 mod brokers;
+#[path = "v2k/subscription.rs"]
+mod subscription;
 
 use brokers::free_port;
 
@@ -97,7 +101,7 @@ fn plain_producer_client(brokers: &str) -> FutureProducer {
 }
 
 /// Baseline: a plain producer with the service's settings, `DEVICES` concurrent senders each waiting for its ack.
-async fn plain_producer(brokers: &str) -> Outcome {
+async fn plain_producer(brokers: &str, tenants: usize) -> Outcome {
     let producer = plain_producer_client(brokers);
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
@@ -106,12 +110,13 @@ async fn plain_producer(brokers: &str) -> Outcome {
         let stop = stop.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = Histogram::<u64>::new(3).expect("hist");
-            let key = format!("bench:d{device}");
+            let key = format!("{}:d{device}", tenant(device, tenants));
+            let topic = format!("{}.device-data", tenant(device, tenants));
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let value = dojot_value(device, n);
                 let started = Instant::now();
-                producer.send(FutureRecord::to(TOPIC).key(&key).payload(&value), Duration::from_secs(5)).await.ok();
+                producer.send(FutureRecord::to(&topic).key(&key).payload(&value), Duration::from_secs(5)).await.ok();
                 hist.record(started.elapsed().as_micros() as u64).ok();
                 n += 1;
             }
@@ -133,7 +138,12 @@ async fn collect(stop: Arc<AtomicBool>, tasks: Vec<tokio::task::JoinHandle<Histo
 }
 
 /// `DEVICES` webhook sessions, each sending its next publish when the previous one was answered (as VerneMQ does).
-async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>) -> Outcome {
+/// The tenant of a device when the load is spread over `tenants` tenants (`bench` alone when 1).
+fn tenant(device: usize, tenants: usize) -> String {
+    if tenants == 1 { "bench".to_string() } else { format!("bench{}", device % tenants) }
+}
+
+async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>, tenants: usize) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
     for device in 0..DEVICES {
@@ -145,7 +155,7 @@ async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http");
             tokio::spawn(conn);
             let mut hist = Histogram::<u64>::new(3).expect("hist");
-            let username = format!("bench:d{device}");
+            let username = format!("{}:d{device}", tenant(device, tenants));
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
                 let body = serde_json::json!({"username": username, "mountpoint": "", "client_id": username, "qos": 1,
@@ -230,16 +240,24 @@ fn main() {
             NewTopic::new("bench.device-data.dead-letter", 1, TopicReplication::Fixed(1)),
         ];
         admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics");
+        // The 100-tenant rows: one data topic per tenant (tansu creates no topic by itself).
+        let many: Vec<String> = (0..MANY_TENANTS).map(|t| format!("bench{t}.device-data")).collect();
+        let many: Vec<NewTopic> = many.iter().map(|t| NewTopic::new(t, 1, TopicReplication::Fixed(1))).collect();
+        admin.create_topics(&many, &AdminOptions::new()).await.expect("tenant topics");
     });
 
     println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
-    let plain = rt.block_on(plain_producer(&brokers));
-    println!(
-        "plain rdkafka producer       {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs",
-        plain.per_second,
-        micros(&plain.latency, 0.5),
-        micros(&plain.latency, 0.99)
-    );
+    // Baselines on the same topics as the rows they are compared with: one tenant's, or 100 tenants' topics.
+    let plain_one = rt.block_on(plain_producer(&brokers, 1));
+    let plain_many = rt.block_on(plain_producer(&brokers, MANY_TENANTS));
+    for (plain, tenants) in [(&plain_one, 1), (&plain_many, MANY_TENANTS)] {
+        println!(
+            "plain producer, {tenants:>3} topic(s) {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs",
+            plain.per_second,
+            micros(&plain.latency, 0.5),
+            micros(&plain.latency, 0.99)
+        );
+    }
     let kafka_env = |mode: &str| {
         vec![
             ("KAFKA_BROKERS", brokers.clone()),
@@ -248,13 +266,19 @@ fn main() {
             ("K2V_ENABLED", "false".to_string()),
         ]
     };
-    for (mode, hook) in [("on_publish", "on_publish"), ("auth_on_publish", "auth_on_publish")] {
+    for (mode, hook, tenants) in [
+        ("on_publish", "on_publish", 1),
+        ("auth_on_publish", "auth_on_publish", 1),
+        ("auth_on_publish", "auth_on_publish", MANY_TENANTS),
+    ] {
         let (service, addr) = start_service(&kafka_env(mode));
         std::thread::sleep(Duration::from_secs(2));
         let calls = Arc::new(AtomicU64::new(0));
         let cpu_before = service.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone()));
+        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), tenants));
         let cpu = service.cpu_seconds() - cpu_before;
+        let plain = if tenants == 1 { &plain_one } else { &plain_many };
+        let mode = format!("{mode}, {tenants} tenant(s)");
         println!(
             "{mode:<28} {:>8.0} msg/s  p50 {:>6} µs  p99 {:>6} µs  ratio {:.2}  added p50 {:>5} µs p99 {:>5} µs  CPU {:.1} µs/call",
             outcome.per_second,
@@ -275,7 +299,7 @@ fn main() {
     {
         let calls = Arc::new(AtomicU64::new(0));
         let before = proc_.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone()));
+        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone(), 1));
         let cpu = proc_.cpu_seconds() - before;
         println!(
             "{name:<28} {:>8.0} calls/s  CPU {:.1} µs/call",
@@ -290,137 +314,32 @@ fn main() {
     // V2K_MAX_IN_FLIGHT (1000) unacknowledged. Baseline: the same records from a plain producer with the same window.
     let total: u64 = 100_000;
     let window = 1000;
-    let plain_window = rt.block_on(plain_producer_window(&brokers, total, window));
-    println!("plain rdkafka producer, {window} in flight: {:>8.0} msg/s", plain_window);
     rt.block_on(async {
         let admin: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
         let lease = NewTopic::new("iotagent.v2k-lease", 1, TopicReplication::Fixed(1));
         admin.create_topics(&[lease], &AdminOptions::new()).await.expect("lease topic");
     });
-    let mut env = kafka_env("subscription");
-    env.extend([
-        ("MQTT_URL", format!("mqtt://127.0.0.1:{mqtt_port}")),
-        ("MQTT_PASSWORD", "pw".to_string()),
-        ("MQTT_CLIENT_ID", "bench".to_string()),
-        ("V2K_MAX_IN_FLIGHT", window.to_string()),
-    ]);
-    // Each variant's session is removed afterwards, so that Mosquitto does not keep queueing for it.
-    for (kind, session) in [("shared", "bench-v2k"), ("plain", "iotagent-mqtt-plain-v2k")] {
-        let mut env = env.clone();
-        env.push(("V2K_SUBSCRIPTION", kind.to_string()));
-        let (service, service_addr) = start_service(&env);
-        rt.block_on(wait_subscribed(service_addr));
-        let per_second = rt.block_on(subscription_load(service_addr, device_port, kind, total));
-        println!(
-            "subscription {kind:<6} (Mosquitto) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
-            per_second,
-            per_second / plain_window
-        );
-        drop(service);
-        rt.block_on(remove_session(mqtt_port, session));
+    for tenants in [1, MANY_TENANTS] {
+        let plain_window = rt.block_on(plain_producer_window(&brokers, total, window, tenants));
+        println!("plain producer, {tenants:>3} topic(s), {window} in flight: {:>8.0} msg/s", plain_window);
+        let rows = subscription::Rows { kafka_env: kafka_env("subscription"), mqtt_port, device_port, total, window };
+        rows.run(&rt, plain_window, tenants);
     }
-}
-
-/// Waits until the service's V2K subscription is subscribed (a plain one first has to get the lease).
-async fn wait_subscribed(addr: SocketAddr) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let report = http_get(addr, "/health/ready").await;
-        let subscribed = serde_json::from_str::<serde_json::Value>(&report).ok().is_some_and(|r| {
-            r["checks"].as_array().is_some_and(|checks| {
-                checks.iter().any(|c| c["name"] == "v2k_mqtt" && c["up"] == true && c.get("note").is_none())
-            })
-        });
-        if subscribed {
-            return;
-        }
-        assert!(Instant::now() < deadline, "V2K subscription not subscribed within 60 s: {report}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// Devices publish `total` QoS 1 messages through Mosquitto as fast as they can; returns the rate at which the
-/// service got them acknowledged by Kafka.
-async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &str, total: u64) -> f64 {
-    let started = Instant::now();
-    let per_device = total / DEVICES as u64;
-    let mut clients = Vec::new();
-    let mut loops = Vec::new();
-    for device in 0..DEVICES {
-        let mut options = rumqttc::MqttOptions::new(format!("{kind}-dev{device}"), "127.0.0.1", device_port);
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        // Devices stay on MQTT 3.1.1, with Nagle off as the service's own clients.
-        let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10_000);
-        let mut network = eventloop.network_options();
-        network.set_tcp_nodelay(true);
-        eventloop.set_network_options(network);
-        loops.push(tokio::spawn(async move {
-            loop {
-                if let Err(e) = eventloop.poll().await {
-                    println!("device {device}: {e}");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            }
-        }));
-        for n in 0..per_device {
-            client.publish(format!("bench:d{device}/attrs"), rumqttc::QoS::AtLeastOnce, false, payload(n)).await.ok();
-        }
-        clients.push(client);
-    }
-    let sent = per_device * DEVICES as u64;
-    let rate = loop {
-        let text = http_get(service_addr, "/metrics").await;
-        let produced: u64 = text
-            .lines()
-            .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        if produced >= sent || started.elapsed() > Duration::from_secs(120) {
-            println!("subscription {kind}: {produced} of {sent} acknowledged by Kafka");
-            break produced as f64 / started.elapsed().as_secs_f64();
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    };
-    // The devices go away with their event loops (which would otherwise reconnect).
-    drop(clients);
-    for device in loops {
-        device.abort();
-    }
-    rate
-}
-
-/// Connects with a clean session under `client_id`, which removes the persistent session of that id.
-async fn remove_session(port: u16, client_id: &str) {
-    let mut options = rumqttc::MqttOptions::new(client_id, "127.0.0.1", port);
-    options.set_credentials("k2v-bridge", "pw");
-    options.set_clean_session(true);
-    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, 10);
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(rumqttc::Event::Incoming(rumqttc::Packet::ConnAck(_))) => {
-                    client.disconnect().await.ok();
-                }
-                Ok(rumqttc::Event::Outgoing(rumqttc::Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
-            }
-        }
-    })
-    .await;
 }
 
 /// `total` records with at most `window` unacknowledged; returns records/s.
-async fn plain_producer_window(brokers: &str, total: u64, window: usize) -> f64 {
+async fn plain_producer_window(brokers: &str, total: u64, window: usize, tenants: usize) -> f64 {
     let producer = plain_producer_client(brokers);
     let started = Instant::now();
     let mut in_flight = std::collections::VecDeque::new();
     for n in 0..total {
         let device = (n % DEVICES as u64) as usize;
-        let key = format!("bench:d{device}");
+        let key = format!("{}:d{device}", tenant(device, tenants));
+        let topic = format!("{}.device-data", tenant(device, tenants));
         let value = dojot_value(device, n);
         loop {
-            match producer.send_result(FutureRecord::to(TOPIC).key(&key).payload(&value)) {
+            match producer.send_result(FutureRecord::to(&topic).key(&key).payload(&value)) {
                 Ok(delivery) => {
                     in_flight.push_back(delivery);
                     break;

@@ -261,6 +261,9 @@ fn start_v2k(
     let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
     let v2k = Arc::new(V2k::new(producer, parts.settings, metrics));
     tasks.spawn(watch_kafka(v2k.clone(), readiness.probe("kafka"), shutdown.clone()));
+    if let Some(period) = v2k.tenant_refresh() {
+        tasks.spawn(refresh_tenants(v2k.clone(), period, shutdown.clone()));
+    }
     match (parts.subscription, parts.plain) {
         // One instance of the cluster holds the plain subscription; the others stand by (ready).
         (Some(subscription), Some(plain)) => {
@@ -290,13 +293,26 @@ fn start_v2k(
     Ok(v2k)
 }
 
+/// Keeps the set of tenants with a data topic current (V2K_REQUIRE_TENANT_TOPIC).
+async fn refresh_tenants(v2k: Arc<V2k>, period: Duration, shutdown: CancellationToken) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tick.tick() => v2k.refresh_tenants().await,
+        }
+    }
+}
+
 /// Keeps the Kafka readiness probe current.
 async fn watch_kafka(v2k: Arc<V2k>, probe: Probe, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tick.tick() => probe.set(v2k.producer().check_health().await),
+            // Ready once Kafka answers and, with the tenant check on, the tenants are known.
+            _ = tick.tick() => probe.set(v2k.producer().check_health().await && v2k.tenants_loaded()),
         }
     }
 }

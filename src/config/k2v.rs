@@ -145,7 +145,9 @@ mod tests {
         assert_eq!(on.consumer.client_id, "gw1-k2v");
         assert_eq!(on.rules.config_suffix, "config");
         assert!(!on.retain);
-        assert_eq!(on.rules.max_message_size, None);
+        assert_eq!(on.rules.max_message_size, Some(512 * 1024), "device sessions are bounded by default");
+        let unlimited = [&both[..], &["--max-message-size", "0"]].concat();
+        assert_eq!(settings(&unlimited).unwrap().unwrap().rules.max_message_size, None);
         let limited = [&both[..], &["--max-message-size", "4096"]].concat();
         assert_eq!(settings(&limited).unwrap().unwrap().rules.max_message_size, Some(4096));
         assert!(settings(&both[..2]).unwrap().is_none(), "no MQTT_URL");

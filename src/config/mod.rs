@@ -94,6 +94,12 @@ fn kafka_topic_part(variable: &'static str, value: &str) -> Result<(), ConfigErr
     Ok(())
 }
 
+/// Room for a publish webhook's fields besides the payload (username, client id, mountpoint, topic, JSON).
+const WEBHOOK_ENVELOPE_BYTES: usize = 4096;
+
+/// What VerneMQ may add to a device's packet when it forwards it (packet id, MQTT 5 properties).
+const MQTT_PACKET_OVERHEAD: usize = 64 * 1024;
+
 /// The validated configuration, each part in the terms of the module that owns it.
 #[derive(Debug)]
 pub struct Settings {
@@ -141,6 +147,7 @@ impl Config {
         // Every internal client's id starts with this base (`<base>-k2v`, `<base>-v2k`): never a device's.
         policy.service_client_id = Some(self.mqtt.client_id());
         let mqtt = self.mqtt_settings()?;
+        self.message_size_fits()?;
         let v2k = match &self.kafka_brokers {
             Some(brokers) => Some(self.v2k.parts(brokers, &self.policy.attrs_suffix, &self.mqtt, mqtt.as_ref())?),
             None => None,
@@ -189,6 +196,39 @@ impl Config {
                 file: self.mqtt.mqtt_cert_file.clone(),
             },
         })
+    }
+
+    /// A device may not publish more than the service can receive: the payload travels base64-encoded in the
+    /// publish webhooks' body, and as an MQTT packet to the internal client in subscription mode.
+    ///
+    /// # Errors
+    /// MAX_MESSAGE_SIZE too large for WEBHOOK_MAX_BODY_BYTES or for the internal client.
+    fn message_size_fits(&self) -> Result<(), ConfigError> {
+        let size = self.policy.max_message_size as usize;
+        if size == 0 {
+            return Ok(());
+        }
+        let body = size.div_ceil(3) * 4 + WEBHOOK_ENVELOPE_BYTES;
+        if body > self.webhooks.webhook_max_body_bytes {
+            return Err(invalid(
+                "MAX_MESSAGE_SIZE",
+                format!(
+                    "{size} bytes need a webhook body of up to {body} bytes (base64 payload and request fields), more \
+                     than WEBHOOK_MAX_BODY_BYTES ({}): lower MAX_MESSAGE_SIZE or raise WEBHOOK_MAX_BODY_BYTES",
+                    self.webhooks.webhook_max_body_bytes
+                ),
+            ));
+        }
+        if size + MQTT_PACKET_OVERHEAD > crate::mqtt::MAX_PACKET_BYTES {
+            return Err(invalid(
+                "MAX_MESSAGE_SIZE",
+                format!(
+                    "{size} bytes is more than the internal MQTT client accepts ({})",
+                    crate::mqtt::MAX_PACKET_BYTES
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// The internal MQTT client's settings, when MQTT_URL is set.
@@ -247,6 +287,21 @@ mod tests {
         assert!(err.contains("MAX_CONNECTION_LIFETIME_JITTER"), "{err}");
         let err = parse(&["--client-id-policy", "free"]).unwrap_err().to_string();
         assert!(err.contains("CLIENT_ID_POLICY"), "{err}");
+    }
+
+    #[test]
+    fn device_messages_fit_what_the_service_receives() {
+        let s = parse(&[]).unwrap().settings().unwrap();
+        assert_eq!(s.policy.max_message_size, Some(512 * 1024), "bounded by default");
+        assert_eq!(parse(&["--max-message-size", "0"]).unwrap().settings().unwrap().policy.max_message_size, None);
+        let err = parse(&["--max-message-size", "800000"]).unwrap().settings().unwrap_err();
+        assert_eq!(err.variable, "MAX_MESSAGE_SIZE");
+        assert!(err.to_string().contains("WEBHOOK_MAX_BODY_BYTES"), "{err}");
+        let raised = ["--max-message-size", "800000", "--webhook-max-body-bytes", "2000000"];
+        assert!(parse(&raised).unwrap().settings().is_ok());
+        let huge = ["--max-message-size", "20000000", "--webhook-max-body-bytes", "40000000"];
+        let err = parse(&huge).unwrap().settings().unwrap_err().to_string();
+        assert!(err.contains("MAX_MESSAGE_SIZE") && err.contains("internal MQTT client"), "{err}");
     }
 
     #[test]

@@ -52,9 +52,10 @@ pub struct PolicyArgs {
     #[arg(long, env = "REQUIRE_CLIENT_CERT", default_value = "false", action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
     pub require_client_cert: bool,
 
-    /// `max_message_size` (bytes) set on device sessions; unset leaves VerneMQ's own limit.
-    #[arg(long, env = "MAX_MESSAGE_SIZE", value_name = "BYTES")]
-    pub max_message_size: Option<u32>,
+    /// `max_message_size` (bytes) set on device sessions, so that no device publishes more than the service can
+    /// receive (webhook body, internal client); 0 leaves VerneMQ's own limit (unlimited by default).
+    #[arg(long, env = "MAX_MESSAGE_SIZE", value_name = "BYTES", default_value_t = DEFAULT_MAX_MESSAGE_SIZE)]
+    pub max_message_size: u32,
 
     /// Username of the service's own MQTT identity (the internal publisher); also the only non-device identity the
     /// ACL accepts.
@@ -72,6 +73,11 @@ pub struct PolicyArgs {
 }
 
 const DEFAULT_LIFETIME: Duration = Duration::from_secs(1800);
+
+/// 512 KiB: twice V2K_MAX_PAYLOAD_BYTES' default, so a payload over the data limit still reaches the dead-letter
+/// topic; base64-encoded (~683 KiB) it fits the 1 MiB WEBHOOK_MAX_BODY_BYTES, and it stays under Kafka's default
+/// 1 MiB record limit (message.max.bytes).
+pub const DEFAULT_MAX_MESSAGE_SIZE: u32 = 512 * 1024;
 
 impl PolicyArgs {
     fn lifetime(&self) -> Result<Lifetime, ConfigError> {
@@ -155,7 +161,7 @@ impl PolicyArgs {
             require_client_cert: self.require_client_cert,
             client_id_policy: self.client_id_policy,
             lifetime: self.lifetime()?,
-            max_message_size: self.max_message_size,
+            max_message_size: (self.max_message_size > 0).then_some(self.max_message_size),
             service_username: self.mqtt_username.clone(),
             service_password: self.mqtt_password.clone(),
             service_client_id: None,

@@ -64,6 +64,20 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000)]
     pub v2k_max_in_flight: u32,
 
+    /// Records of one tenant that may wait for Kafka at once. Beyond it the tenant's QoS 1/2 publishes are refused
+    /// (strict mode, gate) or wait (subscription mode: only that tenant's), and its QoS 0 publishes are dropped.
+    #[arg(long, env = "V2K_TENANT_MAX_IN_FLIGHT", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub v2k_tenant_max_in_flight: u32,
+
+    /// Refuse devices of tenants whose `<tenant>.<suffix>` topic does not exist in Kafka (off where Kafka creates
+    /// topics on first use).
+    #[arg(long, env = "V2K_REQUIRE_TENANT_TOPIC", default_value = "true", action = clap::ArgAction::Set, value_parser = BoolishValueParser::new())]
+    pub v2k_require_tenant_topic: bool,
+
+    /// How often the tenants' topics are read from Kafka's metadata: a new tenant is accepted within this.
+    #[arg(long, env = "V2K_TENANT_REFRESH_MS", default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..))]
+    pub v2k_tenant_refresh_ms: u64,
+
     /// Subscription mode: shared subscription group.
     #[arg(long, env = "V2K_SHARE_GROUP", default_value = "v2k")]
     pub v2k_share_group: String,
@@ -164,6 +178,8 @@ impl V2kArgs {
             },
             ack_timeout: Duration::from_millis(self.v2k_ack_timeout_ms),
             gate_max_queue: self.v2k_gate.then_some(self.v2k_gate_max_queue),
+            tenant_max_in_flight: self.v2k_tenant_max_in_flight as usize,
+            tenant_refresh: self.v2k_require_tenant_topic.then(|| Duration::from_millis(self.v2k_tenant_refresh_ms)),
         };
         Ok(V2kParts { producer, settings, subscription, plain })
     }
@@ -208,6 +224,10 @@ mod tests {
         assert_eq!(p.settings.gate_max_queue, None);
         assert_eq!(p.producer.client_id, "iotagent-mqtt");
         assert!(p.subscription.is_none());
+        assert_eq!(p.settings.tenant_max_in_flight, 500);
+        assert_eq!(p.settings.tenant_refresh, Some(Duration::from_secs(10)), "unknown tenants refused by default");
+        let off = parts(&["--v2k-require-tenant-topic", "false"]).unwrap();
+        assert_eq!(off.settings.tenant_refresh, None);
     }
 
     #[test]

@@ -5,3 +5,4 @@ pub mod lease;
 mod offsets;
 pub mod producer;
 pub mod removed;
+pub mod topics;

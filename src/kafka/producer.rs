@@ -214,6 +214,20 @@ impl Producer {
         ok
     }
 
+    /// The names of every topic in the cluster (one metadata request, on a blocking thread, 5 s at most).
+    ///
+    /// # Errors
+    /// Kafka did not answer.
+    pub async fn topic_names(&self) -> Result<Vec<String>, KafkaError> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let metadata = inner.client().fetch_metadata(None, Duration::from_secs(5))?;
+            Ok(metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| t.name().to_string()).collect())
+        })
+        .await
+        .unwrap_or(Err(KafkaError::Canceled))
+    }
+
     /// Waits until every queued record is acknowledged or `timeout` passes.
     ///
     /// # Errors

@@ -1,6 +1,8 @@
 //! A subscription with manual acknowledgements: each QoS 1 message is acknowledged to the broker only after its
-//! handler finished, in the order the messages arrived, so the broker keeps every message not yet handled.
+//! handler finished, in the order the messages arrived within their lane, so the broker keeps every message not yet
+//! handled and a slow lane never holds the others' acknowledgements.
 
+use std::collections::HashMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -83,16 +85,19 @@ impl ShortLived {
     }
 }
 
-/// Messages received on the current connection, oldest first, until acknowledged.
+/// Which messages must be acknowledged in order among themselves (V2K: one lane per tenant).
+pub type Lane = u64;
+
+/// Messages received on the current connection, oldest first per lane, until acknowledged.
 struct InOrderAcks {
     connection: u64,
     next: u64,
-    waiting: InOrder<u64, Publish>,
+    waiting: HashMap<Lane, InOrder<u64, Publish>>,
 }
 
 impl InOrderAcks {
     fn new() -> Self {
-        Self { connection: 0, next: 0, waiting: InOrder::default() }
+        Self { connection: 0, next: 0, waiting: HashMap::new() }
     }
 
     /// A new connection: acknowledgements for messages of the old one would hit unrelated packet ids, and the
@@ -102,19 +107,27 @@ impl InOrderAcks {
         self.waiting.clear();
     }
 
-    fn received(&mut self, publish: Publish) -> (u64, u64) {
+    fn received(&mut self, lane: Lane, publish: Publish) -> Done {
         let seq = self.next;
         self.next += 1;
-        self.waiting.push(seq, publish);
-        (self.connection, seq)
+        self.waiting.entry(lane).or_default().push(seq, publish);
+        Done { connection: self.connection, lane, seq }
     }
 
-    /// Marks a message handled and returns those that can now be acknowledged, in order.
-    fn handled(&mut self, connection: u64, seq: u64) -> Vec<Publish> {
-        if connection != self.connection || !self.waiting.complete(seq) {
+    /// Marks a message handled and returns those of its lane that can now be acknowledged, in order.
+    fn handled(&mut self, done: Done) -> Vec<Publish> {
+        if done.connection != self.connection {
             return Vec::new();
         }
-        self.waiting.release().map(|(_, publish)| publish).collect()
+        let Some(lane) = self.waiting.get_mut(&done.lane) else { return Vec::new() };
+        if !lane.complete(done.seq) {
+            return Vec::new();
+        }
+        let ready = lane.release().map(|(_, publish)| publish).collect();
+        if lane.is_empty() {
+            self.waiting.remove(&done.lane);
+        }
+        ready
     }
 
     fn is_empty(&self) -> bool {
@@ -122,9 +135,18 @@ impl InOrderAcks {
     }
 }
 
+/// A handled message: its connection, lane and arrival number.
+#[derive(Debug, Clone, Copy)]
+struct Done {
+    connection: u64,
+    lane: Lane,
+    seq: u64,
+}
+
 /// Runs until `shutdown`: connects (persistent session), subscribes `filter` at QoS 1, hands every message to
-/// `handle` and acknowledges it once the returned future completes. `handle` runs when the message arrives (so
-/// its synchronous part sees messages in order); the future may finish in any order. At shutdown, messages still
+/// `handle` and acknowledges it once the returned future completes and every earlier message of the same lane was
+/// acknowledged. `handle` runs when the message arrives (so its synchronous part sees messages in order); the future
+/// may finish in any order. At shutdown, messages still
 /// being handled get `drain` to finish; the rest stay unacknowledged in the broker.
 pub async fn run<H, F>(
     settings: MqttSettings,
@@ -135,7 +157,7 @@ pub async fn run<H, F>(
     shutdown: CancellationToken,
     drain: Duration,
 ) where
-    H: Fn(Message) -> F,
+    H: Fn(Message) -> (Lane, F),
     F: Future<Output = ()> + Send + 'static,
 {
     let mut reload = Reload::new(settings.tls.as_ref(), reload::POLL_EVERY);
@@ -148,7 +170,7 @@ pub async fn run<H, F>(
     };
     options.set_manual_acks(true);
     let (client, mut eventloop) = super::client(options, REQUEST_CAPACITY);
-    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<(u64, u64)>();
+    let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut acks = InOrderAcks::new();
     let mut backoff = Backoff::new(MIN_BACKOFF, MAX_BACKOFF).with_jitter(0.2).with_stable_after(STABLE_CONNECTION);
     let mut resubscribe = Backoff::new(MIN_RESUBSCRIBE, MAX_RESUBSCRIBE);
@@ -167,8 +189,8 @@ pub async fn run<H, F>(
                     tracing::error!(error = %e, "cannot subscribe");
                 }
             }
-            Some((connection, seq)) = done_rx.recv() => {
-                for publish in acks.handled(connection, seq) {
+            Some(done) = done_rx.recv() => {
+                for publish in acks.handled(done) {
                     if let Err(e) = client.try_ack(&publish) {
                         tracing::warn!(error = %e, "cannot queue an MQTT ack; the broker will redeliver");
                     }
@@ -218,12 +240,12 @@ pub async fn run<H, F>(
                     // MQTT topics are UTF-8; a broker that breaks that gets U+FFFD, not a panic.
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                     let message = Message { topic, payload: publish.payload.clone() };
-                    let (connection, seq) = acks.received(publish);
-                    let work = handle(message);
-                    let done = done_tx.clone();
+                    let (lane, work) = handle(message);
+                    let done = acks.received(lane, publish);
+                    let done_tx = done_tx.clone();
                     tokio::spawn(async move {
                         work.await;
-                        let _ = done.send((connection, seq));
+                        let _ = done_tx.send(done);
                     });
                 }
                 Ok(_) => {}
@@ -252,8 +274,8 @@ pub async fn run<H, F>(
                 tracing::warn!("MQTT subscription stopped with messages unacknowledged; the broker keeps them");
                 break;
             }
-            Some((connection, seq)) = done_rx.recv() => {
-                for publish in acks.handled(connection, seq) {
+            Some(done) = done_rx.recv() => {
+                for publish in acks.handled(done) {
                     let _ = client.try_ack(&publish);
                 }
             }
@@ -286,24 +308,35 @@ mod tests {
     #[test]
     fn acks_leave_in_arrival_order() {
         let mut acks = InOrderAcks::new();
-        let (c, a) = acks.received(publish(1));
-        let (_, b) = acks.received(publish(2));
-        let (_, d) = acks.received(publish(3));
-        assert!(acks.handled(c, b).is_empty(), "2 waits for 1");
-        assert!(acks.handled(c, d).is_empty());
-        let ready: Vec<u16> = acks.handled(c, a).iter().map(|p| p.pkid).collect();
+        let a = acks.received(7, publish(1));
+        let b = acks.received(7, publish(2));
+        let d = acks.received(7, publish(3));
+        assert!(acks.handled(b).is_empty(), "2 waits for 1");
+        assert!(acks.handled(d).is_empty());
+        let ready: Vec<u16> = acks.handled(a).iter().map(|p| p.pkid).collect();
         assert_eq!(ready, vec![1, 2, 3]);
+        assert!(acks.is_empty());
+    }
+
+    #[test]
+    fn a_waiting_lane_does_not_hold_the_others() {
+        let mut acks = InOrderAcks::new();
+        let slow = acks.received(1, publish(1));
+        let fast = acks.received(2, publish(2));
+        assert_eq!(acks.handled(fast).len(), 1, "lane 2 does not wait for lane 1");
+        assert!(!acks.is_empty());
+        assert_eq!(acks.handled(slow).len(), 1);
         assert!(acks.is_empty());
     }
 
     #[test]
     fn acks_of_an_old_connection_are_dropped() {
         let mut acks = InOrderAcks::new();
-        let (old, seq) = acks.received(publish(1));
+        let old = acks.received(0, publish(1));
         acks.reconnected();
-        assert!(acks.handled(old, seq).is_empty());
-        let (new, seq) = acks.received(publish(1));
-        assert_eq!(acks.handled(new, seq).len(), 1);
+        assert!(acks.handled(old).is_empty());
+        let new = acks.received(0, publish(1));
+        assert_eq!(acks.handled(new).len(), 1);
     }
 
     #[test]

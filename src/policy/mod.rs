@@ -148,6 +148,9 @@ pub enum DenyReason {
     Removed,
     #[error("certificate revoked")]
     Revoked,
+    /// The tenant has no device-data topic in Kafka (decided by V2K, handed to the register hook).
+    #[error("unknown_tenant: the tenant has no data topic in Kafka")]
+    UnknownTenant,
     #[error("topic not allowed for this identity")]
     Topic,
     #[error("retained publishes are not allowed")]

@@ -19,15 +19,22 @@ pub enum Invalid {
     TooLarge,
     #[error("bad_encoding")]
     BadEncoding,
+    /// Valid, but Kafka did not take it within the delivery timeout (subscription mode dead-letters it then).
+    #[error("undeliverable")]
+    Undeliverable,
 }
 
 impl Invalid {
+    pub const ALL: [Invalid; 5] =
+        [Invalid::NotJson, Invalid::NotObject, Invalid::TooLarge, Invalid::BadEncoding, Invalid::Undeliverable];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Invalid::NotJson => "not_json",
             Invalid::NotObject => "not_object",
             Invalid::TooLarge => "too_large",
             Invalid::BadEncoding => "bad_encoding",
+            Invalid::Undeliverable => "undeliverable",
         }
     }
 }

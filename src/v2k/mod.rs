@@ -2,18 +2,23 @@
 //! configured mode (ARCHITECTURE.md §3, §5). Kafka specifics live in `crate::kafka`, MQTT ones in `crate::mqtt`.
 
 pub mod message;
+mod metrics;
 pub mod plain;
 pub mod subscription;
+mod tenants;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use metrics::{Counter, Gauge, Histogram};
 use tokio::sync::oneshot;
 
 pub use self::message::{Contract, Invalid, Outcome};
+pub use self::metrics::Failure;
+use self::metrics::V2kMetrics;
+use self::tenants::{Slot, Tenants};
 use crate::kafka::producer::{ProduceError, Producer};
+use crate::kafka::topics::{TenantStatus, TenantTopics};
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
 
@@ -48,6 +53,10 @@ pub enum Admission {
 pub enum Unavailable {
     #[error("V2K gate closed: Kafka is behind")]
     GateClosed,
+    #[error("the tenant has no data topic in Kafka")]
+    UnknownTenant,
+    #[error("the tenant already has V2K_TENANT_MAX_IN_FLIGHT records waiting for Kafka")]
+    TenantFull,
     #[error(transparent)]
     NotAcknowledged(ProduceError),
 }
@@ -59,8 +68,8 @@ pub enum Notice {
     Done,
     /// on_publish mode needs the payload, and the hook was registered without it.
     NeedsPayload,
-    /// The record cannot be delivered.
-    NotDelivered(ProduceError),
+    /// The record cannot be delivered (counted in `iotagent_v2k_failed_total`).
+    NotDelivered(Unavailable),
 }
 
 /// How the payload arrived.
@@ -71,63 +80,6 @@ pub enum Payload<'a> {
     Raw(&'a [u8]),
 }
 
-struct V2kMetrics {
-    produced_data: Counter,
-    produced_dead_letter: Counter,
-    answered_before_ack: Counter,
-    queue_full: Counter,
-    expired: Counter,
-    failed: Counter,
-    dead_letter: [Counter; 4],
-    in_flight: Gauge,
-    latency: Histogram,
-}
-
-impl V2kMetrics {
-    fn new(m: &Metrics) -> Self {
-        let produced =
-            |kind| m.counter("iotagent_v2k_produced_total", "Records acknowledged by Kafka", &[("kind", kind)]);
-        let failed =
-            |class| m.counter("iotagent_v2k_failed_total", "Records not delivered, by class", &[("class", class)]);
-        let reasons = [Invalid::NotJson, Invalid::NotObject, Invalid::TooLarge, Invalid::BadEncoding];
-        Self {
-            produced_data: produced("data"),
-            produced_dead_letter: produced("dead_letter"),
-            answered_before_ack: m.counter(
-                "iotagent_v2k_answered_before_ack_total",
-                "Webhook publishes answered at the ack deadline while their record was still queued",
-                &[],
-            ),
-            queue_full: failed("queue_full"),
-            expired: failed("expired"),
-            failed: failed("final"),
-            dead_letter: reasons.map(|r| {
-                m.counter(
-                    "iotagent_v2k_dead_lettered_total",
-                    "Payloads sent to the dead-letter topic",
-                    &[("reason", r.as_str())],
-                )
-            }),
-            in_flight: m.gauge("iotagent_v2k_in_flight", "Records waiting for Kafka's ack", &[]),
-            latency: m.histogram(
-                "iotagent_v2k_produce_duration_seconds",
-                "Time from queueing a record to Kafka's ack",
-                &[],
-            ),
-        }
-    }
-
-    fn dead_letter(&self, reason: Invalid) -> &Counter {
-        let index = match reason {
-            Invalid::NotJson => 0,
-            Invalid::NotObject => 1,
-            Invalid::TooLarge => 2,
-            Invalid::BadEncoding => 3,
-        };
-        &self.dead_letter[index]
-    }
-}
-
 /// Settings of the forwarder, from configuration.
 #[derive(Debug, Clone)]
 pub struct V2kSettings {
@@ -136,6 +88,10 @@ pub struct V2kSettings {
     pub ack_timeout: Duration,
     /// Some(bound) when the on_publish gate is on.
     pub gate_max_queue: Option<usize>,
+    /// Records of one tenant that may wait for Kafka at once (V2K_TENANT_MAX_IN_FLIGHT).
+    pub tenant_max_in_flight: usize,
+    /// Some(refresh period) when devices of tenants without a data topic are refused (V2K_REQUIRE_TENANT_TOPIC).
+    pub tenant_refresh: Option<Duration>,
 }
 
 /// Forwards device publishes to Kafka.
@@ -143,6 +99,9 @@ pub struct V2k {
     producer: Producer,
     settings: V2kSettings,
     metrics: Arc<V2kMetrics>,
+    tenants: Tenants,
+    /// The tenants with a data topic, when V2K_REQUIRE_TENANT_TOPIC is on.
+    topics: Option<TenantTopics>,
 }
 
 fn now_ms() -> u64 {
@@ -160,7 +119,43 @@ impl V2k {
                  service is down or restarting acknowledged data is lost; V2K_MODE=auth_on_publish (strict) loses none"
             );
         }
-        Self { producer, settings, metrics: Arc::new(V2kMetrics::new(metrics)) }
+        let tenants = Tenants::new(settings.tenant_max_in_flight);
+        let topics = settings.tenant_refresh.map(|_| TenantTopics::new(&settings.contract.topic_suffix));
+        Self { producer, settings, metrics: Arc::new(V2kMetrics::new(metrics)), tenants, topics }
+    }
+
+    /// How often the known tenants are refreshed, when they are tracked.
+    pub fn tenant_refresh(&self) -> Option<Duration> {
+        self.settings.tenant_refresh
+    }
+
+    /// Reads the data topics from Kafka's metadata; on failure the last known set stays.
+    pub async fn refresh_tenants(&self) {
+        let Some(topics) = &self.topics else { return };
+        match topics.refresh(&self.producer).await {
+            Ok(count) => self.metrics.known_tenants.set(count as f64),
+            Err(e) => tracing::warn!(error = %e, "cannot refresh the known tenants; keeping the last set"),
+        }
+    }
+
+    /// Whether the set of known tenants was read at least once (always true with the check off).
+    pub fn tenants_loaded(&self) -> bool {
+        self.topics.as_ref().is_none_or(TenantTopics::is_loaded)
+    }
+
+    /// Whether the tenant's data topic is missing. False with the check off and until Kafka first answered (then
+    /// nothing is known; refusing every device while Kafka is away at start would only cause a reconnect storm).
+    fn tenant_unknown(&self, tenant: &str) -> bool {
+        self.topics.as_ref().is_some_and(|t| t.status(tenant) == TenantStatus::Unknown)
+    }
+
+    /// auth_on_register of a device: whether its tenant may connect (counted when not).
+    pub fn tenant_admitted(&self, tenant: &str) -> bool {
+        let unknown = self.tenant_unknown(tenant);
+        if unknown {
+            self.metrics.refused_unknown_tenant.increment(1);
+        }
+        !unknown
     }
 
     pub fn producer(&self) -> &Producer {
@@ -176,13 +171,17 @@ impl V2k {
     /// admit unless the gate is closed.
     pub async fn admit(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: Option<&str>, qos: u8) -> Admission {
         if self.settings.mode != Mode::AuthOnPublish {
-            return if self.accepting() { Admission::Admit } else { Admission::Unavailable(Unavailable::GateClosed) };
+            return if self.accepting(device.tenant) {
+                Admission::Admit
+            } else {
+                Admission::Unavailable(Unavailable::GateClosed)
+            };
         }
         let Some(payload) = payload else { return Admission::NeedsPayload };
         // Strict: admitted only once Kafka holds the record; otherwise the device keeps it and sends it again.
         match self.forward(device, mqtt_topic, Payload::Base64(payload), qos).await {
             Ok(()) => Admission::Admit,
-            Err(e) => Admission::Unavailable(Unavailable::NotAcknowledged(e)),
+            Err(e) => Admission::Unavailable(e),
         }
     }
 
@@ -191,20 +190,26 @@ impl V2k {
         if self.settings.mode != Mode::OnPublish {
             return Notice::Done;
         }
-        let Some(payload) = payload else { return Notice::NeedsPayload };
+        let Some(payload) = payload else {
+            self.metrics.failed(Failure::NoPayload).increment(1);
+            return Notice::NeedsPayload;
+        };
         // VerneMQ sends the device's PUBACK only after the reply: waiting for Kafka's ack makes the PUBACK mean "in
         // Kafka" whenever Kafka answers within the deadline.
         match self.forward(device, mqtt_topic, Payload::Base64(payload), qos).await {
-            Ok(()) | Err(ProduceError::Pending(_)) => Notice::Done,
+            Ok(()) | Err(Unavailable::NotAcknowledged(ProduceError::Pending(_))) => Notice::Done,
             Err(e) => Notice::NotDelivered(e),
         }
     }
 
-    /// The gate: whether device publishes should be accepted now (always true without the gate).
-    fn accepting(&self) -> bool {
+    /// The gate: whether this tenant's publishes should be accepted now (always true without the gate). It closes
+    /// per tenant; the overall bound only backs up memory when many tenants are busy at once.
+    fn accepting(&self, tenant: &str) -> bool {
         match self.settings.gate_max_queue {
             None => true,
-            Some(bound) => self.producer.is_healthy() && self.producer.in_flight() < bound,
+            Some(bound) => {
+                self.producer.is_healthy() && self.tenants.has_room(tenant) && self.producer.in_flight() < bound
+            }
         }
     }
 
@@ -230,16 +235,18 @@ impl V2k {
         }
     }
 
-    /// Queues the record and returns a receiver of its final delivery result; a watcher task counts the outcome
-    /// even when the caller stops waiting (that is how expired records are counted).
-    fn enqueue(&self, outcome: &Outcome) -> Result<oneshot::Receiver<Result<(), ProduceError>>, ProduceError> {
-        let delivery = self.producer.send(outcome.record()).inspect_err(|e| {
-            if matches!(e, ProduceError::QueueFull) {
-                self.metrics.queue_full.increment(1);
-            } else {
-                self.metrics.failed.increment(1);
+    /// Queues the record, holding the tenant's `slot` until its delivery report, and returns a receiver of that
+    /// report; a watcher task counts the outcome even when the caller stops waiting (that is how expired records are
+    /// counted). On error the slot comes back.
+    fn enqueue(&self, outcome: &Outcome, slot: Slot) -> Result<Receiver, (ProduceError, Slot)> {
+        let delivery = match self.producer.send(outcome.record()) {
+            Ok(delivery) => delivery,
+            Err(e) => {
+                let failure = if matches!(e, ProduceError::QueueFull) { Failure::QueueFull } else { Failure::Final };
+                self.metrics.failed(failure).increment(1);
+                return Err((e, slot));
             }
-        })?;
+        };
         let (tx, rx) = oneshot::channel();
         let metrics = self.metrics.clone();
         let dead_letter = match outcome {
@@ -249,6 +256,7 @@ impl V2k {
         let started = Instant::now();
         tokio::spawn(async move {
             let result = delivery.wait(None).await;
+            drop(slot);
             match &result {
                 Ok(()) => {
                     metrics.latency.record(started.elapsed().as_secs_f64());
@@ -261,11 +269,11 @@ impl V2k {
                     }
                 }
                 Err(ProduceError::Final(e)) => {
-                    metrics.failed.increment(1);
+                    metrics.failed(Failure::Final).increment(1);
                     tracing::error!(error = %e, "Kafka refused a device record for good");
                 }
                 Err(e) => {
-                    metrics.expired.increment(1);
+                    metrics.failed(Failure::Expired).increment(1);
                     tracing::error!(error = %e, "device record expired before Kafka acknowledged it");
                 }
             }
@@ -275,64 +283,53 @@ impl V2k {
     }
 
     /// Webhook modes: forwards one publish. QoS 0 returns once queued; QoS 1/2 waits for Kafka's ack up to the ack
-    /// deadline. `Err(Pending)` means the record is still queued and will be retried by the producer.
+    /// deadline. `Pending` means the record is still queued and will be retried by the producer until it expires.
+    /// A tenant at its bound gets `TenantFull` for QoS 1/2; its QoS 0 publishes are dropped and counted.
     async fn forward(
         &self,
         device: DeviceId<'_>,
         mqtt_topic: &str,
         payload: Payload<'_>,
         qos: u8,
-    ) -> Result<(), ProduceError> {
+    ) -> Result<(), Unavailable> {
+        if self.tenant_unknown(device.tenant) {
+            self.metrics.failed(Failure::UnknownTenant).increment(1);
+            return Err(Unavailable::UnknownTenant);
+        }
+        let Some(mut slot) = self.tenants.try_slot(device.tenant) else {
+            // Refused QoS 1/2 in strict mode stays with the device; everything else is dropped here.
+            if qos == 0 || self.settings.mode != Mode::AuthOnPublish {
+                self.metrics.failed(Failure::TenantFull).increment(1);
+            }
+            // A refused publish disconnects an MQTT 3.1.1 device, and a QoS 0 message would not be resent anyway.
+            return if qos == 0 { Ok(()) } else { Err(Unavailable::TenantFull) };
+        };
         let outcome = self.outcome(device, mqtt_topic, payload);
         let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
         let receiver = loop {
-            match self.enqueue(&outcome) {
+            match self.enqueue(&outcome, slot) {
                 Ok(receiver) => break receiver,
-                Err(ProduceError::QueueFull) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
+                Err((ProduceError::QueueFull, back)) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
+                    slot = back;
                     tokio::time::sleep(RETRY_PAUSE).await;
                 }
-                Err(e) => return Err(e),
+                Err((e, _)) => return Err(Unavailable::NotAcknowledged(e)),
             }
         };
         if qos == 0 {
             return Ok(());
         }
-        match tokio::time::timeout_at(deadline, receiver).await {
+        let result = match tokio::time::timeout_at(deadline, receiver).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(ProduceError::Expired(rdkafka::error::KafkaError::Canceled)),
             Err(_) => {
                 self.metrics.answered_before_ack.increment(1);
                 Err(ProduceError::Pending(self.settings.ack_timeout))
             }
-        }
-    }
-
-    /// Subscription mode: queues the record now (so records keep the order of the calls) and returns a future that
-    /// keeps trying until Kafka acknowledged it, while the broker holds the MQTT message unacknowledged. The future
-    /// completes only when acknowledging is safe: delivered, or refused for good (a poison record must not block the
-    /// subscription forever; it is counted and logged).
-    pub fn forward_until_delivered(
-        self: &Arc<Self>,
-        device: DeviceId<'_>,
-        mqtt_topic: &str,
-        payload: &[u8],
-    ) -> impl std::future::Future<Output = ()> + Send + 'static {
-        let outcome = self.outcome(device, mqtt_topic, Payload::Raw(payload));
-        let first = self.enqueue(&outcome);
-        let this = self.clone();
-        async move {
-            let mut attempt = first;
-            loop {
-                let result = match attempt {
-                    Ok(receiver) => receiver.await.unwrap_or(Err(ProduceError::QueueFull)),
-                    Err(e) => Err(e),
-                };
-                match result {
-                    Ok(()) | Err(ProduceError::Final(_)) => return,
-                    Err(_) => tokio::time::sleep(RETRY_PAUSE).await,
-                }
-                attempt = this.enqueue(&outcome);
-            }
-        }
+        };
+        result.map_err(Unavailable::NotAcknowledged)
     }
 }
+
+/// A queued record's delivery report.
+type Receiver = oneshot::Receiver<Result<(), ProduceError>>;

@@ -1,16 +1,22 @@
 //! V2K subscription mode: the shared subscription `$share/<group>/+/<attrs>` feeds Kafka with no per-message
-//! webhook; each MQTT message is acknowledged only after Kafka acknowledged its record.
+//! webhook; each MQTT message is acknowledged only after Kafka acknowledged its record (or, failing that, its dead
+//! letter; failing both, it is counted lost), in arrival order within its tenant.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use super::V2k;
+use super::tenants::{Room, Slot};
+use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, Receiver, V2k, now_ms};
 use crate::health::Probe;
+use crate::kafka::producer::ProduceError;
 use crate::mqtt::MqttSettings;
 use crate::mqtt::subscriber::{self, Message};
-use crate::policy::Policy;
+use crate::policy::{DeviceId, Policy};
 
 /// The internal client's shared subscription.
 #[derive(Debug, Clone)]
@@ -19,6 +25,8 @@ pub struct SubscriptionSettings {
     /// `$share/<group>/+/<attrs>`.
     pub filter: String,
 }
+
+type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs until `shutdown`; messages being handled then get `drain` to be acknowledged by Kafka.
 pub async fn run(
@@ -29,15 +37,132 @@ pub async fn run(
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let handle = move |message: Message| -> std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>> {
+    let handle = move |message: Message| -> (u64, Work) {
         match policy.attrs_topic_device(&message.topic) {
-            Some(device) => Box::pin(v2k.forward_until_delivered(device, &message.topic, &message.payload)),
+            Some(device) => {
+                let lane = v2k.tenants.lane(device.tenant);
+                (lane, Box::pin(v2k.forward_until_delivered(device, &message.topic, message.payload.clone())))
+            }
             None => {
                 // The broker's ACL lets only devices publish on attrs topics; anything else is not device data.
                 tracing::warn!(topic = %message.topic, "message on the shared subscription is not device data; dropped");
-                Box::pin(async {})
+                (0, Box::pin(async {}))
             }
         }
     };
     subscriber::run(settings.mqtt, "v2k", settings.filter, probe, handle, shutdown, drain).await;
+}
+
+/// Who a message came from, for the error line of a lost one.
+struct Source {
+    tenant: String,
+    device: String,
+    topic: String,
+}
+
+impl V2k {
+    /// Subscription mode: queues the record now when its tenant has room (so records keep the order of the calls),
+    /// otherwise waits behind the tenant's earlier messages; returns a future that completes when acknowledging is
+    /// safe: Kafka took the record or its dead letter, or the message is counted lost. While Kafka as a whole is
+    /// unreachable nothing is given up: the broker keeps the message and every tenant waits alike.
+    pub fn forward_until_delivered(
+        self: &Arc<Self>,
+        device: DeviceId<'_>,
+        mqtt_topic: &str,
+        payload: Bytes,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let source =
+            Source { tenant: device.tenant.to_owned(), device: device.device.to_owned(), topic: mqtt_topic.to_owned() };
+        let this = self.clone();
+        let outcome = self.outcome(device, mqtt_topic, Payload::Raw(&payload));
+        // Queued here, synchronously, when there is room: the order of calls is the order in Kafka. The tenant
+        // check is not applied here: a message the broker already acknowledged is only given up after the delivery
+        // timeout, never on one metadata answer (a restarting Kafka may list no topics for a moment).
+        let start = match self.tenants.try_acquire(device.tenant) {
+            Room::Slot(slot) => Ok(self.enqueue(&outcome, slot)),
+            Room::Full(ticket) => Err(ticket),
+        };
+        async move {
+            let first = match start {
+                Ok(first) => first,
+                Err(ticket) => {
+                    let (turn, slot) = ticket.turn(this.tenants.bound()).await;
+                    let queued = this.enqueue(&outcome, slot);
+                    // The turn ends after the record is queued: order kept within the tenant.
+                    drop(turn);
+                    queued
+                }
+            };
+            let error = match this.until_acknowledged(&outcome, first).await {
+                Ok(()) => return,
+                Err(e) => e,
+            };
+            let letter = this.settings.contract.dead_letter(
+                device_of(&source),
+                &source.topic,
+                &payload,
+                now_ms(),
+                Invalid::Undeliverable,
+            );
+            let slot = this.slot(&source.tenant).await;
+            let queued = this.enqueue(&letter, slot);
+            if let Err(second) = this.until_acknowledged(&letter, queued).await {
+                this.lost(&source, &format!("{error}; dead letter: {second}"));
+            }
+        }
+    }
+
+    /// Waits for the record's report, sending it again while Kafka as a whole is away or the local queue is full.
+    /// Gives up when Kafka is reachable and the record still expired or was refused for good.
+    async fn until_acknowledged(
+        &self,
+        outcome: &Outcome,
+        mut attempt: Result<Receiver, (ProduceError, Slot)>,
+    ) -> Result<(), ProduceError> {
+        let tenant = outcome.record().key.split_once(':').map_or("", |(tenant, _)| tenant).to_owned();
+        loop {
+            let result = match attempt {
+                Ok(receiver) => {
+                    receiver.await.unwrap_or(Err(ProduceError::Expired(rdkafka::error::KafkaError::Canceled)))
+                }
+                Err((e, slot)) => {
+                    drop(slot);
+                    Err(e)
+                }
+            };
+            match result {
+                Ok(()) => return Ok(()),
+                Err(ProduceError::QueueFull) => {}
+                Err(e @ ProduceError::Final(_)) => return Err(e),
+                Err(e) if self.producer.is_healthy() => return Err(e),
+                Err(_) => {}
+            }
+            tokio::time::sleep(RETRY_PAUSE).await;
+            let slot = self.slot(&tenant).await;
+            attempt = self.enqueue(outcome, slot);
+        }
+    }
+
+    /// A slot of the tenant, waiting behind its other waiting messages.
+    async fn slot(&self, tenant: &str) -> Slot {
+        match self.tenants.try_acquire(tenant) {
+            Room::Slot(slot) => slot,
+            Room::Full(ticket) => ticket.turn(self.tenants.bound()).await.1,
+        }
+    }
+
+    /// The message is acknowledged without its data in Kafka: counted, and logged with its origin.
+    fn lost(&self, source: &Source, reason: &str) {
+        self.metrics.failed(Failure::Lost).increment(1);
+        tracing::error!(
+            tenant = %source.tenant,
+            device = %source.device,
+            reason,
+            "device message acknowledged to the broker but not in Kafka (lost)"
+        );
+    }
+}
+
+fn device_of(source: &Source) -> DeviceId<'_> {
+    DeviceId { tenant: &source.tenant, device: &source.device }
 }

@@ -5,7 +5,7 @@ use serde::Serialize;
 use super::{HookState, Reply, wire};
 use crate::cert;
 use crate::log_guard::{Denial, clip};
-use crate::policy::{Principal, RegisterDecision, RegisterRequest};
+use crate::policy::{DenyReason, Principal, RegisterDecision, RegisterRequest};
 
 /// Modifier keys allowed for `auth_on_register(_m5)` (ARCHITECTURE.md §2.3); `mountpoint`, `client_id` only together.
 #[derive(Serialize)]
@@ -65,6 +65,15 @@ pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
         }
         RegisterDecision::Allow { principal, modifiers } => {
             if let Principal::Device(device) = principal {
+                // Data of a tenant without a topic has nowhere to go: refuse the device before it publishes.
+                if state.v2k.as_ref().is_some_and(|v2k| !v2k.tenant_admitted(device.tenant)) {
+                    let reason = DenyReason::UnknownTenant;
+                    if let Some(suppressed) = state.log_guard.admit(Denial::Register, device.tenant) {
+                        tracing::info!(device = %device, client_id = %clip(&req.client_id), %reason, suppressed,
+                                       "connection denied");
+                    }
+                    return Reply::Deny(reason);
+                }
                 // The session key VerneMQ will use: the policy's rewrite if any (live session control).
                 let (mountpoint, client_id) =
                     modifiers.subscriber_id.as_ref().map_or((&req.mountpoint, &req.client_id), |(m, c)| (m, c));

@@ -351,3 +351,32 @@ pub fn v2k_settings(compose: &Compose) -> (String, u64) {
     let ack = service_setting(compose, "V2K_ACK_TIMEOUT_MS").and_then(|v| v.parse().ok()).expect("numeric ack timeout");
     (mode, ack)
 }
+
+/// Topic auto-creation is off on the service's Kafka, and a one-shot the service waits for (completed) creates the
+/// admin tenant's data topic (`admin.<V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX>`) and its dead letters.
+pub fn check_tenant_topics(compose: &Compose) -> Result<(), Problems> {
+    let mut problems = Vec::new();
+    let Some(agent) = compose.agent() else { return Err(vec!["compose needs a built service".into()]) };
+    let env = compose.env(agent);
+    let Some(kafka) = env.get("KAFKA_BROKERS").and_then(|b| b.split(':').next()) else {
+        return Err(vec![format!("{agent}: KAFKA_BROKERS is not set")]);
+    };
+    if compose.env(kafka).get("KAFKA_AUTO_CREATE_TOPICS_ENABLE").map(String::as_str) != Some("false") {
+        problems.push(format!("{kafka}: KAFKA_AUTO_CREATE_TOPICS_ENABLE must be \"false\" (as in production)"));
+    }
+    let suffix = env.get("V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX").map_or("device-data", String::as_str);
+    let wanted = [format!("admin.{suffix}"), format!("admin.{suffix}.dead-letter")];
+    let creates = |service: &str| {
+        let command = compose.service(service).map(|s| serde_json::to_string(&s["command"]).unwrap_or_default());
+        command.is_some_and(|c| c.contains("kafka-topics.sh") && wanted.iter().all(|t| c.contains(&format!("{t} "))))
+    };
+    let waited = compose
+        .depends_on(agent)
+        .into_iter()
+        .any(|(dependency, condition)| condition == "service_completed_successfully" && creates(&dependency));
+    if !waited {
+        problems
+            .push(format!("{agent} must wait (completed) for a one-shot that creates {wanted:?} with kafka-topics.sh"));
+    }
+    result(problems)
+}

@@ -1,8 +1,8 @@
 //! `compose.yaml`, `vernemq.conf` and the plugin fragments agree, and every check fails on a broken copy of them.
 
 use super::checks::{
-    check_fragments, check_ports, check_service_endpoints, check_start_order, check_tls_files, check_v2k_hooks,
-    check_webhooks, v2k_settings,
+    check_fragments, check_ports, check_service_endpoints, check_start_order, check_tenant_topics, check_tls_files,
+    check_v2k_hooks, check_webhooks, v2k_settings,
 };
 use super::parse::{Compose, Conf};
 use super::{compose, conf, fragments, opt_in_fragments, read, run_pki};
@@ -39,6 +39,24 @@ fn strict_mode_ships_and_on_publish_is_opt_in() {
     assert!(check_v2k_hooks(&with_on_publish, "on_publish", ack_timeout_ms).is_ok(), "{file} fits on_publish mode");
     assert!(check_v2k_hooks(&with_on_publish, "auth_on_publish", ack_timeout_ms).is_err(), "strict pays once");
     assert!(check_v2k_hooks(&conf(), "on_publish", ack_timeout_ms).is_err(), "on_publish mode needs the fragment");
+}
+
+/// Kafka runs as production does (no topic created on first use), and a one-shot step creates the admin tenant's
+/// topics before the service starts, so that the service accepts the walkthrough's admin devices.
+#[test]
+fn kafka_creates_no_topics_and_the_admin_tenant_has_its_own() {
+    let compose = compose();
+    assert!(check_tenant_topics(&compose).is_ok(), "{:?}", check_tenant_topics(&compose));
+    let text = read("compose.yaml");
+    for (from, to) in [
+        ("KAFKA_AUTO_CREATE_TOPICS_ENABLE: \"false\"", "KAFKA_AUTO_CREATE_TOPICS_ENABLE: \"true\""),
+        ("admin.device-data admin", "admin.other admin"),
+        ("      kafka-topics:\n        condition: service_completed_successfully\n", ""),
+    ] {
+        assert!(text.contains(from), "compose.yaml no longer contains {from:?}");
+        let broken = Compose::parse(&text.replace(from, to)).unwrap();
+        assert!(check_tenant_topics(&broken).is_err(), "passed with {from:?} -> {to:?}");
+    }
 }
 
 /// Each check fails on a broken copy of the real files.

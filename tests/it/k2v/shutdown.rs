@@ -19,6 +19,8 @@ async fn sigterm_under_load_exits_within_the_budget_with_everything_acknowledged
     let mut env = k2v_env(&kafka, &mqtt.url(), group);
     // QoS 0 publishes are answered at once: the linger keeps them in the producer until the flush at shutdown.
     env.push(("KAFKA_LINGER_MS", "300".into()));
+    // The linger holds more QoS 0 records than a tenant's default bound, which would drop them (counted).
+    env.push(("V2K_TENANT_MAX_IN_FLIGHT", "1000000".into()));
     env.push(("V2K_MODE", "on_publish".into()));
 
     let stream = stream(&kafka, 250);

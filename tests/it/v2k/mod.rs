@@ -4,6 +4,7 @@
 mod plain;
 mod strict;
 mod subscription;
+mod tenants;
 
 use std::collections::BTreeMap;
 use std::time::Duration;

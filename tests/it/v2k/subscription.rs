@@ -136,6 +136,8 @@ async fn sigterm_mid_stream_flushes_every_answered_publish() {
     let service = ServiceProcess::start(&[
         ("KAFKA_BROKERS", kafka.brokers()),
         ("KAFKA_LINGER_MS", "500".to_string()),
+        // The linger holds far more QoS 0 records than a tenant's default bound, which would drop them.
+        ("V2K_TENANT_MAX_IN_FLIGHT", "1000000".to_string()),
         ("MQTT_USERNAME", "k2v-bridge".to_string()),
         ("V2K_MODE", "on_publish".to_string()),
     ]);
