@@ -6,12 +6,12 @@
 
 use std::time::{Duration, Instant};
 
-use iotagent_mqtt::health::Probe;
 use iotagent_mqtt::k2v::{EventRules, K2v, K2vSettings};
 use iotagent_mqtt::kafka::consumer::ConsumerSettings;
 use iotagent_mqtt::metrics::Metrics;
 use iotagent_mqtt::mqtt::MqttSettings;
 use iotagent_mqtt::policy::IdCharset;
+use iotagent_mqtt::readiness::ReadyFlag;
 use iotagent_mqtt::secret::Secret;
 use iotagent_mqtt::shutdown::Budget;
 use rdkafka::ClientConfig;
@@ -156,8 +156,14 @@ async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Durat
     };
     let metrics = Metrics::new();
     let started = Instant::now();
-    let k2v = K2v::start(settings, &metrics, Probe::default(), Probe::default(), Budget::new(Duration::from_secs(10)))
-        .expect("K2V starts");
+    let k2v = K2v::start(
+        settings,
+        &metrics,
+        ReadyFlag::default(),
+        ReadyFlag::default(),
+        Budget::new(Duration::from_secs(10)),
+    )
+    .expect("K2V starts");
     let mut first = None;
     loop {
         let done = acked(&metrics);

@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, V2kParts};
-use crate::health::{Probe, Readiness};
 use crate::kafka::producer::Producer;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
+use crate::readiness::{Readiness, ReadyFlag};
 use crate::sessions::SessionRegistry;
 use crate::shutdown::Budget;
 use crate::v2k::V2k;
@@ -121,9 +121,9 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     if let Some(watcher) = service_certificates.watch(shutdown.clone()) {
         session_tasks.push(watcher);
     }
-    let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.probe("k2v_kafka"), readiness.probe("k2v_mqtt")));
+    let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.flag("k2v_kafka"), readiness.flag("k2v_mqtt")));
     // Not ready until the removed devices Kafka held at start are read (README "Live session control").
-    let removed_probe = settings.removed_reader.as_ref().map(|_| readiness.probe("removed_devices"));
+    let removed_probe = settings.removed_reader.as_ref().map(|_| readiness.flag("removed_devices"));
     let mut router = crate::http::router(hooks, readiness, metrics.clone());
     if let Some(token) = session_settings.admin_token.clone() {
         router =
@@ -260,7 +260,7 @@ fn start_v2k(
 ) -> anyhow::Result<Arc<V2k>> {
     let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
     let v2k = Arc::new(V2k::new(producer, parts.settings, metrics));
-    tasks.spawn(watch_kafka(v2k.clone(), readiness.probe("kafka"), shutdown.clone()));
+    tasks.spawn(watch_kafka(v2k.clone(), readiness.flag("kafka"), shutdown.clone()));
     if let Some(period) = v2k.tenant_refresh() {
         tasks.spawn(refresh_tenants(v2k.clone(), period, shutdown.clone()));
     }
@@ -272,7 +272,7 @@ fn start_v2k(
                 plain,
                 v2k.clone(),
                 policy.clone(),
-                crate::v2k::plain::Probes { mqtt: readiness.probe("v2k_mqtt"), lease: readiness.probe("v2k_lease") },
+                crate::v2k::plain::ReadyFlags { mqtt: readiness.flag("v2k_mqtt"), lease: readiness.flag("v2k_lease") },
                 shutdown.clone(),
                 budget.total(),
             ));
@@ -283,7 +283,7 @@ fn start_v2k(
                 subscription,
                 v2k.clone(),
                 policy.clone(),
-                readiness.probe("v2k_mqtt"),
+                readiness.flag("v2k_mqtt"),
                 shutdown.clone(),
                 budget.total(),
             ));
@@ -306,7 +306,7 @@ async fn refresh_tenants(v2k: Arc<V2k>, period: Duration, shutdown: Cancellation
 }
 
 /// Keeps the Kafka readiness probe current.
-async fn watch_kafka(v2k: Arc<V2k>, probe: Probe, shutdown: CancellationToken) {
+async fn watch_kafka(v2k: Arc<V2k>, probe: ReadyFlag, shutdown: CancellationToken) {
     let mut tick = tokio::time::interval(Duration::from_secs(2));
     loop {
         tokio::select! {

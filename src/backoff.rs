@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone)]
-pub struct Backoff {
+pub(crate) struct Backoff {
     min: Duration,
     max: Duration,
     next: Duration,
@@ -17,28 +17,28 @@ pub struct Backoff {
 }
 
 impl Backoff {
-    pub fn new(min: Duration, max: Duration) -> Self {
+    pub(crate) fn new(min: Duration, max: Duration) -> Self {
         Self { min, max, next: min, jitter: 0.0, stable: Duration::ZERO, connected_at: None }
     }
 
     /// Each delay anywhere within ±`fraction` of its nominal value.
-    pub fn with_jitter(self, fraction: f64) -> Self {
+    pub(crate) fn with_jitter(self, fraction: f64) -> Self {
         Self { jitter: fraction.clamp(0.0, 1.0), ..self }
     }
 
     /// A connection lost before it lasted `stable` does not reset the delay (refused or dropped at once: the
     /// next attempt would meet the same fate).
-    pub fn with_stable_after(self, stable: Duration) -> Self {
+    pub(crate) fn with_stable_after(self, stable: Duration) -> Self {
         Self { stable, ..self }
     }
 
     /// The delay before the next attempt; the one after is twice as long, up to the maximum.
-    pub fn next_delay(&mut self) -> Duration {
+    pub(crate) fn next_delay(&mut self) -> Duration {
         self.next_delay_at(Instant::now())
     }
 
     /// [`Self::next_delay`] at a given instant (pure, for tests).
-    pub fn next_delay_at(&mut self, now: Instant) -> Duration {
+    pub(crate) fn next_delay_at(&mut self, now: Instant) -> Duration {
         if let Some(since) = self.connected_at.take()
             && now.saturating_duration_since(since) >= self.stable
         {
@@ -53,17 +53,17 @@ impl Backoff {
     }
 
     /// Connected: once the connection has lasted `stable`, its loss starts over at the minimum.
-    pub fn connected(&mut self) {
+    pub(crate) fn connected(&mut self) {
         self.connected_at(Instant::now());
     }
 
     /// [`Self::connected`] at a given instant (pure, for tests).
-    pub fn connected_at(&mut self, now: Instant) {
+    pub(crate) fn connected_at(&mut self, now: Instant) {
         self.connected_at = Some(now);
     }
 
     /// Success that proves the cause is gone (an accepted publish or subscription): start over at the minimum.
-    pub fn reset(&mut self) {
+    pub(crate) fn reset(&mut self) {
         self.next = self.min;
     }
 }

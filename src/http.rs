@@ -10,8 +10,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use tower_http::timeout::TimeoutLayer;
 
-use crate::health::Readiness;
 use crate::metrics::Metrics;
+use crate::readiness::Readiness;
 use crate::webhooks::{self, HookState};
 
 /// Longer than VerneMQ's 5 s response timeout: past that our answer is useless anyway.
@@ -23,7 +23,7 @@ struct OpsState {
     metrics: Arc<Metrics>,
 }
 
-pub fn router(hooks: HookState, readiness: Readiness, metrics: Arc<Metrics>) -> Router {
+pub(crate) fn router(hooks: HookState, readiness: Readiness, metrics: Arc<Metrics>) -> Router {
     let ops = Router::new()
         .route("/health/live", get(|| async { axum::Json(serde_json::json!({ "live": true })) }))
         .route("/health/ready", get(ready))

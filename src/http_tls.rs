@@ -35,7 +35,7 @@ pub struct TlsSettings {
 }
 
 #[derive(Debug, thiserror::Error)]
-pub enum TlsError {
+pub(crate) enum TlsError {
     #[error("HTTPS webhook listener: {what} {path}: {source}")]
     File {
         what: &'static str,
@@ -52,7 +52,7 @@ pub enum TlsError {
 ///
 /// # Errors
 /// A file that is missing or not what it should be, or a key that does not match the certificate.
-pub fn acceptor(settings: &TlsSettings) -> Result<SslAcceptor, TlsError> {
+pub(crate) fn acceptor(settings: &TlsSettings) -> Result<SslAcceptor, TlsError> {
     fn file(what: &'static str, path: &Path) -> impl FnOnce(openssl::error::ErrorStack) -> TlsError {
         let path = path.to_path_buf();
         move |source| TlsError::File { what, path, source }
@@ -114,7 +114,7 @@ impl Current {
 }
 
 /// A bound HTTPS listener, its files checked.
-pub struct TlsListener {
+pub(crate) struct TlsListener {
     listener: TcpListener,
     current: Mutex<Current>,
 }
@@ -128,18 +128,18 @@ impl std::fmt::Debug for TlsListener {
 impl TlsListener {
     /// # Errors
     /// As [`acceptor`].
-    pub fn new(listener: TcpListener, settings: TlsSettings) -> Result<Self, TlsError> {
+    pub(crate) fn new(listener: TcpListener, settings: TlsSettings) -> Result<Self, TlsError> {
         let acceptor = Arc::new(acceptor(&settings)?);
         let stamps = Current::stamps(&settings);
         Ok(Self { listener, current: Mutex::new(Current { settings, stamps, acceptor }) })
     }
 
-    pub fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
+    pub(crate) fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
         self.listener.local_addr()
     }
 
     /// Serves `router` until `shutdown`, then lets open requests finish (connections close after their reply).
-    pub async fn serve(self, router: Router, shutdown: CancellationToken) {
+    pub(crate) async fn serve(self, router: Router, shutdown: CancellationToken) {
         let connections = TaskTracker::new();
         loop {
             let (tcp, peer) = tokio::select! {

@@ -8,37 +8,39 @@
 //! - [`sessions`]: live session control: the node's sessions, removed devices, revoked certificates, disconnects.
 //! - [`cert`]: reading the client certificates VerneMQ forwards; [`service_certs`]: the service's own, pinned.
 //! - [`http_tls`]: the HTTPS webhook listener (client certificates required); [`log_guard`]: bounded denial logs.
-//! - [`http`], [`health`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
+//! - [`http`], [`readiness`], [`metrics`], [`telemetry`]: the operational surface; [`healthcheck`]: the container
 //!   health check (`iotagent-mqtt healthcheck`).
 //! - [`pki`]: the development CA, its HTTP API and certificate upkeep (`iotagent-mqtt pki`).
 //! - [`config`]: flags and environment variables, translated into each module's settings (the top layer, with
 //!   [`app`]: start and stop order); [`shutdown`]: the shutdown budget; [`secret`]: values kept out of logs.
 
 #![forbid(unsafe_code)]
+// Items `pub` in a module that is not part of the library's API would hide dead code from rustc.
+#![warn(unreachable_pub)]
 
-pub mod app;
-pub mod backoff;
+mod app;
+mod backoff;
 pub mod cert;
 pub mod config;
-pub mod health;
 pub mod healthcheck;
-pub mod http;
-pub mod http_tls;
+mod http;
+mod http_tls;
 pub mod k2v;
 pub mod kafka;
-pub mod log_guard;
+mod log_guard;
 pub mod metrics;
 pub mod mqtt;
-pub mod ordered;
+mod ordered;
 pub mod pki;
 pub mod policy;
-pub mod schedule;
+pub mod readiness;
+mod schedule;
 pub mod secret;
-pub mod service_certs;
+mod service_certs;
 pub mod sessions;
 pub mod shutdown;
 pub mod telemetry;
-pub mod v2k;
+mod v2k;
 pub mod webhooks;
 
 pub use app::{Listeners, run};

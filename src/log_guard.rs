@@ -11,7 +11,7 @@ use parking_lot::Mutex;
 use crate::metrics::Metrics;
 
 /// Longest part of a user-controlled string (topic, client id, username) that reaches a log line, in bytes.
-pub const MAX_LOGGED_BYTES: usize = 128;
+pub(crate) const MAX_LOGGED_BYTES: usize = 128;
 /// Lines per identity and kind within one window; the rest are counted, and the next window's first line says how
 /// many were left out.
 const BURST: u32 = 3;
@@ -46,9 +46,9 @@ impl Denial {
 
 /// A user-controlled string as it may appear in a log: at most [`MAX_LOGGED_BYTES`], control characters escaped,
 /// the length of what was cut said.
-pub struct Clipped<'a>(&'a str);
+pub(crate) struct Clipped<'a>(&'a str);
 
-pub fn clip(value: &str) -> Clipped<'_> {
+pub(crate) fn clip(value: &str) -> Clipped<'_> {
     Clipped(value)
 }
 

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 /// Entries keyed by increasing keys (gaps allowed), each open until completed. [`InOrder::release`] hands out the
 /// completed entries at the front, oldest first, and stops at the first one still open.
 #[derive(Debug)]
-pub struct InOrder<K, V> {
+pub(crate) struct InOrder<K, V> {
     entries: VecDeque<Entry<K, V>>,
 }
 
@@ -25,13 +25,13 @@ impl<K, V> Default for InOrder<K, V> {
 
 impl<K: Ord + Copy, V> InOrder<K, V> {
     /// Adds an open entry. Its key must be greater than every key added before (since the last [`InOrder::clear`]).
-    pub fn push(&mut self, key: K, value: V) {
+    pub(crate) fn push(&mut self, key: K, value: V) {
         debug_assert!(self.last_key().is_none_or(|last| last < key), "keys must increase");
         self.entries.push_back(Entry { key, value, done: false });
     }
 
     /// Marks an entry done. False when no such entry is held (never added, already released, or cleared).
-    pub fn complete(&mut self, key: K) -> bool {
+    pub(crate) fn complete(&mut self, key: K) -> bool {
         match self.entries.binary_search_by(|e| e.key.cmp(&key)) {
             Ok(index) => {
                 self.entries[index].done = true;
@@ -42,7 +42,7 @@ impl<K: Ord + Copy, V> InOrder<K, V> {
     }
 
     /// Removes and yields the done prefix, oldest first.
-    pub fn release(&mut self) -> impl Iterator<Item = (K, V)> + '_ {
+    pub(crate) fn release(&mut self) -> impl Iterator<Item = (K, V)> + '_ {
         std::iter::from_fn(move || {
             if !self.entries.front()?.done {
                 return None;
@@ -52,25 +52,27 @@ impl<K: Ord + Copy, V> InOrder<K, V> {
     }
 
     /// The oldest entry still held (the first one open, once released).
-    pub fn first_key(&self) -> Option<K> {
+    pub(crate) fn first_key(&self) -> Option<K> {
         self.entries.front().map(|e| e.key)
     }
 
     /// The newest entry still held.
-    pub fn last_key(&self) -> Option<K> {
+    pub(crate) fn last_key(&self) -> Option<K> {
         self.entries.back().map(|e| e.key)
     }
 
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.entries.len()
     }
 
-    pub fn is_empty(&self) -> bool {
+    pub(crate) fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
 
     /// Forgets every entry, done or not.
-    pub fn clear(&mut self) {
+    #[cfg(test)]
+    fn clear(&mut self) {
         self.entries.clear();
     }
 }

@@ -77,7 +77,7 @@ const DEFAULT_LIFETIME: Duration = Duration::from_secs(1800);
 /// 512 KiB: twice V2K_MAX_PAYLOAD_BYTES' default, so a payload over the data limit still reaches the dead-letter
 /// topic; base64-encoded (~683 KiB) it fits the 1 MiB WEBHOOK_MAX_BODY_BYTES, and it stays under Kafka's default
 /// 1 MiB record limit (message.max.bytes).
-pub const DEFAULT_MAX_MESSAGE_SIZE: u32 = 512 * 1024;
+pub(super) const DEFAULT_MAX_MESSAGE_SIZE: u32 = 512 * 1024;
 
 impl PolicyArgs {
     fn lifetime(&self) -> Result<Lifetime, ConfigError> {

@@ -15,12 +15,12 @@ use tokio_util::task::AbortOnDropHandle;
 use counters::{DeadLetter, K2vMetrics};
 pub use event::{Action, EventError, EventRules, SkipReason};
 
-use crate::health::Probe;
 use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received, TopicChecker};
 use crate::kafka::producer::{Producer, ProducerSettings};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSettings;
 use crate::mqtt::publisher::{Ack, Outcome, PublishError, Publisher, Refusal};
+use crate::readiness::ReadyFlag;
 use crate::shutdown::Budget;
 
 /// Client id role of the K2V publisher and consumer (`<MQTT_CLIENT_ID>-k2v`).
@@ -79,8 +79,8 @@ impl K2v {
     pub fn start(
         settings: K2vSettings,
         metrics: &Metrics,
-        kafka_probe: Probe,
-        mqtt_probe: Probe,
+        kafka_probe: ReadyFlag,
+        mqtt_probe: ReadyFlag,
         budget: Budget,
     ) -> Result<Self, K2vError> {
         let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
@@ -167,7 +167,7 @@ impl Bridge {
         let mut gauges = tokio::time::interval(GAUGE_INTERVAL);
         // Off the bridge's loop: reading watermarks is a broker round trip per partition.
         let lag = AbortOnDropHandle::new(tokio::spawn({
-            let probe = self.consumer.lag_probe();
+            let probe = self.consumer.lag_meter();
             let gauge = self.metrics.lag.clone();
             let interval = self.lag_interval;
             async move {

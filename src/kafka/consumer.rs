@@ -16,7 +16,7 @@ use rdkafka::statistics::Statistics;
 
 pub use super::offsets::Position;
 use super::offsets::Tracker;
-use crate::health::Probe;
+use crate::readiness::ReadyFlag;
 
 #[derive(Debug, Clone)]
 pub struct ConsumerSettings {
@@ -69,7 +69,7 @@ fn store_moved<C: ConsumerContext>(consumer: &impl Consumer<C>, tracker: &Mutex<
 /// (broker state), errors.
 struct Context {
     tracker: Arc<Mutex<Tracker>>,
-    probe: Probe,
+    probe: ReadyFlag,
 }
 
 impl ClientContext for Context {
@@ -204,7 +204,7 @@ impl K2vConsumer {
     ///
     /// # Errors
     /// Invalid settings or subscription.
-    pub fn new(settings: &ConsumerSettings, probe: Probe) -> Result<Self, ConsumeError> {
+    pub fn new(settings: &ConsumerSettings, probe: ReadyFlag) -> Result<Self, ConsumeError> {
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let context = Context { tracker: tracker.clone(), probe };
         let ms = |d: Duration| d.as_millis().to_string();
@@ -286,8 +286,8 @@ impl K2vConsumer {
     }
 
     /// A handle that measures the lag from another task.
-    pub fn lag_probe(&self) -> LagProbe {
-        LagProbe { consumer: self.lender(), tracker: self.tracker.clone() }
+    pub fn lag_meter(&self) -> LagMeter {
+        LagMeter { consumer: self.lender(), tracker: self.tracker.clone() }
     }
 
     /// Commits the stored offsets now and waits for the broker's answer.
@@ -352,12 +352,12 @@ impl TopicChecker {
 /// Measures how far behind the bridge is: per partition consumed so far, the high watermark minus the first offset
 /// not yet completed. The watermarks are asked from the brokers (librdkafka's statistics arrive only while messages
 /// are being received, so they would freeze exactly when the bridge is stuck).
-pub struct LagProbe {
+pub struct LagMeter {
     consumer: Lender,
     tracker: Arc<Mutex<Tracker>>,
 }
 
-impl LagProbe {
+impl LagMeter {
     /// `None` when no watermark could be read within `timeout` per partition.
     pub async fn measure(&self, timeout: Duration) -> Option<i64> {
         let positions = self.tracker.lock().first_open();

@@ -13,7 +13,7 @@ use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::topic_partition_list::TopicPartitionList;
 use tokio::sync::watch;
 
-use crate::health::Probe;
+use crate::readiness::ReadyFlag;
 
 /// The partition whose assignment is the lease.
 const LEASE_PARTITION: i32 = 0;
@@ -69,7 +69,7 @@ struct Context {
     held: watch::Sender<bool>,
     in_use: Arc<InUse>,
     release_timeout: Duration,
-    probe: Probe,
+    probe: ReadyFlag,
 }
 
 impl Context {
@@ -144,7 +144,7 @@ impl Lease {
     ///
     /// # Errors
     /// Invalid settings, or no thread for the consumer.
-    pub fn start(settings: &LeaseSettings, probe: Probe) -> Result<Self, LeaseError> {
+    pub fn start(settings: &LeaseSettings, probe: ReadyFlag) -> Result<Self, LeaseError> {
         // Up until the lease topic is found missing: a standby is ready.
         probe.set(true);
         let (held_tx, held) = watch::channel(false);
@@ -218,7 +218,7 @@ impl Drop for Lease {
 }
 
 /// Polls (which serves the rebalance callbacks) until stopped, then closes the consumer, leaving the group.
-fn poll_until_stopped(consumer: &BaseConsumer<Context>, stop: &AtomicBool, topic: &str, probe: &Probe) {
+fn poll_until_stopped(consumer: &BaseConsumer<Context>, stop: &AtomicBool, topic: &str, probe: &ReadyFlag) {
     while !stop.load(Ordering::Relaxed) {
         // Messages on the lease topic mean nothing; membership is the lease.
         if let Some(Err(error)) = consumer.poll(POLL) {

@@ -19,7 +19,7 @@ pub use super::book::Refusal;
 use super::book::{Answer, Book, Message};
 use super::reload::{self, Reload};
 use super::{MAX_PACKET_BYTES, MqttConfigError, MqttSettings};
-use crate::health::Probe;
+use crate::readiness::ReadyFlag;
 
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
@@ -92,7 +92,7 @@ impl Publisher {
         settings: &MqttSettings,
         role: &str,
         max_in_flight: u16,
-        probe: Probe,
+        probe: ReadyFlag,
     ) -> Result<(Self, mpsc::UnboundedReceiver<Ack>), MqttConfigError> {
         // Before the options are built: a renewal in between is then seen as a change.
         let reload = Reload::new(settings.tls.as_ref(), reload::POLL_EVERY);
@@ -197,7 +197,7 @@ struct Driver {
     acks: mpsc::UnboundedSender<Ack>,
     connected: watch::Sender<bool>,
     max_packet: Arc<AtomicUsize>,
-    probe: Probe,
+    probe: ReadyFlag,
     stop: CancellationToken,
     /// Renewed TLS files (mutual TLS only).
     reload: Option<Reload>,
@@ -362,7 +362,7 @@ mod tests {
 
     #[tokio::test]
     async fn refuses_what_could_never_be_sent_and_queues_the_rest_while_disconnected() {
-        let (publisher, _acks) = Publisher::start(&settings(), "k2v", 10, Probe::default()).unwrap();
+        let (publisher, _acks) = Publisher::start(&settings(), "k2v", 10, ReadyFlag::default()).unwrap();
         for topic in ["", "a/+/config", "a/#", "a\0b"] {
             assert!(matches!(publisher.publish(topic, Bytes::new(), false), Err(PublishError::InvalidTopic(_))));
         }

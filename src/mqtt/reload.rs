@@ -9,10 +9,10 @@ use rumqttc::v5::{EventLoop, Request};
 use super::TlsFiles;
 
 /// How often the files are compared with what the connection uses, when nothing notifies a renewal.
-pub const POLL_EVERY: Duration = Duration::from_secs(5);
+pub(super) const POLL_EVERY: Duration = Duration::from_secs(5);
 
 /// Watches one client's TLS files; [`Reload::changed`] yields a transport built from the new ones.
-pub struct Reload {
+pub(super) struct Reload {
     files: TlsFiles,
     /// Digests of the files the current transport was built from (digests, so no key material is kept).
     seen: Vec<Option<[u8; 32]>>,
@@ -25,7 +25,7 @@ pub struct Reload {
 impl Reload {
     /// Watching `files` (none for a plain connection), polled `every`; call before building the first transport so
     /// that a change in between is not missed.
-    pub fn new(files: Option<&TlsFiles>, every: Duration) -> Option<Self> {
+    pub(super) fn new(files: Option<&TlsFiles>, every: Duration) -> Option<Self> {
         let files = files?.clone();
         let seen = files.digests();
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
@@ -34,7 +34,7 @@ impl Reload {
     }
 
     /// Resolves once the files changed and make a usable configuration. Cancel-safe: meant for a `select!` branch.
-    pub async fn changed(&mut self) -> Transport {
+    pub(super) async fn changed(&mut self) -> Transport {
         loop {
             match self.files.renewed.as_mut() {
                 Some(renewed) => tokio::select! {
@@ -70,7 +70,7 @@ impl Reload {
 }
 
 /// [`Reload::changed`] when there is something to watch, never otherwise.
-pub async fn next(reload: &mut Option<Reload>) -> Transport {
+pub(super) async fn next(reload: &mut Option<Reload>) -> Transport {
     match reload {
         Some(reload) => reload.changed().await,
         None => std::future::pending().await,
@@ -80,18 +80,18 @@ pub async fn next(reload: &mut Option<Reload>) -> Transport {
 /// Cycles a live connection gracefully: a DISCONNECT (normal disconnection) goes out before anything queued, and
 /// the caller drops the connection when rumqttc reports it sent ([`end_cycle`]); the next connect uses the options'
 /// new transport.
-pub fn start_cycle(eventloop: &mut EventLoop) {
+pub(super) fn start_cycle(eventloop: &mut EventLoop) {
     eventloop.pending.push_front(Request::Disconnect);
 }
 
 /// Drops the connection after the cycle's DISCONNECT: what was in flight moves to the pending queue, as after a
 /// lost connection.
-pub fn end_cycle(eventloop: &mut EventLoop) {
+pub(super) fn end_cycle(eventloop: &mut EventLoop) {
     eventloop.clean();
 }
 
 /// A connection lost before the cycle's DISCONNECT went out must not send it after the reconnect.
-pub fn forget_cycle(eventloop: &mut EventLoop) {
+pub(super) fn forget_cycle(eventloop: &mut EventLoop) {
     eventloop.pending.retain(|request| !matches!(request, Request::Disconnect));
 }
 

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use super::MqttSettings;
 use super::backoff::Backoff;
 use super::reload::{self, Reload};
-use crate::health::Probe;
 use crate::ordered::InOrder;
+use crate::readiness::ReadyFlag;
 
 /// A message handed to the handler.
 #[derive(Debug, Clone)]
@@ -152,7 +152,7 @@ pub async fn run<H, F>(
     settings: MqttSettings,
     role: &str,
     filter: String,
-    probe: Probe,
+    probe: ReadyFlag,
     handle: H,
     shutdown: CancellationToken,
     drain: Duration,

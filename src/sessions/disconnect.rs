@@ -66,7 +66,7 @@ pub(super) struct Target {
 }
 
 impl Target {
-    pub fn new(session: &Session<'_>, cause: Cause) -> Self {
+    pub(super) fn new(session: &Session<'_>, cause: Cause) -> Self {
         Self {
             mountpoint: session.mountpoint.into(),
             client_id: session.client_id.into(),
@@ -75,7 +75,7 @@ impl Target {
         }
     }
 
-    pub fn key(&self) -> (Box<str>, Box<str>) {
+    pub(super) fn key(&self) -> (Box<str>, Box<str>) {
         (self.mountpoint.clone(), self.client_id.clone())
     }
 }

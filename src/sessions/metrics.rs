@@ -23,7 +23,7 @@ pub(super) struct SessionMetrics {
 }
 
 impl SessionMetrics {
-    pub fn new(m: &Metrics) -> Self {
+    pub(super) fn new(m: &Metrics) -> Self {
         let refused = |reason| {
             m.counter(
                 "iotagent_register_refused_total",
@@ -75,19 +75,19 @@ impl SessionMetrics {
         }
     }
 
-    pub fn api_error(&self, reason: ApiFailure) {
+    pub(super) fn api_error(&self, reason: ApiFailure) {
         self.api_errors[reason as usize].increment(1);
     }
 
-    pub fn disconnected(&self, cause: Cause, outcome: Outcome) {
+    pub(super) fn disconnected(&self, cause: Cause, outcome: Outcome) {
         self.disconnected[cause as usize][outcome as usize].increment(1);
     }
 
-    pub fn event_skipped(&self, reason: SkipReason) {
+    pub(super) fn event_skipped(&self, reason: SkipReason) {
         self.event_skipped[reason as usize].increment(1);
     }
 
-    pub fn crl_failed(&self, reason: CrlFailure) {
+    pub(super) fn crl_failed(&self, reason: CrlFailure) {
         self.crl_failures[reason as usize].increment(1);
     }
 }

@@ -10,9 +10,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::removed::{self, SkipReason};
 use super::{SessionRegistry, Settings, crl, disconnect};
-use crate::health::Probe;
 use crate::kafka::removed::{KafkaError, ReaderEvents, RemovedReaderSettings};
 use crate::policy::IdCharset;
+use crate::readiness::ReadyFlag;
 use crate::schedule::Schedule;
 
 /// The `removed_devices` probe's reason until the history is read.
@@ -65,7 +65,7 @@ struct Sink {
     sessions: Arc<SessionRegistry>,
     suffix: String,
     charset: IdCharset,
-    ready: Probe,
+    ready: ReadyFlag,
     caught_up: bool,
 }
 
@@ -103,7 +103,7 @@ pub fn start_removed_reader(
     sessions: &Arc<SessionRegistry>,
     settings: &Settings,
     reader: RemovedReaderSettings,
-    ready: Probe,
+    ready: ReadyFlag,
     shutdown: &CancellationToken,
 ) -> Result<tokio::task::JoinHandle<()>, KafkaError> {
     ready.down(REPLAYING);

@@ -8,7 +8,7 @@ use crate::metrics::Metrics;
 /// Why a device record did not reach its data topic: the `class` label of `iotagent_v2k_failed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(usize)]
-pub enum Failure {
+pub(crate) enum Failure {
     /// The producer's local queue was full.
     QueueFull,
     /// Not acknowledged within V2K_DELIVERY_TIMEOUT_MS.
@@ -27,7 +27,7 @@ pub enum Failure {
 }
 
 impl Failure {
-    pub const ALL: [Failure; 7] = [
+    pub(crate) const ALL: [Failure; 7] = [
         Failure::QueueFull,
         Failure::Expired,
         Failure::Final,
@@ -37,7 +37,7 @@ impl Failure {
         Failure::Lost,
     ];
 
-    pub fn as_str(self) -> &'static str {
+    pub(crate) fn as_str(self) -> &'static str {
         match self {
             Failure::QueueFull => "queue_full",
             Failure::Expired => "expired",
@@ -50,7 +50,7 @@ impl Failure {
     }
 }
 
-pub struct V2kMetrics {
+pub(super) struct V2kMetrics {
     pub produced_data: Counter,
     pub produced_dead_letter: Counter,
     pub answered_before_ack: Counter,
@@ -65,7 +65,7 @@ pub struct V2kMetrics {
 }
 
 impl V2kMetrics {
-    pub fn new(m: &Metrics) -> Self {
+    pub(super) fn new(m: &Metrics) -> Self {
         let produced =
             |kind| m.counter("iotagent_v2k_produced_total", "Records acknowledged by Kafka", &[("kind", kind)]);
         Self {
@@ -101,12 +101,12 @@ impl V2kMetrics {
         }
     }
 
-    pub fn failed(&self, failure: Failure) -> &Counter {
+    pub(super) fn failed(&self, failure: Failure) -> &Counter {
         // Declaration order is the order of ALL.
         &self.failed[failure as usize]
     }
 
-    pub fn dead_letter(&self, reason: Invalid) -> &Counter {
+    pub(super) fn dead_letter(&self, reason: Invalid) -> &Counter {
         &self.dead_letter[reason as usize]
     }
 }

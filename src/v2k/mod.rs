@@ -1,10 +1,10 @@
 //! Device data into Kafka (V2K): the dojot contract applied to device publishes, with the delivery guarantee of the
 //! configured mode (ARCHITECTURE.md §3, §5). Kafka specifics live in `crate::kafka`, MQTT ones in `crate::mqtt`.
 
-pub mod message;
+pub(crate) mod message;
 mod metrics;
-pub mod plain;
-pub mod subscription;
+pub(crate) mod plain;
+pub(crate) mod subscription;
 mod tenants;
 
 use std::sync::Arc;
@@ -13,8 +13,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use base64::Engine as _;
 use tokio::sync::oneshot;
 
-pub use self::message::{Contract, Invalid, Outcome};
-pub use self::metrics::Failure;
+pub(crate) use self::message::{Contract, Invalid, Outcome};
+pub(crate) use self::metrics::Failure;
 use self::metrics::V2kMetrics;
 use self::tenants::{Slot, Tenants};
 use crate::kafka::producer::{ProduceError, Producer};
@@ -74,7 +74,7 @@ pub enum Notice {
 
 /// How the payload arrived.
 #[derive(Debug, Clone, Copy)]
-pub enum Payload<'a> {
+pub(crate) enum Payload<'a> {
     /// As VerneMQ's webhooks send it (`base64encode = on`, the default).
     Base64(&'a str),
     Raw(&'a [u8]),

@@ -8,15 +8,15 @@ use tokio_util::sync::CancellationToken;
 
 use super::V2k;
 use super::subscription::{self, SubscriptionSettings};
-use crate::health::Probe;
 use crate::kafka::lease::{Lease, LeaseSettings};
 use crate::policy::Policy;
+use crate::readiness::ReadyFlag;
 
 /// At most this long, after the lease is revoked, for messages in hand to be acknowledged by Kafka before the
 /// session is disconnected (the rest is redelivered to the next holder: duplicates, not losses).
-pub const HANDOVER_DRAIN: Duration = Duration::from_secs(5);
+pub(crate) const HANDOVER_DRAIN: Duration = Duration::from_secs(5);
 /// How long a revocation waits for the session to be disconnected: the drain and the DISCONNECT (2 s at most).
-pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(8);
+pub(crate) const RELEASE_TIMEOUT: Duration = Duration::from_secs(8);
 
 #[derive(Debug, Clone)]
 pub struct PlainSettings {
@@ -28,23 +28,23 @@ pub struct PlainSettings {
 /// Readiness of the plain subscription. `mqtt` is up (with a note) on a standby: a standby is ready. `lease` says
 /// which role this instance has, and is down only while the lease topic is missing.
 #[derive(Debug, Clone)]
-pub struct Probes {
-    pub mqtt: Probe,
-    pub lease: Probe,
+pub(crate) struct ReadyFlags {
+    pub mqtt: ReadyFlag,
+    pub lease: ReadyFlag,
 }
 
 /// Stands by until this instance holds the lease, then runs the subscription until the lease is revoked or
 /// `shutdown`.
-pub async fn run(
+pub(crate) async fn run(
     settings: SubscriptionSettings,
     plain: PlainSettings,
     v2k: Arc<V2k>,
     policy: Arc<Policy>,
-    probes: Probes,
+    probes: ReadyFlags,
     shutdown: CancellationToken,
     drain: Duration,
 ) {
-    let Probes { mqtt: mqtt_probe, lease: lease_probe } = probes;
+    let ReadyFlags { mqtt: mqtt_probe, lease: lease_probe } = probes;
     let lease = match Lease::start(&plain.lease, lease_probe.clone()) {
         Ok(lease) => lease,
         Err(e) => {
@@ -97,7 +97,7 @@ pub async fn run(
     mqtt_probe.set(false);
 }
 
-fn note(probe: &Probe, role: &str, lease: &LeaseSettings) {
+fn note(probe: &ReadyFlag, role: &str, lease: &LeaseSettings) {
     if probe.is_up() || probe.reason().is_none() {
         probe.up_with(format!("{role}: lease {} in group {}", lease.topic, lease.group_id));
     }

@@ -12,11 +12,11 @@ use tokio_util::sync::CancellationToken;
 
 use super::tenants::{Room, Slot};
 use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, Receiver, V2k, now_ms};
-use crate::health::Probe;
 use crate::kafka::producer::ProduceError;
 use crate::mqtt::MqttSettings;
 use crate::mqtt::subscriber::{self, Message};
 use crate::policy::{DeviceId, Policy};
+use crate::readiness::ReadyFlag;
 
 /// The internal client's shared subscription.
 #[derive(Debug, Clone)]
@@ -29,11 +29,11 @@ pub struct SubscriptionSettings {
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
 
 /// Runs until `shutdown`; messages being handled then get `drain` to be acknowledged by Kafka.
-pub async fn run(
+pub(crate) async fn run(
     settings: SubscriptionSettings,
     v2k: Arc<V2k>,
     policy: Arc<Policy>,
-    probe: Probe,
+    probe: ReadyFlag,
     shutdown: CancellationToken,
     drain: Duration,
 ) {

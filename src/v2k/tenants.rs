@@ -30,7 +30,7 @@ impl Tenant {
 
 /// One record of a tenant waiting for Kafka; the room is given back when it is dropped.
 #[derive(Debug)]
-pub struct Slot(Arc<Tenant>);
+pub(super) struct Slot(Arc<Tenant>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
@@ -44,7 +44,7 @@ impl Drop for Slot {
 
 /// A place in a tenant's queue of waiting messages (subscription mode).
 #[derive(Debug)]
-pub struct Ticket {
+pub(super) struct Ticket {
     tenant: Arc<Tenant>,
     wake: Arc<Notify>,
 }
@@ -52,7 +52,7 @@ pub struct Ticket {
 /// The turn of a waiting message: the next message waits until this is dropped, so that the caller queues its
 /// record before any later message of the tenant (per-device order in Kafka).
 #[derive(Debug)]
-pub struct Turn {
+pub(super) struct Turn {
     tenant: Arc<Tenant>,
 }
 
@@ -69,7 +69,7 @@ impl Drop for Turn {
 impl Ticket {
     /// Waits until every earlier waiting message of the tenant had its turn and a slot is free. A ticket whose
     /// wait is abandoned stalls the tenant's later messages: the subscription's tasks are never cancelled.
-    pub async fn turn(self, bound: usize) -> (Turn, Slot) {
+    pub(super) async fn turn(self, bound: usize) -> (Turn, Slot) {
         loop {
             {
                 let mut state = self.tenant.lock();
@@ -88,7 +88,7 @@ impl Ticket {
 
 /// Room for a tenant's record, or the reason there is none.
 #[derive(Debug)]
-pub enum Room {
+pub(super) enum Room {
     Slot(Slot),
     /// The tenant is at its bound (or messages of it already wait): refuse, or wait with the ticket.
     Full(Ticket),
@@ -96,23 +96,23 @@ pub enum Room {
 
 /// Every tenant's state, sharded by tenant name.
 #[derive(Debug)]
-pub struct Tenants {
+pub(super) struct Tenants {
     bound: usize,
     hasher: RandomState,
     shards: [RwLock<HashMap<Box<str>, Arc<Tenant>>>; SHARDS],
 }
 
 impl Tenants {
-    pub fn new(bound: usize) -> Self {
+    pub(super) fn new(bound: usize) -> Self {
         Self { bound: bound.max(1), hasher: RandomState::new(), shards: Default::default() }
     }
 
-    pub fn bound(&self) -> usize {
+    pub(super) fn bound(&self) -> usize {
         self.bound
     }
 
     /// A stable number for the tenant within this process (the subscription's acknowledgement lane).
-    pub fn lane(&self, tenant: &str) -> u64 {
+    pub(super) fn lane(&self, tenant: &str) -> u64 {
         self.hasher.hash_one(tenant)
     }
 
@@ -125,7 +125,7 @@ impl Tenants {
     }
 
     /// Webhook modes, which never wait: a slot if the tenant is below its bound.
-    pub fn try_slot(&self, name: &str) -> Option<Slot> {
+    pub(super) fn try_slot(&self, name: &str) -> Option<Slot> {
         let tenant = self.tenant(name);
         let mut state = tenant.lock();
         if state.in_flight >= self.bound {
@@ -138,7 +138,7 @@ impl Tenants {
 
     /// Subscription mode: a slot if the tenant is below its bound and none of its messages waits; otherwise a
     /// ticket, which must then wait for its turn (dropping it unused would stall the tenant's later messages).
-    pub fn try_acquire(&self, name: &str) -> Room {
+    pub(super) fn try_acquire(&self, name: &str) -> Room {
         let tenant = self.tenant(name);
         let mut state = tenant.lock();
         if state.queue.is_empty() && state.in_flight < self.bound {
@@ -153,13 +153,13 @@ impl Tenants {
     }
 
     /// Whether the tenant is below its bound (the gate of on_publish mode).
-    pub fn has_room(&self, name: &str) -> bool {
+    pub(super) fn has_room(&self, name: &str) -> bool {
         self.tenant(name).lock().in_flight < self.bound
     }
 
     /// Records of this tenant waiting for Kafka.
     #[cfg(test)]
-    pub fn in_flight(&self, name: &str) -> usize {
+    pub(super) fn in_flight(&self, name: &str) -> usize {
         self.tenant(name).lock().in_flight
     }
 }

@@ -4,7 +4,7 @@
 mod publish;
 mod register;
 mod reply;
-mod session;
+mod session_events;
 mod subscribe;
 mod wire;
 
@@ -212,8 +212,8 @@ async fn dispatch(hook: Hook, state: &HookState, headers: &HeaderMap, body: &[u8
             Hook::AuthOnSubscribe => subscribe::auth_on_subscribe(state, body, subscribe::Version::V3),
             Hook::AuthOnSubscribeM5 => subscribe::auth_on_subscribe(state, body, subscribe::Version::V5),
             Hook::OnPublish | Hook::OnPublishM5 => publish::on_publish(state, body).await,
-            Hook::OnRegister | Hook::OnRegisterM5 => session::on_register(state, body),
-            Hook::OnClientOffline | Hook::OnClientGone => session::on_client_gone(state, body),
+            Hook::OnRegister | Hook::OnRegisterM5 => session_events::on_register(state, body),
+            Hook::OnClientOffline | Hook::OnClientGone => session_events::on_client_gone(state, body),
         },
     };
     record(hook, state, &reply, started);

@@ -6,7 +6,7 @@ use crate::log_guard::{Denial, clip};
 use crate::policy::Principal;
 use crate::v2k::{Admission, Notice};
 
-pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
+pub(super) async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
     let req: wire::Publish = match wire::parse(body) {
         Ok(req) => req,
         Err(reply) => return reply,
@@ -37,7 +37,7 @@ pub async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
     Reply::ok(state.cache.publish.filter(|_| cacheable))
 }
 
-pub async fn on_publish(state: &HookState, body: &[u8]) -> Reply {
+pub(super) async fn on_publish(state: &HookState, body: &[u8]) -> Reply {
     let req: wire::Publish = match wire::parse(body) {
         Ok(req) => req,
         Err(reply) => return reply,

@@ -35,7 +35,7 @@ struct WithModifiers<'a> {
     modifiers: Modifiers<'a>,
 }
 
-pub fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
+pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
     let req: wire::Register = match wire::parse(body) {
         Ok(req) => req,
         Err(reply) => return reply,

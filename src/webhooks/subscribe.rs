@@ -7,7 +7,7 @@ use crate::log_guard::{Denial, clip};
 use crate::policy::FilterDecision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Version {
+pub(super) enum Version {
     V3,
     V5,
 }
@@ -26,7 +26,7 @@ struct Topics<'a> {
     topics: Vec<Topic<'a>>,
 }
 
-pub fn auth_on_subscribe(state: &HookState, body: &[u8], version: Version) -> Reply {
+pub(super) fn auth_on_subscribe(state: &HookState, body: &[u8], version: Version) -> Reply {
     let req: wire::Subscribe = match wire::parse(body) {
         Ok(req) => req,
         Err(reply) => return reply,

@@ -7,7 +7,7 @@ use serde::de::{Deserialize, DeserializeOwned, Deserializer};
 use super::Reply;
 
 /// Parses a hook body, or the 400 reply that explains why it could not be.
-pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
     serde_json::from_slice(body).map_err(|e| Reply::BadRequest(format!("invalid request body: {e}")))
 }
 
@@ -26,7 +26,7 @@ fn qos<'de, D: Deserializer<'de>>(d: D) -> Result<u8, D::Error> {
 
 /// `auth_on_register` and `auth_on_register_m5`.
 #[derive(Debug, serde::Deserialize)]
-pub struct Register {
+pub(super) struct Register {
     pub mountpoint: String,
     pub client_id: String,
     #[serde(deserialize_with = "nullable")]
@@ -40,7 +40,7 @@ pub struct Register {
 
 /// `auth_on_publish(_m5)` and `on_publish(_m5)`.
 #[derive(Debug, serde::Deserialize)]
-pub struct Publish {
+pub(super) struct Publish {
     #[serde(deserialize_with = "nullable")]
     pub username: Option<String>,
     pub client_id: String,
@@ -54,7 +54,7 @@ pub struct Publish {
 }
 
 #[derive(Debug, serde::Deserialize)]
-pub struct Subscription {
+pub(super) struct Subscription {
     pub topic: String,
     #[serde(deserialize_with = "qos")]
     pub qos: u8,
@@ -62,7 +62,7 @@ pub struct Subscription {
 
 /// `auth_on_subscribe(_m5)`.
 #[derive(Debug, serde::Deserialize)]
-pub struct Subscribe {
+pub(super) struct Subscribe {
     #[serde(deserialize_with = "nullable")]
     pub username: Option<String>,
     pub client_id: String,
@@ -71,14 +71,14 @@ pub struct Subscribe {
 
 /// `on_register(_m5)`.
 #[derive(Debug, serde::Deserialize)]
-pub struct Registered {
+pub(super) struct Registered {
     pub mountpoint: String,
     pub client_id: String,
 }
 
 /// `on_client_offline`, `on_client_gone`.
 #[derive(Debug, serde::Deserialize)]
-pub struct Gone {
+pub(super) struct Gone {
     pub mountpoint: String,
     pub client_id: String,
 }

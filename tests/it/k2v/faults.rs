@@ -247,9 +247,9 @@ async fn fault_service_stopped_aborted_and_killed_mid_stream() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
-    use iotagent_mqtt::health::Probe;
     use iotagent_mqtt::mqtt::MqttSettings;
     use iotagent_mqtt::mqtt::publisher::Publisher;
+    use iotagent_mqtt::readiness::ReadyFlag;
     use iotagent_mqtt::secret::Secret;
 
     let (mut mqtt, device_port) = mosquitto("");
@@ -263,7 +263,7 @@ async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
         client_id: "it-publisher".into(),
         keep_alive: Duration::from_secs(5),
     };
-    let (publisher, mut acks) = Publisher::start(&settings, "k2v", 1000, Probe::default()).expect("publisher");
+    let (publisher, mut acks) = Publisher::start(&settings, "k2v", 1000, ReadyFlag::default()).expect("publisher");
     let mut connected = publisher.connected();
     connected.wait_for(|up| *up).await.expect("connected");
 

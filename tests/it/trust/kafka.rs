@@ -88,6 +88,8 @@ async fn k2v_events_act_only_on_their_topics_tenant() {
     assert!(skipped, "both events from evil's topic skipped and counted as tenant_mismatch");
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(*seen.lock().unwrap(), vec![("admin:a1/config".to_string(), br#"{"from":"admin"}"#.to_vec())]);
+    // Stopped while Kafka still runs: K2V's close would otherwise wait on a broker the test already removed.
+    app.stop().await.expect("clean stop");
 }
 
 /// Attack 6: a payload far over V2K_MAX_PAYLOAD_BYTES is dead-lettered cut to V2K_DEAD_LETTER_MAX_BYTES (default

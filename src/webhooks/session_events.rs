@@ -3,7 +3,7 @@
 
 use super::{HookState, Reply, wire};
 
-pub fn on_register(state: &HookState, body: &[u8]) -> Reply {
+pub(super) fn on_register(state: &HookState, body: &[u8]) -> Reply {
     match wire::parse::<wire::Registered>(body) {
         Ok(r) => {
             state.sessions.registered(&r.mountpoint, &r.client_id);
@@ -13,7 +13,7 @@ pub fn on_register(state: &HookState, body: &[u8]) -> Reply {
     }
 }
 
-pub fn on_client_gone(state: &HookState, body: &[u8]) -> Reply {
+pub(super) fn on_client_gone(state: &HookState, body: &[u8]) -> Reply {
     match wire::parse::<wire::Gone>(body) {
         Ok(g) => {
             state.sessions.gone(&g.mountpoint, &g.client_id);

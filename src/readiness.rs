@@ -9,7 +9,7 @@ use serde::Serialize;
 /// One dependency's up/down flag, and why it is down when its owner knows, set by the component that owns the
 /// connection.
 #[derive(Debug, Clone, Default)]
-pub struct Probe(Arc<ProbeState>);
+pub struct ReadyFlag(Arc<ProbeState>);
 
 #[derive(Debug, Default)]
 struct ProbeState {
@@ -19,7 +19,7 @@ struct ProbeState {
     note: Mutex<Option<String>>,
 }
 
-impl Probe {
+impl ReadyFlag {
     /// Up or down without a reason (an earlier reason is cleared).
     pub fn set(&self, up: bool) {
         // Steady "up" is the hot path (the K2V consumer says so per message): no lock.
@@ -62,7 +62,7 @@ impl Probe {
 /// The probes of the dependencies this instance was configured with.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
-    probes: Vec<(&'static str, Probe)>,
+    probes: Vec<(&'static str, ReadyFlag)>,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,8 +83,8 @@ pub struct Check {
 
 impl Readiness {
     /// Registers a dependency, down until its owner says otherwise.
-    pub fn probe(&mut self, name: &'static str) -> Probe {
-        let probe = Probe::default();
+    pub fn flag(&mut self, name: &'static str) -> ReadyFlag {
+        let probe = ReadyFlag::default();
         self.probes.push((name, probe.clone()));
         probe
     }
@@ -107,8 +107,8 @@ mod tests {
     fn ready_only_when_every_probe_is_up() {
         let mut r = Readiness::default();
         assert!(r.report().ready, "nothing configured: the webhook alone is ready");
-        let kafka = r.probe("kafka");
-        let mqtt = r.probe("mqtt");
+        let kafka = r.flag("kafka");
+        let mqtt = r.flag("mqtt");
         assert!(!r.report().ready);
         kafka.set(true);
         assert!(!r.report().ready);
