@@ -2,7 +2,7 @@ use std::time::Duration;
 
 use openssl::hash::MessageDigest;
 use openssl::nid::Nid;
-use openssl::x509::{X509NameBuilder, X509ReqBuilder};
+use openssl::x509::{X509Crl, X509NameBuilder, X509ReqBuilder};
 
 use super::*;
 
