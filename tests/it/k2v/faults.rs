@@ -108,6 +108,19 @@ async fn wait_all_delivered(devices: &[Subscriber], timeout: Duration) -> bool {
     .await
 }
 
+/// `(device index, n)` of every configuration the devices received.
+pub(super) fn received_events(devices: &[Subscriber]) -> BTreeSet<(usize, u64)> {
+    devices
+        .iter()
+        .enumerate()
+        .flat_map(|(i, d)| {
+            d.received()
+                .into_iter()
+                .filter_map(move |(_, p)| Some((i, serde_json::from_slice::<Value>(&p).ok()?["n"].as_u64()?)))
+        })
+        .collect()
+}
+
 /// Every event below the committed offset of its partition was delivered: a commit never passed an event the
 /// broker had not acknowledged (the broker holds acknowledged ones for the persistent device sessions).
 pub(super) async fn assert_commits_only_cover_delivered(
@@ -127,15 +140,7 @@ pub(super) async fn assert_commits_only_cover_delivered(
         .collect();
     // Deliveries of acknowledged messages may still be on their way from the broker.
     let delivered = wait_until(Duration::from_secs(15), async || {
-        let received: BTreeSet<(usize, u64)> = devices
-            .iter()
-            .enumerate()
-            .flat_map(|(i, d)| {
-                d.received()
-                    .into_iter()
-                    .filter_map(move |(_, p)| Some((i, serde_json::from_slice::<Value>(&p).ok()?["n"].as_u64()?)))
-            })
-            .collect();
+        let received = received_events(devices);
         covered.iter().all(|v| received.contains(v))
     })
     .await;

@@ -1,6 +1,6 @@
 //! SIGTERM against the service process: one SHUTDOWN_TIMEOUT budget for every step, under load and with Kafka gone.
 
-use super::faults::{KafkaPosition, PARTITIONS, assert_commits_only_cover_delivered, devices, stream};
+use super::faults::{KafkaPosition, PARTITIONS, assert_commits_only_cover_delivered, devices, received_events, stream};
 use super::*;
 
 /// SIGTERM under load (K2V events streaming to devices, V2K publishes through on_publish): the process exits within
@@ -59,15 +59,7 @@ async fn sigterm_under_load_exits_within_the_budget_with_everything_acknowledged
     let positions: HashMap<(usize, u64), KafkaPosition> =
         stream.produced.lock().unwrap().iter().map(|(position, event)| (*event, *position)).collect();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let received: BTreeSet<(usize, u64)> = devices
-        .iter()
-        .enumerate()
-        .flat_map(|(i, d)| {
-            d.received()
-                .into_iter()
-                .filter_map(move |(_, p)| Some((i, serde_json::from_slice::<Value>(&p).ok()?["n"].as_u64()?)))
-        })
-        .collect();
+    let received = received_events(&devices);
     assert!(!received.is_empty(), "K2V delivered before the stop");
     let uncommitted: Vec<_> = received
         .iter()

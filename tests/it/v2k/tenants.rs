@@ -227,7 +227,8 @@ async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant
         records.push(crate::common::brokers::Record { value: value.to_string().into_bytes(), ..letter.clone() });
     }
     let expected = BTreeMap::from([(DEV.to_string(), total)]);
-    let (lost, duplicates) = lost_and_duplicates_any_order(&sequence_by_device(&records), &expected);
+    let (lost, duplicates) =
+        super::subscription::lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
     println!(
         "restart beside an unknown tenant: in Kafka {} ({} dead-lettered), lost {lost}, duplicates {duplicates}",
         records.len(),
@@ -235,20 +236,6 @@ async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant
     );
     assert_eq!(lost, 0, "the normal tenant lost a message");
     drop(service);
-}
-
-fn lost_and_duplicates_any_order(
-    seen: &BTreeMap<String, Vec<u64>>,
-    expected: &BTreeMap<String, u64>,
-) -> (usize, usize) {
-    let (mut lost, mut duplicates) = (0, 0);
-    for (device, n) in expected {
-        let got = seen.get(device).cloned().unwrap_or_default();
-        let set: std::collections::BTreeSet<u64> = got.iter().copied().collect();
-        duplicates += got.len() - set.len();
-        lost += (0..*n).filter(|i| !set.contains(i)).count();
-    }
-    (lost, duplicates)
 }
 
 /// A tenant at its bound waits in subscription mode without slowing to a crawl: only the next waiting message is
