@@ -31,6 +31,8 @@ const MANY_TENANTS: usize = 100;
 #[allow(dead_code)]
 #[path = "../tests/it/common/brokers.rs"]
 mod brokers;
+#[path = "v2k/cpu.rs"]
+mod cpu;
 #[path = "v2k/subscription.rs"]
 mod subscription;
 
@@ -137,16 +139,41 @@ async fn collect(stop: Arc<AtomicBool>, tasks: Vec<tokio::task::JoinHandle<Histo
     Outcome { per_second: latency.len() as f64 / started.elapsed().as_secs_f64(), latency }
 }
 
-/// `DEVICES` webhook sessions, each sending its next publish when the previous one was answered (as VerneMQ does).
 /// The tenant of a device when the load is spread over `tenants` tenants (`bench` alone when 1).
 fn tenant(device: usize, tenants: usize) -> String {
     if tenants == 1 { "bench".to_string() } else { format!("bench{}", device % tenants) }
 }
 
-async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>, tenants: usize) -> Outcome {
+/// A webhook load: `connections` keep-alive sessions, each sending its next publish when the previous one was answered
+/// (as VerneMQ does), devices spread over `tenants` tenants, optionally paced to `rate` requests per second in all.
+#[derive(Clone, Copy)]
+struct Load {
+    connections: usize,
+    tenants: usize,
+    /// Payloads padded to this many bytes (None: the short `payload(n)` of the other rows).
+    payload_bytes: Option<usize>,
+    rate: Option<f64>,
+}
+
+impl Load {
+    /// The load of the throughput rows: `DEVICES` sessions as fast as the service answers.
+    fn devices(tenants: usize) -> Self {
+        Self { connections: DEVICES, tenants, payload_bytes: None, rate: None }
+    }
+}
+
+/// A JSON object of exactly `bytes` bytes (at least the short payload's length).
+fn padded_payload(n: u64, bytes: usize) -> String {
+    let short = format!(r#"{{"temperature": 21.5, "humidity": 40, "n": {n}, "pad": ""}}"#);
+    let pad = "x".repeat(bytes.saturating_sub(short.len()));
+    format!(r#"{{"temperature": 21.5, "humidity": 40, "n": {n}, "pad": "{pad}"}}"#)
+}
+
+async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU64>, load: Load) -> Outcome {
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
-    for device in 0..DEVICES {
+    let period = load.rate.map(|rate| Duration::from_secs_f64(load.connections as f64 / rate));
+    for device in 0..load.connections {
         let stop = stop.clone();
         let counter = counter.clone();
         tasks.push(tokio::spawn(async move {
@@ -155,12 +182,20 @@ async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU
             let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.expect("http");
             tokio::spawn(conn);
             let mut hist = Histogram::<u64>::new(3).expect("hist");
-            let username = format!("{}:d{device}", tenant(device, tenants));
+            let username = format!("{}:d{device}", tenant(device, load.tenants));
+            let started = tokio::time::Instant::now();
             let mut n = 0;
             while !stop.load(Ordering::Relaxed) {
+                if let Some(period) = period {
+                    tokio::time::sleep_until(started + period * n as u32).await;
+                }
+                let payload = match load.payload_bytes {
+                    Some(bytes) => padded_payload(n, bytes),
+                    None => payload(n),
+                };
                 let body = serde_json::json!({"username": username, "mountpoint": "", "client_id": username, "qos": 1,
                     "topic": format!("{username}/attrs"),
-                    "payload": base64::engine::general_purpose::STANDARD.encode(payload(n)), "retain": false})
+                    "payload": base64::engine::general_purpose::STANDARD.encode(payload), "retain": false})
                 .to_string();
                 let request = Request::post(format!("/vmq/{hook}"))
                     .header("host", "127.0.0.1")
@@ -168,12 +203,12 @@ async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU
                     .header("content-type", "application/json")
                     .body(Full::new(Bytes::from(body)))
                     .expect("request");
-                let started = Instant::now();
+                let sent = Instant::now();
                 let response = sender.send_request(request).await.expect("response");
                 let status = response.status();
                 let body = response.into_body().collect().await.expect("body").to_bytes();
                 assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
-                hist.record(started.elapsed().as_micros() as u64).ok();
+                hist.record(sent.elapsed().as_micros() as u64).ok();
                 counter.fetch_add(1, Ordering::Relaxed);
                 n += 1;
             }
@@ -190,6 +225,7 @@ fn start_service(env: &[(&str, String)]) -> (Proc, SocketAddr) {
         .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "error")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
+        .envs(std::env::var("XEXP").ok().and_then(|e| e.split_once('=').map(|(a, b)| (a.to_string(), b.to_string()))))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -215,6 +251,7 @@ fn start_trivial() -> (Proc, SocketAddr) {
     let port = free_port();
     let child = Command::new(std::env::current_exe().expect("exe"))
         .env("V2K_BENCH_TRIVIAL_PORT", port.to_string())
+        .envs(std::env::var("XEXP").ok().and_then(|e| e.split_once('=').map(|(a, b)| (a.to_string(), b.to_string()))))
         .stdout(Stdio::null())
         .spawn()
         .expect("trivial server");
@@ -226,6 +263,11 @@ fn main() {
     if let Ok(port) = std::env::var("V2K_BENCH_TRIVIAL_PORT") {
         return trivial_server_main(port.parse().expect("port"));
     }
+    if let Ok(spec) = std::env::var("V2K_BENCH_PRODUCER") {
+        return cpu::producer_main(&spec);
+    }
+    // `cargo bench --bench v2k -- cpu`: only the CPU rows (for profiling).
+    let only_cpu = std::env::args().any(|a| a == "cpu");
     let kafka = brokers::Tansu::start(brokers::Storage::Memory);
     let brokers = kafka.brokers();
     let mqtt = brokers::Mosquitto::start_with(&[("k2v-bridge", "pw")], MOSQUITTO_SETTINGS);
@@ -246,6 +288,17 @@ fn main() {
         admin.create_topics(&many, &AdminOptions::new()).await.expect("tenant topics");
     });
 
+    let kafka_env = |mode: &str| {
+        vec![
+            ("KAFKA_BROKERS", brokers.clone()),
+            ("V2K_MODE", mode.to_string()),
+            ("MQTT_USERNAME", "k2v-bridge".to_string()),
+            ("K2V_ENABLED", "false".to_string()),
+        ]
+    };
+    if only_cpu {
+        return cpu::run(&rt, &kafka_env("on_publish"), &brokers);
+    }
     println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
     // Baselines on the same topics as the rows they are compared with: one tenant's, or 100 tenants' topics.
     let plain_one = rt.block_on(plain_producer(&brokers, 1));
@@ -258,14 +311,6 @@ fn main() {
             micros(&plain.latency, 0.99)
         );
     }
-    let kafka_env = |mode: &str| {
-        vec![
-            ("KAFKA_BROKERS", brokers.clone()),
-            ("V2K_MODE", mode.to_string()),
-            ("MQTT_USERNAME", "k2v-bridge".to_string()),
-            ("K2V_ENABLED", "false".to_string()),
-        ]
-    };
     for (mode, hook, tenants) in [
         ("on_publish", "on_publish", 1),
         ("auth_on_publish", "auth_on_publish", 1),
@@ -275,7 +320,7 @@ fn main() {
         std::thread::sleep(Duration::from_secs(2));
         let calls = Arc::new(AtomicU64::new(0));
         let cpu_before = service.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), tenants));
+        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), Load::devices(tenants)));
         let cpu = service.cpu_seconds() - cpu_before;
         let plain = if tenants == 1 { &plain_one } else { &plain_many };
         let mode = format!("{mode}, {tenants} tenant(s)");
@@ -299,7 +344,7 @@ fn main() {
     {
         let calls = Arc::new(AtomicU64::new(0));
         let before = proc_.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone(), 1));
+        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone(), Load::devices(1)));
         let cpu = proc_.cpu_seconds() - before;
         println!(
             "{name:<28} {:>8.0} calls/s  CPU {:.1} µs/call",
@@ -326,6 +371,7 @@ fn main() {
         let rows = subscription::Rows { kafka_env: kafka_env("subscription"), mqtt_port, device_port, total, window };
         rows.run(&rt, plain_window, tenants);
     }
+    cpu::run(&rt, &kafka_env("on_publish"), &brokers);
 }
 
 /// `total` records with at most `window` unacknowledged; returns records/s.

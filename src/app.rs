@@ -10,6 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, V2kParts};
+use crate::http::WebhookRuntime;
 use crate::kafka::producer::Producer;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
@@ -72,8 +73,14 @@ const AFTER_K2V_RESERVE: Duration = Duration::from_secs(3);
 pub async fn run(config: Config, mut listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut settings = config.settings()?;
     warn_about_open_doors(&settings, &listeners)?;
+    let webhook_runtime =
+        WebhookRuntime::new(settings.webhook_threads).context("cannot start the webhooks' runtime")?;
+    let http = webhook_runtime.adopt(listeners.http).context("cannot serve IOTAGENT_LISTEN")?;
     let https = match (listeners.https, settings.tls) {
-        (Some(listener), Some(tls)) => Some(crate::http_tls::TlsListener::new(listener, tls)?),
+        (Some(listener), Some(tls)) => {
+            let listener = webhook_runtime.adopt(listener).context("cannot serve IOTAGENT_TLS_LISTEN")?;
+            Some(webhook_runtime.within(|| crate::http_tls::TlsListener::new(listener, tls))?)
+        }
         _ => None,
     };
     let service_certificates = Arc::new(
@@ -158,7 +165,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         }
     });
 
-    let address = listeners.http.local_addr()?;
+    let address = http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
     // Both webhook listeners stop together, after K2V (see below).
     let webhooks_stop = CancellationToken::new();
@@ -176,8 +183,8 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         }
         _ => None,
     };
-    let plain = axum::serve(listeners.http, router).with_graceful_shutdown(webhooks_stop.clone().cancelled_owned());
-    let mut server = tokio::spawn(async move {
+    let plain = axum::serve(http, router).with_graceful_shutdown(webhooks_stop.clone().cancelled_owned());
+    let mut server = webhook_runtime.spawn(async move {
         match https {
             Some(https) => tokio::join!(plain.into_future(), https).0,
             None => plain.into_future().await,

@@ -107,6 +107,8 @@ pub struct Settings {
     pub policy: PolicyConfig,
     pub cache: CachePolicy,
     pub max_body_bytes: usize,
+    /// Worker threads of the webhooks' runtime.
+    pub webhook_threads: usize,
     /// V2K, when KAFKA_BROKERS is set.
     pub v2k: Option<V2kParts>,
     /// K2V, when KAFKA_BROKERS and MQTT_URL are set and K2V_ENABLED is on.
@@ -186,6 +188,7 @@ impl Config {
             cache: self.webhooks.cache(),
             pki,
             max_body_bytes: self.webhooks.webhook_max_body_bytes,
+            webhook_threads: usize::from(self.webhooks.webhook_threads),
             policy,
             v2k,
             k2v,

@@ -19,6 +19,11 @@ pub struct WebhookArgs {
     #[arg(long, env = "REGISTER_CACHE_MAX_AGE", default_value_t = 0)]
     pub register_cache_max_age: u32,
 
+    /// Threads that serve the webhooks (their own runtime, apart from K2V and the V2K subscription). One serves far
+    /// more calls than a VerneMQ node makes, and a second one costs CPU per call in wake-ups between the two.
+    #[arg(long, env = "WEBHOOK_THREADS", default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub webhook_threads: u16,
+
     /// Largest webhook request body accepted (bytes); larger ones are refused with 400.
     #[arg(long, env = "WEBHOOK_MAX_BODY_BYTES", default_value_t = 1024 * 1024)]
     pub webhook_max_body_bytes: usize,

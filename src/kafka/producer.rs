@@ -9,7 +9,8 @@ use rdkafka::ClientConfig;
 use rdkafka::client::ClientContext;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer as _};
+use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
+use tokio::sync::oneshot;
 
 /// A record ready for the producer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,12 +81,16 @@ fn classify(error: KafkaError) -> ProduceError {
     }
 }
 
-/// Notices from librdkafka about the cluster as a whole.
-pub struct HealthContext {
+/// What to do with a record's delivery report. It runs on the producer's polling thread, so it must not block; it
+/// is how a caller learns the outcome without a task per record waiting for it.
+pub type OnDelivery = Box<dyn FnOnce(Result<(), ProduceError>) + Send + Sync>;
+
+/// Notices from librdkafka about the cluster as a whole, and every record's delivery report.
+pub struct ReportContext {
     all_brokers_down: Arc<AtomicBool>,
 }
 
-impl ClientContext for HealthContext {
+impl ClientContext for ReportContext {
     fn error(&self, error: KafkaError, reason: &str) {
         if error.rdkafka_error_code() == Some(RDKafkaErrorCode::AllBrokersDown) {
             self.all_brokers_down.store(true, Ordering::Relaxed);
@@ -94,8 +99,16 @@ impl ClientContext for HealthContext {
     }
 }
 
+impl ProducerContext for ReportContext {
+    type DeliveryOpaque = Box<OnDelivery>;
+
+    fn delivery(&self, report: &DeliveryResult<'_>, on_delivery: Box<OnDelivery>) {
+        on_delivery(report.as_ref().map(|_| ()).map_err(|(error, _)| classify(error.clone())));
+    }
+}
+
 /// A queued record's delivery report.
-pub struct Delivery(DeliveryFuture);
+pub struct Delivery(oneshot::Receiver<Result<(), ProduceError>>);
 
 impl Delivery {
     /// Waits for the report; `timeout` None waits as long as the producer retries.
@@ -110,18 +123,14 @@ impl Delivery {
                 Err(_) => return Err(ProduceError::Pending(limit)),
             },
         };
-        match report {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err((error, _message))) => Err(classify(error)),
-            // The producer was dropped with the record still queued.
-            Err(_canceled) => Err(ProduceError::Expired(KafkaError::Canceled)),
-        }
+        // Err: the producer was dropped with the record still queued.
+        report.unwrap_or(Err(ProduceError::Expired(KafkaError::Canceled)))
     }
 }
 
 #[derive(Clone)]
 pub struct Producer {
-    inner: FutureProducer<HealthContext>,
+    inner: ThreadedProducer<ReportContext>,
     healthy: Arc<AtomicBool>,
     all_brokers_down: Arc<AtomicBool>,
 }
@@ -144,7 +153,7 @@ impl Producer {
             .set("queue.buffering.max.messages", "1000000")
             .set("queue.buffering.max.kbytes", "1048576")
             .set("message.max.bytes", "4194304")
-            .create_with_context(HealthContext { all_brokers_down: all_brokers_down.clone() })?;
+            .create_with_context(ReportContext { all_brokers_down: all_brokers_down.clone() })?;
         Ok(Self { inner, healthy: Arc::new(AtomicBool::new(false)), all_brokers_down })
     }
 
@@ -153,12 +162,21 @@ impl Producer {
     /// # Errors
     /// Queue full, or a record Kafka can never take.
     pub fn send(&self, record: &Record) -> Result<Delivery, ProduceError> {
-        let mut headers = OwnedHeaders::new_with_capacity(record.headers.len());
-        for (key, value) in &record.headers {
-            headers = headers.insert(Header { key, value: Some(value.as_bytes()) });
-        }
-        let future = FutureRecord::to(&record.topic).key(&record.key).payload(&record.value).headers(headers);
-        self.inner.send_result(future).map(Delivery).map_err(|(error, _)| classify(error))
+        let (tx, rx) = oneshot::channel();
+        self.send_then(record, Box::new(move |report| drop(tx.send(report))))?;
+        Ok(Delivery(rx))
+    }
+
+    /// Queues a record without waiting and calls `on_delivery` with its report (on the producer's polling thread).
+    ///
+    /// # Errors
+    /// Queue full, or a record Kafka can never take (`on_delivery` is then dropped uncalled).
+    pub fn send_then(&self, record: &Record, on_delivery: OnDelivery) -> Result<(), ProduceError> {
+        let headers = record.headers.iter().map(|(key, value)| (*key, Some(value.as_bytes())));
+        let base = BaseRecord::with_opaque_to(&record.topic, Box::new(on_delivery))
+            .key(record.key.as_bytes())
+            .payload(record.value.as_slice());
+        self.queue(base, headers)
     }
 
     /// Queues a record given as bytes (a copy of a consumed message: key, value and headers as they were).
@@ -172,18 +190,33 @@ impl Producer {
         value: Option<&[u8]>,
         headers: &[(String, Option<Vec<u8>>)],
     ) -> Result<Delivery, ProduceError> {
-        let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-        for (key, value) in headers {
-            owned = owned.insert(Header { key, value: value.as_deref() });
-        }
-        let mut record = FutureRecord::<[u8], [u8]>::to(topic).headers(owned);
+        let (tx, rx) = oneshot::channel();
+        let on_delivery: OnDelivery = Box::new(move |report| drop(tx.send(report)));
+        let mut base = BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(on_delivery));
         if let Some(key) = key {
-            record = record.key(key);
+            base = base.key(key);
         }
         if let Some(value) = value {
-            record = record.payload(value);
+            base = base.payload(value);
         }
-        self.inner.send_result(record).map(Delivery).map_err(|(error, _)| classify(error))
+        self.queue(base, headers.iter().map(|(key, value)| (key.as_str(), value.as_deref())))?;
+        Ok(Delivery(rx))
+    }
+
+    fn queue<'a>(
+        &self,
+        mut base: BaseRecord<'a, [u8], [u8], Box<OnDelivery>>,
+        headers: impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)>,
+    ) -> Result<(), ProduceError> {
+        // librdkafka allocates a header list even when it stays empty: only records with headers get one.
+        if headers.len() > 0 {
+            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
+            for (key, value) in headers {
+                owned = owned.insert(Header { key, value });
+            }
+            base = base.headers(owned);
+        }
+        self.inner.send(base).map_err(|(error, _)| classify(error))
     }
 
     /// Records waiting for an ack (queued or in flight to Kafka).

@@ -1,7 +1,12 @@
 //! dojot's device-data message contract: what a device payload becomes in Kafka, or why it goes to the dead-letter
 //! topic instead. Pure: no I/O, the receive time is an input.
 
-use serde_json::{Map, Value};
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+
+use serde::de::IgnoredAny;
+use serde_json::error::Category;
+use serde_json::value::RawValue;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -116,39 +121,66 @@ impl Contract {
         Outcome::DeadLetter { record, reason }
     }
 
+    /// The dojot message: `{"metadata":{"deviceid","tenant","timestamp"},"attrs":{…}}`. The attributes are checked
+    /// and written back as the device sent each value (no tree is built and serialised again).
     fn data_value(&self, device: DeviceId<'_>, payload: &[u8], received_ms: u64) -> Result<Vec<u8>, Invalid> {
         if payload.len() > self.max_payload_bytes {
             return Err(Invalid::TooLarge);
         }
-        let Value::Object(mut attrs) = serde_json::from_slice::<Value>(payload).map_err(|_| Invalid::NotJson)? else {
-            return Err(Invalid::NotObject);
-        };
+        let mut attrs: BTreeMap<Key<'_>, &RawValue> = serde_json::from_slice(payload).map_err(|e| {
+            // A well-formed value of another type (array, number, string, null) is not an object; anything else
+            // is not JSON at all.
+            let well_formed = e.classify() == Category::Data && serde_json::from_slice::<IgnoredAny>(payload).is_ok();
+            if well_formed { Invalid::NotObject } else { Invalid::NotJson }
+        })?;
         let timestamp = take_timestamp(&mut attrs).unwrap_or(received_ms);
-        let message = serde_json::json!({
-            "metadata": { "deviceid": device.device, "tenant": device.tenant, "timestamp": timestamp },
-            "attrs": attrs,
-        });
-        serde_json::to_vec(&message).map_err(|_| Invalid::NotJson)
+        let mut value = Vec::with_capacity(payload.len() + 96);
+        value.extend_from_slice(br#"{"metadata":{"deviceid":"#);
+        write_string(&mut value, device.device);
+        value.extend_from_slice(br#","tenant":"#);
+        write_string(&mut value, device.tenant);
+        value.extend_from_slice(format!(r#","timestamp":{timestamp}}},"attrs":{{"#).as_bytes());
+        for (n, (key, raw)) in attrs.iter().enumerate() {
+            if n > 0 {
+                value.push(b',');
+            }
+            write_string(&mut value, &key.0);
+            value.push(b':');
+            value.extend_from_slice(raw.get().as_bytes());
+        }
+        value.extend_from_slice(b"}}");
+        Ok(value)
     }
+}
+
+/// An attribute name, borrowed from the payload unless it had escapes. Sorted, and the last of duplicates kept, as
+/// serde_json's own map does.
+#[derive(Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
+struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// `text` as a JSON string, escaped where needed.
+fn write_string(out: &mut Vec<u8>, text: &str) {
+    // Writing a str into a Vec cannot fail.
+    let _ = serde_json::to_writer(out, text);
 }
 
 /// Moves a valid `timestamp` out of the attributes: epoch milliseconds (a non-negative integer) or an RFC 3339 string.
 /// An invalid one stays where it is (nothing the device sent is dropped) and the receive time is used.
-fn take_timestamp(attrs: &mut Map<String, Value>) -> Option<u64> {
-    let parsed = match attrs.get("timestamp")? {
-        Value::Number(n) => n.as_u64(),
-        Value::String(s) => OffsetDateTime::parse(s, &Rfc3339)
-            .ok()
-            .and_then(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).ok()),
-        _ => None,
-    }?;
-    attrs.remove("timestamp");
+fn take_timestamp(attrs: &mut BTreeMap<Key<'_>, &RawValue>) -> Option<u64> {
+    let key = Key(Cow::Borrowed("timestamp"));
+    let raw = attrs.get(&key)?.get();
+    let parsed = serde_json::from_str::<u64>(raw).ok().or_else(|| {
+        let text = serde_json::from_str::<Cow<'_, str>>(raw).ok()?;
+        let time = OffsetDateTime::parse(&text, &Rfc3339).ok()?;
+        u64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
+    })?;
+    attrs.remove(&key);
     Some(parsed)
 }
 
 #[cfg(test)]
 mod tests {
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     use super::*;
 
@@ -229,6 +261,35 @@ mod tests {
         assert_eq!(reason(b"\"text\""), Invalid::NotObject);
         assert_eq!(reason(b"null"), Invalid::NotObject);
         assert_eq!(reason(format!("{{\"a\":\"{}\"}}", "x".repeat(64)).as_bytes()), Invalid::TooLarge);
+    }
+
+    /// The attributes are written back from the payload's own text: the result must be the JSON serde_json reads
+    /// from the payload (minus a valid timestamp), whatever escapes, duplicates or spacing the device used.
+    #[test]
+    fn attrs_written_back_equal_what_serde_json_reads() {
+        for payload in [
+            &br#"{"a\"b": 1, "\u00e9": "x\ny", "n": 1.50}"#[..],
+            br#"{"z": [ 1 , {"k" : null} ], "y":{}}"#,
+            br#"{"dup": 1, "dup": 2}"#,
+            br#" { "timestamp" : 1700000000123 , "t" : -0.0 } "#,
+            br#"{"\ud83d\ude00": 1, "timestamp": "2024-11-25T13:06:41Z"}"#,
+            br#"{}"#,
+        ] {
+            let (_, value) = data(payload);
+            let mut expected: Value = serde_json::from_slice(payload).unwrap();
+            let moved = expected.as_object_mut().unwrap().remove("timestamp");
+            assert_eq!(value["attrs"], expected, "{}", String::from_utf8_lossy(payload));
+            assert_eq!(value["metadata"]["timestamp"] != NOW, moved.is_some(), "{value}");
+        }
+        let (record, _) = data(br#"{"n": 1.50}"#);
+        assert!(String::from_utf8_lossy(&record.value).contains(r#""n":1.50"#), "the device's own number text");
+    }
+
+    #[test]
+    fn malformed_arrays_are_not_json_rather_than_not_object() {
+        assert_eq!(reason(b"[1, x"), Invalid::NotJson);
+        assert_eq!(reason(b"{\"a\": [1, x]}"), Invalid::NotJson);
+        assert_eq!(reason(b"{\"a\": 1,}"), Invalid::NotJson);
     }
 
     #[test]

@@ -213,9 +213,10 @@ impl V2k {
         }
     }
 
-    /// Refreshes the in-flight gauge (called periodically).
+    /// Refreshes the in-flight gauge and forgets idle tenants (called every second).
     pub fn observe(&self) {
         self.metrics.in_flight.set(self.producer.in_flight() as f64);
+        self.tenants.sweep();
     }
 
     fn outcome(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: Payload<'_>) -> Outcome {
@@ -236,17 +237,9 @@ impl V2k {
     }
 
     /// Queues the record, holding the tenant's `slot` until its delivery report, and returns a receiver of that
-    /// report; a watcher task counts the outcome even when the caller stops waiting (that is how expired records are
-    /// counted). On error the slot comes back.
-    fn enqueue(&self, outcome: &Outcome, slot: Slot) -> Result<Receiver, (ProduceError, Slot)> {
-        let delivery = match self.producer.send(outcome.record()) {
-            Ok(delivery) => delivery,
-            Err(e) => {
-                let failure = if matches!(e, ProduceError::QueueFull) { Failure::QueueFull } else { Failure::Final };
-                self.metrics.failed(failure).increment(1);
-                return Err((e, slot));
-            }
-        };
+    /// report. The report is counted where it arrives (on the producer's thread, no task per record), even when the
+    /// caller stops waiting: that is how expired records are counted. A refused record gives its slot back.
+    fn enqueue(&self, outcome: &Outcome, slot: Slot) -> Result<Receiver, ProduceError> {
         let (tx, rx) = oneshot::channel();
         let metrics = self.metrics.clone();
         let dead_letter = match outcome {
@@ -254,32 +247,19 @@ impl V2k {
             Outcome::Data(_) => None,
         };
         let started = Instant::now();
-        tokio::spawn(async move {
-            let result = delivery.wait(None).await;
+        let on_delivery = Box::new(move |result: Result<(), ProduceError>| {
             drop(slot);
-            match &result {
-                Ok(()) => {
-                    metrics.latency.record(started.elapsed().as_secs_f64());
-                    match dead_letter {
-                        None => metrics.produced_data.increment(1),
-                        Some(reason) => {
-                            metrics.produced_dead_letter.increment(1);
-                            metrics.dead_letter(reason).increment(1);
-                        }
-                    }
-                }
-                Err(ProduceError::Final(e)) => {
-                    metrics.failed(Failure::Final).increment(1);
-                    tracing::error!(error = %e, "Kafka refused a device record for good");
-                }
-                Err(e) => {
-                    metrics.failed(Failure::Expired).increment(1);
-                    tracing::error!(error = %e, "device record expired before Kafka acknowledged it");
-                }
-            }
+            count_report(&metrics, &result, dead_letter, started);
             let _ = tx.send(result);
         });
-        Ok(rx)
+        match self.producer.send_then(outcome.record(), on_delivery) {
+            Ok(()) => Ok(rx),
+            Err(e) => {
+                let failure = if matches!(e, ProduceError::QueueFull) { Failure::QueueFull } else { Failure::Final };
+                self.metrics.failed(failure).increment(1);
+                Err(e)
+            }
+        }
     }
 
     /// Webhook modes: forwards one publish. QoS 0 returns once queued; QoS 1/2 waits for Kafka's ack up to the ack
@@ -309,11 +289,11 @@ impl V2k {
         let receiver = loop {
             match self.enqueue(&outcome, slot) {
                 Ok(receiver) => break receiver,
-                Err((ProduceError::QueueFull, back)) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
-                    slot = back;
+                Err(ProduceError::QueueFull) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
+                    slot = self.tenants.try_slot(device.tenant).ok_or(Unavailable::TenantFull)?;
                 }
-                Err((e, _)) => return Err(Unavailable::NotAcknowledged(e)),
+                Err(e) => return Err(Unavailable::NotAcknowledged(e)),
             }
         };
         if qos == 0 {
@@ -328,6 +308,35 @@ impl V2k {
             }
         };
         result.map_err(Unavailable::NotAcknowledged)
+    }
+}
+
+/// Counts a record's delivery report (on the producer's polling thread: counters and one log line, nothing more).
+fn count_report(
+    metrics: &V2kMetrics,
+    result: &Result<(), ProduceError>,
+    dead_letter: Option<Invalid>,
+    started: Instant,
+) {
+    match result {
+        Ok(()) => {
+            metrics.latency.record(started.elapsed().as_secs_f64());
+            match dead_letter {
+                None => metrics.produced_data.increment(1),
+                Some(reason) => {
+                    metrics.produced_dead_letter.increment(1);
+                    metrics.dead_letter(reason).increment(1);
+                }
+            }
+        }
+        Err(ProduceError::Final(e)) => {
+            metrics.failed(Failure::Final).increment(1);
+            tracing::error!(error = %e, "Kafka refused a device record for good");
+        }
+        Err(e) => {
+            metrics.failed(Failure::Expired).increment(1);
+            tracing::error!(error = %e, "device record expired before Kafka acknowledged it");
+        }
     }
 }
 

@@ -117,7 +117,7 @@ impl V2k {
     async fn until_acknowledged(
         &self,
         outcome: &Outcome,
-        mut attempt: Result<Receiver, (ProduceError, Slot)>,
+        mut attempt: Result<Receiver, ProduceError>,
     ) -> Result<(), ProduceError> {
         let tenant = outcome.record().key.split_once(':').map_or("", |(tenant, _)| tenant).to_owned();
         loop {
@@ -125,10 +125,7 @@ impl V2k {
                 Ok(receiver) => {
                     receiver.await.unwrap_or(Err(ProduceError::Expired(rdkafka::error::KafkaError::Canceled)))
                 }
-                Err((e, slot)) => {
-                    drop(slot);
-                    Err(e)
-                }
+                Err(e) => Err(e),
             };
             match result {
                 Ok(()) => return Ok(()),

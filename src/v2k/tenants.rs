@@ -3,7 +3,9 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
-use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
 use tokio::sync::Notify;
 
@@ -23,8 +25,8 @@ struct Tenant {
 }
 
 impl Tenant {
-    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock()
     }
 }
 
@@ -118,10 +120,25 @@ impl Tenants {
 
     fn tenant(&self, name: &str) -> Arc<Tenant> {
         let shard = &self.shards[(self.lane(name) as usize) % SHARDS];
-        if let Some(tenant) = shard.read().unwrap_or_else(PoisonError::into_inner).get(name) {
+        if let Some(tenant) = shard.read().get(name) {
             return tenant.clone();
         }
-        shard.write().unwrap_or_else(PoisonError::into_inner).entry(Box::from(name)).or_default().clone()
+        shard.write().entry(Box::from(name)).or_default().clone()
+    }
+
+    /// Forgets tenants with nothing in flight and nothing waiting, so that the map holds the busy tenants only (with
+    /// the tenant check off, any name a device uses would otherwise stay forever). Returns how many are left.
+    pub(super) fn sweep(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| {
+                let mut shard = shard.write();
+                // Under the write lock nobody can take a new reference from the map; a count of one means no slot,
+                // ticket or turn of the tenant exists, so its state is idle and a later message starts it afresh.
+                shard.retain(|_, tenant| Arc::strong_count(tenant) > 1);
+                shard.len()
+            })
+            .sum()
     }
 
     /// Webhook modes, which never wait: a slot if the tenant is below its bound.
@@ -182,6 +199,25 @@ mod tests {
         assert!(tenants.try_slot("a").is_some());
         drop(a2);
         assert_eq!(tenants.in_flight("a"), 0);
+    }
+
+    #[test]
+    fn idle_tenants_are_forgotten_busy_ones_kept() {
+        let tenants = Tenants::new(2);
+        let busy = tenants.try_slot("busy").unwrap();
+        for n in 0..100 {
+            drop(tenants.try_slot(&format!("once{n}")));
+        }
+        let Room::Slot(_first) = tenants.try_acquire("queued") else { panic!() };
+        let Room::Slot(_second) = tenants.try_acquire("queued") else { panic!() };
+        let Room::Full(_ticket) = tenants.try_acquire("queued") else { panic!() };
+        assert_eq!(tenants.sweep(), 2, "busy and queued stay");
+        // The kept state is the live one: the bound still holds for both.
+        let _busy_second = tenants.try_slot("busy").expect("room for a second");
+        assert!(tenants.try_slot("busy").is_none(), "busy is at its bound of 2");
+        assert!(tenants.try_slot("queued").is_none());
+        drop((busy, _busy_second));
+        assert_eq!(tenants.sweep(), 1, "queued still holds two slots");
     }
 
     #[tokio::test]

@@ -172,7 +172,8 @@ impl HookState {
 pub fn routes(state: HookState) -> Router {
     let mut router = Router::new();
     for hook in Hook::ALL {
-        let handler = move |State(state): State<HookState>, request: Request| async move {
+        // One shared state: a call clones one Arc, not each of the state's parts.
+        let handler = move |State(state): State<Arc<HookState>>, request: Request| async move {
             let (parts, body) = request.into_parts();
             match read_body(&parts.headers, body, state.max_body_bytes).await {
                 Ok(body) => dispatch(hook, &state, &parts.headers, &body).await,
@@ -182,7 +183,7 @@ pub fn routes(state: HookState) -> Router {
         };
         router = router.route(&hook.path(), post(handler));
     }
-    router.with_state(state)
+    router.with_state(Arc::new(state))
 }
 
 /// Reads the body up to `limit` bytes; a declared length over the limit is refused before anything is read.

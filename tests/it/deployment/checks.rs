@@ -353,7 +353,8 @@ pub fn v2k_settings(compose: &Compose) -> (String, u64) {
 }
 
 /// Topic auto-creation is off on the service's Kafka, and a one-shot the service waits for (completed) creates the
-/// admin tenant's data topic (`admin.<V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX>`) and its dead letters.
+/// admin tenant's data topic (`admin.<V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX>`), its dead letters and the lease topic of
+/// `V2K_SUBSCRIPTION=plain` (`V2K_LEASE_TOPIC`).
 pub fn check_tenant_topics(compose: &Compose) -> Result<(), Problems> {
     let mut problems = Vec::new();
     let Some(agent) = compose.agent() else { return Err(vec!["compose needs a built service".into()]) };
@@ -365,10 +366,13 @@ pub fn check_tenant_topics(compose: &Compose) -> Result<(), Problems> {
         problems.push(format!("{kafka}: KAFKA_AUTO_CREATE_TOPICS_ENABLE must be \"false\" (as in production)"));
     }
     let suffix = env.get("V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX").map_or("device-data", String::as_str);
-    let wanted = [format!("admin.{suffix}"), format!("admin.{suffix}.dead-letter")];
+    let lease = env.get("V2K_LEASE_TOPIC").map_or("iotagent.v2k-lease", String::as_str);
+    let wanted = [format!("admin.{suffix}"), format!("admin.{suffix}.dead-letter"), lease.to_string()];
+    // A topic in the one-shot's list: followed by a space or the `;` that ends the list.
+    let names = |c: &str, t: &str| c.contains(&format!("{t} ")) || c.contains(&format!("{t};"));
     let creates = |service: &str| {
         let command = compose.service(service).map(|s| serde_json::to_string(&s["command"]).unwrap_or_default());
-        command.is_some_and(|c| c.contains("kafka-topics.sh") && wanted.iter().all(|t| c.contains(&format!("{t} "))))
+        command.is_some_and(|c| c.contains("kafka-topics.sh") && wanted.iter().all(|t| names(&c, t)))
     };
     let waited = compose
         .depends_on(agent)

@@ -42,7 +42,8 @@ fn strict_mode_ships_and_on_publish_is_opt_in() {
 }
 
 /// Kafka runs as production does (no topic created on first use), and a one-shot step creates the admin tenant's
-/// topics before the service starts, so that the service accepts the walkthrough's admin devices.
+/// topics (and the plain subscription's lease topic) before the service starts, so that the service accepts the
+/// walkthrough's admin devices and V2K_SUBSCRIPTION=plain finds its lease.
 #[test]
 fn kafka_creates_no_topics_and_the_admin_tenant_has_its_own() {
     let compose = compose();
@@ -51,6 +52,7 @@ fn kafka_creates_no_topics_and_the_admin_tenant_has_its_own() {
     for (from, to) in [
         ("KAFKA_AUTO_CREATE_TOPICS_ENABLE: \"false\"", "KAFKA_AUTO_CREATE_TOPICS_ENABLE: \"true\""),
         ("admin.device-data admin", "admin.other admin"),
+        ("iotagent.v2k-lease;", "iotagent.other;"),
         ("      kafka-topics:\n        condition: service_completed_successfully\n", ""),
     ] {
         assert!(text.contains(from), "compose.yaml no longer contains {from:?}");

@@ -1,0 +1,139 @@
+//! CPU per forwarded message in on_publish mode under the load VerneMQ puts on the service (issue 10): 100 keep-alive
+//! connections (VerneMQ's webhook pool), one request at a time each, 100-byte payloads. Next to it, under the same
+//! load, the two floors: a trivial responder (HTTP alone) and a plain producer process sending the same records.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rdkafka::producer::FutureRecord;
+
+use super::{Load, PHASE, Proc, padded_payload, plain_producer_client, start_service, start_trivial, webhook_load};
+
+/// VerneMQ's webhook connection pool towards one endpoint.
+const POOL: usize = 100;
+const PAYLOAD_BYTES: usize = 100;
+
+/// Paced at the rate the real node reached in on_publish mode (5 112 msg/s), and unpaced.
+const RATES: [Option<f64>; 2] = [Some(5_000.0), None];
+
+/// Rounds per rate; each row reports its median, so that one disturbed phase on a shared machine does not decide it.
+const ROUNDS: usize = 3;
+
+pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], brokers: &str) {
+    println!(
+        "CPU per message, VerneMQ-shaped load: {POOL} keep-alive connections, one request at a time, \
+         {PAYLOAD_BYTES}-byte payloads; median of {ROUNDS} interleaved rounds"
+    );
+    for rate in RATES {
+        let load = Load { connections: POOL, tenants: 1, payload_bytes: Some(PAYLOAD_BYTES), rate };
+        let pace = rate.map_or("unpaced".to_string(), |r| format!("paced {r:.0}/s"));
+        let (mut service, mut trivial, mut producer) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..ROUNDS {
+            let (process, addr) = start_service(kafka_env);
+            std::thread::sleep(Duration::from_secs(2));
+            service.push(measured(&process, || webhook_calls(rt, addr, load)));
+            drop(process);
+            let (process, addr) = start_trivial();
+            trivial.push(measured(&process, || webhook_calls(rt, addr, load)));
+            drop(process);
+            producer.push(producer_floor(brokers, rate));
+        }
+        let ((service_rate, service_cpu), (trivial_rate, trivial_cpu), (producer_rate, producer_cpu)) =
+            (median(&mut service), median(&mut trivial), median(&mut producer));
+        println!(
+            "  {pace:<13} on_publish {service_rate:>6.0} msg/s {service_cpu:>5.1} µs/msg | trivial responder \
+             {trivial_rate:>6.0}/s {trivial_cpu:>5.1} µs | plain producer process {producer_rate:>6.0}/s \
+             {producer_cpu:>5.1} µs | service / (sum of floors) {:.2}",
+            service_cpu / (trivial_cpu + producer_cpu)
+        );
+    }
+}
+
+fn webhook_calls(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, load: Load) -> u64 {
+    let calls = Arc::new(AtomicU64::new(0));
+    rt.block_on(webhook_load(addr, "on_publish", calls.clone(), load));
+    calls.load(Ordering::Relaxed)
+}
+
+/// The round with the median CPU per message: (messages/s, µs per message).
+fn median(rounds: &mut [(f64, f64)]) -> (f64, f64) {
+    rounds.sort_by(|a, b| a.1.total_cmp(&b.1));
+    rounds[rounds.len() / 2]
+}
+
+/// Runs `work` (which returns how many messages it got through) and returns messages/s and the process's CPU µs per
+/// message over that time.
+fn measured(process: &Proc, work: impl FnOnce() -> u64) -> (f64, f64) {
+    let started = Instant::now();
+    let before = process.cpu_seconds();
+    let count = work().max(1) as f64;
+    let cpu = process.cpu_seconds() - before;
+    (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count)
+}
+
+/// This bench binary re-executed as a plain producer under the same load shape, measured as a process like the
+/// service; returns records/s and CPU µs per record.
+fn producer_floor(brokers: &str, rate: Option<f64>) -> (f64, f64) {
+    let mut child = Command::new(std::env::current_exe().expect("exe"))
+        .env("V2K_BENCH_PRODUCER", format!("{brokers} {}", rate.unwrap_or(0.0)))
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("producer process");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    let process = Proc(child);
+    assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("start"));
+    let before = process.cpu_seconds();
+    let started = Instant::now();
+    let count: f64 = lines
+        .next()
+        .and_then(Result::ok)
+        .and_then(|line| line.strip_prefix("stop ").and_then(|n| n.parse().ok()))
+        .expect("stop line");
+    let cpu = process.cpu_seconds() - before;
+    (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count.max(1.0))
+}
+
+/// The child's side of `producer_floor`: `POOL` senders each waiting for its ack, warmed up for 2 s, then measured
+/// for `PHASE` between a `start` and a `stop <records>` line.
+pub fn producer_main(spec: &str) {
+    let (brokers, rate) = spec.split_once(' ').expect("spec");
+    let rate: f64 = rate.parse().expect("rate");
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
+    rt.block_on(async move {
+        let producer = plain_producer_client(brokers);
+        let stop = Arc::new(AtomicBool::new(false));
+        let count = Arc::new(AtomicU64::new(0));
+        let period = (rate > 0.0).then(|| Duration::from_secs_f64(POOL as f64 / rate));
+        for device in 0..POOL {
+            let (producer, stop, count) = (producer.clone(), stop.clone(), count.clone());
+            tokio::spawn(async move {
+                let key = format!("bench:d{device}");
+                let started = tokio::time::Instant::now();
+                let mut n = 0u32;
+                while !stop.load(Ordering::Relaxed) {
+                    if let Some(period) = period {
+                        tokio::time::sleep_until(started + period * n).await;
+                    }
+                    let value = format!(
+                        r#"{{"metadata":{{"deviceid":"d{device}","tenant":"bench","timestamp":1732540000000}},"attrs":{}}}"#,
+                        padded_payload(u64::from(n), PAYLOAD_BYTES)
+                    );
+                    let record = FutureRecord::to("bench.device-data").key(&key).payload(&value);
+                    producer.send(record, Duration::from_secs(5)).await.ok();
+                    count.fetch_add(1, Ordering::Relaxed);
+                    n += 1;
+                }
+            });
+        }
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let before = count.load(Ordering::Relaxed);
+        println!("start");
+        tokio::time::sleep(PHASE).await;
+        println!("stop {}", count.load(Ordering::Relaxed) - before);
+        stop.store(true, Ordering::Relaxed);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    });
+}
