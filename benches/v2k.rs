@@ -225,7 +225,6 @@ fn start_service(env: &[(&str, String)]) -> (Proc, SocketAddr) {
         .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "error")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
-        .envs(std::env::var("XEXP").ok().and_then(|e| e.split_once('=').map(|(a, b)| (a.to_string(), b.to_string()))))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -251,7 +250,6 @@ fn start_trivial() -> (Proc, SocketAddr) {
     let port = free_port();
     let child = Command::new(std::env::current_exe().expect("exe"))
         .env("V2K_BENCH_TRIVIAL_PORT", port.to_string())
-        .envs(std::env::var("XEXP").ok().and_then(|e| e.split_once('=').map(|(a, b)| (a.to_string(), b.to_string()))))
         .stdout(Stdio::null())
         .spawn()
         .expect("trivial server");
