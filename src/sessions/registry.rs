@@ -36,6 +36,7 @@ impl Issuers {
     }
 
     /// The id of an issuer already seen, without interning.
+    #[cfg(test)]
     pub fn get(&self, issuer_der: &[u8]) -> Option<u16> {
         self.ids.get(issuer_der).copied()
     }
