@@ -106,13 +106,13 @@ impl LogGuard {
         Self {
             hasher: RandomState::new(),
             state: Mutex::new(State { slots: vec![empty; SLOTS], second_start: None, second_logged: 0 }),
-            suppressed: Denial::ALL.map(|kind| {
-                metrics.counter(
-                    "iotagent_log_lines_suppressed_total",
-                    "Denial log lines left out by sampling (every denial is still counted by the webhook metrics)",
-                    &[("kind", kind.name())],
-                )
-            }),
+            suppressed: metrics.counters(
+                "iotagent_log_lines_suppressed_total",
+                "Denial log lines left out by sampling (every denial is still counted by the webhook metrics)",
+                &[],
+                ("kind", Denial::name),
+                Denial::ALL,
+            ),
         }
     }
 

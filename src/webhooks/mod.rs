@@ -102,13 +102,13 @@ struct HookMetrics {
 impl HookMetrics {
     fn new(metrics: &Metrics, hook: Hook) -> Self {
         Self {
-            outcomes: Outcome::ALL.map(|outcome| {
-                metrics.counter(
-                    "iotagent_webhook_requests_total",
-                    "Webhook requests by hook and outcome",
-                    &[("hook", hook.name()), ("outcome", outcome.name())],
-                )
-            }),
+            outcomes: metrics.counters(
+                "iotagent_webhook_requests_total",
+                "Webhook requests by hook and outcome",
+                &[("hook", hook.name())],
+                ("outcome", Outcome::name),
+                Outcome::ALL,
+            ),
             latency: metrics.histogram(
                 "iotagent_webhook_duration_seconds",
                 "Time from request to reply, by hook",
