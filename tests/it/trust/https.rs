@@ -112,3 +112,29 @@ async fn slow_headers_do_not_starve_the_broker() {
     assert!(started.elapsed() < Duration::from_secs(3), "served in {:?}", started.elapsed());
     drop(slow);
 }
+
+/// Renewed files are used without a restart (checked every second, off the accept path), and a broken one does not
+/// replace the last good: a client CA file that now also holds another CA lets that CA's broker certificate in.
+#[tokio::test]
+async fn https_webhooks_follow_renewed_files_and_keep_the_last_good() {
+    let ours = tempfile::tempdir().unwrap();
+    pki::write(ours.path());
+    let theirs = tempfile::tempdir().unwrap();
+    pki::write(theirs.path());
+    let (_app, port) = https_app(ours.path()).await;
+    assert!(call(port, ours.path(), Some((theirs.path(), "k2v"))).await.is_err(), "their CA not trusted yet");
+
+    let mut both = std::fs::read(ours.path().join("ca.pem")).unwrap();
+    both.extend(std::fs::read(theirs.path().join("ca.pem")).unwrap());
+    std::fs::write(ours.path().join("ca.pem"), both).unwrap();
+    let trusted = crate::common::wait_until(Duration::from_secs(5), async || {
+        call(port, ours.path(), Some((theirs.path(), "k2v"))).await.is_ok()
+    })
+    .await;
+    assert!(trusted, "the renewed client CA file is used");
+
+    std::fs::write(ours.path().join("server.key"), "half a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let served = call(port, ours.path(), Some((ours.path(), "k2v"))).await;
+    assert!(served.is_ok_and(|reply| reply.starts_with("HTTP/1.1 200")), "the last good files still serve");
+}
