@@ -158,9 +158,7 @@ mod tests {
 
     #[test]
     fn kinds_are_listed_in_declaration_order() {
-        for (index, kind) in Denial::ALL.iter().enumerate() {
-            assert_eq!(*kind as usize, index, "{}", kind.name());
-        }
+        crate::metrics::assert_declaration_order(&Denial::ALL, |k| k as usize, Denial::name);
     }
 
     #[test]

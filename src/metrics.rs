@@ -87,6 +87,15 @@ impl Metrics {
     }
 }
 
+/// For the tests: `all` lists an enum's variants in declaration order, so that `variant as usize` indexes the
+/// counters [`Metrics::counters`] registered for it.
+#[cfg(test)]
+pub(crate) fn assert_declaration_order<E: Copy>(all: &[E], index: fn(E) -> usize, name: fn(E) -> &'static str) {
+    for (i, variant) in all.iter().enumerate() {
+        assert_eq!(index(*variant), i, "{}", name(*variant));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -88,8 +88,6 @@ mod tests {
 
     #[test]
     fn dead_letter_outcomes_are_listed_in_declaration_order() {
-        for (index, outcome) in DeadLetter::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, index, "{}", outcome.name());
-        }
+        crate::metrics::assert_declaration_order(&DeadLetter::ALL, |o| o as usize, DeadLetter::name);
     }
 }

@@ -68,8 +68,8 @@ pub(super) struct Target {
 impl Target {
     pub(super) fn new(session: &Session<'_>, cause: Cause) -> Self {
         Self {
-            mountpoint: session.mountpoint.into(),
-            client_id: session.client_id.into(),
+            mountpoint: session.recorded.mountpoint.into(),
+            client_id: session.recorded.client_id.into(),
             generation: session.generation,
             cause,
         }

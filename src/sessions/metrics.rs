@@ -98,10 +98,11 @@ mod tests {
 
     #[test]
     fn every_enum_lists_its_variants_in_declaration_order() {
-        assert!(ApiFailure::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(Cause::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(Outcome::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(SkipReason::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(CrlFailure::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
+        use crate::metrics::assert_declaration_order;
+        assert_declaration_order(&ApiFailure::ALL, |r| r as usize, ApiFailure::name);
+        assert_declaration_order(&Cause::ALL, |c| c as usize, Cause::name);
+        assert_declaration_order(&Outcome::ALL, |o| o as usize, Outcome::name);
+        assert_declaration_order(&SkipReason::ALL, |r| r as usize, SkipReason::name);
+        assert_declaration_order(&CrlFailure::ALL, |r| r as usize, CrlFailure::name);
     }
 }

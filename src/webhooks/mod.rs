@@ -261,12 +261,8 @@ mod tests {
 
     #[test]
     fn all_lists_hooks_and_outcomes_in_declaration_order() {
-        for (index, hook) in Hook::ALL.iter().enumerate() {
-            assert_eq!(*hook as usize, index, "{}", hook.name());
-        }
-        for (index, outcome) in Outcome::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, index, "{}", outcome.name());
-        }
+        crate::metrics::assert_declaration_order(&Hook::ALL, |h| h as usize, Hook::name);
+        crate::metrics::assert_declaration_order(&Outcome::ALL, |o| o as usize, Outcome::name);
     }
 
     #[test]
