@@ -79,7 +79,7 @@ impl ClientContext for Context {
     }
 
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        super::log("librdkafka", level, fac, message);
+        forward_log!("librdkafka", level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

@@ -80,7 +80,7 @@ impl Context {
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        super::log("librdkafka (lease)", level, fac, message);
+        forward_log!("librdkafka (lease)", level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
