@@ -44,8 +44,7 @@ fn rss_bytes() -> usize {
 
 /// A device session as the defaults make it: `scoped` client id `<username>|<client id>` with the client id equal to
 /// the username, on the mutual-TLS listener (16-byte serial, like `openssl ca -rand_serial`).
-fn fill(n: usize) -> (Registry, isize, usize) {
-    let (heap0, rss0) = (LIVE.load(Ordering::Relaxed), rss_bytes());
+fn fill(n: usize) -> Registry {
     let mut registry = Registry::default();
     for i in 0..n {
         let device = format!("admin:d{i:07x}");
@@ -62,17 +61,32 @@ fn fill(n: usize) -> (Registry, isize, usize) {
             })
             .expect("valid session");
     }
-    (registry, LIVE.load(Ordering::Relaxed) - heap0, rss_bytes().saturating_sub(rss0))
+    registry
 }
 
 /// Removed devices as dojot names them: `<tenant>:<6 hex digits>` (12 bytes).
-fn fill_removed(n: usize) -> (RemovedSet, isize, usize) {
-    let (heap0, rss0) = (LIVE.load(Ordering::Relaxed), rss_bytes());
+fn fill_removed(n: usize) -> RemovedSet {
     let mut set = RemovedSet::default();
     for i in 0..n {
         set.apply(&Change::Removed(format!("admin:{i:06x}")));
     }
-    (set, LIVE.load(Ordering::Relaxed) - heap0, rss_bytes().saturating_sub(rss0))
+    set
+}
+
+/// What `build` makes, and what it cost: bytes by the allocator's count and by the RSS growth.
+fn measured<T>(build: impl FnOnce() -> T) -> (T, isize, usize) {
+    let (heap0, rss0) = (LIVE.load(Ordering::Relaxed), rss_bytes());
+    let built = build();
+    (built, LIVE.load(Ordering::Relaxed) - heap0, rss_bytes().saturating_sub(rss0))
+}
+
+/// One memory line: `n` items of `unit` (device, session) in `what`, holding `entries`.
+fn print_memory(what: &str, unit: &str, n: usize, heap: isize, rss: usize, entries: usize) {
+    println!(
+        "{what} {n:>9} {unit}s: {:>6.1} bytes/{unit} (allocator), {:>6.1} bytes/{unit} (RSS delta), {entries} entries",
+        heap as f64 / n as f64,
+        rss as f64 / n as f64,
+    );
 }
 
 async fn crl_to_last_disconnect(connected: usize, revoked: usize) -> Duration {
@@ -127,26 +141,16 @@ async fn crl_to_last_disconnect(connected: usize, revoked: usize) -> Duration {
 
 fn main() {
     for n in [100_000, 1_000_000] {
-        let (set, heap, rss) = fill_removed(n);
-        println!(
-            "removed set {n:>9} devices: {:>6.1} bytes/device (allocator), {:>6.1} bytes/device (RSS delta), {} entries",
-            heap as f64 / n as f64,
-            rss as f64 / n as f64,
-            set.len()
-        );
+        let (set, heap, rss) = measured(|| fill_removed(n));
+        print_memory("removed set", "device", n, heap, rss, set.len());
         drop(set);
     }
     if std::env::args().any(|a| a == "removed") {
         return;
     }
     for n in [100_000, 1_000_000] {
-        let (registry, heap, rss) = fill(n);
-        println!(
-            "registry {n:>9} sessions: {:>6.1} bytes/session (allocator), {:>6.1} bytes/session (RSS delta), {} entries",
-            heap as f64 / n as f64,
-            rss as f64 / n as f64,
-            registry.len()
-        );
+        let (registry, heap, rss) = measured(|| fill(n));
+        print_memory("registry", "session", n, heap, rss, registry.len());
         drop(registry);
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("runtime");

@@ -99,21 +99,17 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     let tasks = TaskTracker::new();
     // The PKI (API and certificate upkeep) runs where PKI_LISTEN is set, before the internal MQTT clients start:
     // they follow its renewals of the service's certificate (and poll the files for renewals made elsewhere).
-    let _pki_upkeep = match (settings.pki.take(), listeners.pki.take()) {
-        (Some(pki), Some(listener)) => {
-            let store = Arc::new(crate::pki::Store::new(pki.store));
-            let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
-            tasks.spawn(async move {
-                let _ = server.await;
-            });
-            let upkeep = crate::pki::start_upkeep(store, pki.upkeep, shutdown.clone());
-            let k2v = settings.k2v.as_mut().map(|k2v| &mut k2v.mqtt);
-            let v2k = settings.v2k.as_mut().and_then(|v2k| v2k.subscription.as_mut()).map(|s| &mut s.mqtt);
-            follow_renewals([k2v, v2k], &upkeep.service_renewed);
-            Some(upkeep)
-        }
-        _ => None,
-    };
+    if let (Some(pki), Some(listener)) = (settings.pki.take(), listeners.pki.take()) {
+        let store = Arc::new(crate::pki::Store::new(pki.store));
+        let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
+        tasks.spawn(async move {
+            let _ = server.await;
+        });
+        let renewed = crate::pki::start_upkeep(store, pki.upkeep, &tasks, shutdown.clone());
+        let k2v = settings.k2v.as_mut().map(|k2v| &mut k2v.mqtt);
+        let v2k = settings.v2k.as_mut().and_then(|v2k| v2k.subscription.as_mut()).map(|s| &mut s.mqtt);
+        follow_renewals([k2v, v2k], &renewed);
+    }
 
     let v2k = match settings.v2k {
         Some(parts) => {

@@ -27,19 +27,11 @@ pub enum CertificateError {
     Der(#[source] openssl::error::ErrorStack),
 }
 
-/// Decodes the `client_cert` field.
-///
-/// # Errors
-/// Not base64, or not a DER certificate.
-pub fn parse_forwarded(client_cert: &str) -> Result<ClientCertificate, CertificateError> {
-    parse_forwarded_pinned(client_cert).map(|(certificate, _)| certificate)
-}
-
 /// Decodes the `client_cert` field and computes its SHA-256 fingerprint (what pins the service's own certificates).
 ///
 /// # Errors
 /// Not base64, or not a DER certificate.
-pub fn parse_forwarded_pinned(client_cert: &str) -> Result<(ClientCertificate, Fingerprint), CertificateError> {
+pub fn parse_forwarded(client_cert: &str) -> Result<(ClientCertificate, Fingerprint), CertificateError> {
     let der = base64::engine::general_purpose::STANDARD.decode(client_cert)?;
     let x509 = X509::from_der(&der).map_err(CertificateError::Der)?;
     let fingerprint = Fingerprint(openssl::sha::sha256(&der));
@@ -64,7 +56,7 @@ mod tests {
 
     #[test]
     fn reads_the_certificate_verne_forwarded() {
-        let (cert, fingerprint) = parse_forwarded_pinned(CAPTURED.trim()).unwrap();
+        let (cert, fingerprint) = parse_forwarded(CAPTURED.trim()).unwrap();
         assert_eq!(cert.common_name.as_deref(), Some("admin:a1998e"));
         assert_eq!(cert.serial, "1001");
         assert_eq!(cert.serial_bytes, vec![0x10, 0x01]);

@@ -3,23 +3,26 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::Router;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
 use openssl::x509::X509Name;
-use parking_lot::Mutex;
 use tokio::net::TcpListener;
 use tokio_openssl::SslStream;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use crate::file_watch::FileWatch;
+
 /// A client that has not finished its handshake by then is dropped, so half-open connections cost little.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Same bound for a request head that trickles in.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the files are compared with what the acceptor was built from.
+const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// The listener's files, PEM.
 #[derive(Debug, Clone)]
@@ -81,42 +84,12 @@ pub(crate) fn acceptor(settings: &TlsSettings) -> Result<SslAcceptor, TlsError> 
     Ok(builder.build())
 }
 
-/// The acceptor, rebuilt when one of its files changes.
-struct Current {
-    settings: TlsSettings,
-    stamps: Vec<Option<(u64, SystemTime)>>,
-    acceptor: Arc<SslAcceptor>,
-}
-
-impl Current {
-    fn stamps(settings: &TlsSettings) -> Vec<Option<(u64, SystemTime)>> {
-        [&settings.cert, &settings.key, &settings.client_ca]
-            .into_iter()
-            .map(|p| std::fs::metadata(p).ok().and_then(|m| Some((m.len(), m.modified().ok()?))))
-            .collect()
-    }
-
-    /// The acceptor for a new connection; a changed file is read again, a bad one logged and the last good kept.
-    fn get(&mut self) -> Arc<SslAcceptor> {
-        let stamps = Self::stamps(&self.settings);
-        if stamps != self.stamps {
-            self.stamps = stamps;
-            match acceptor(&self.settings) {
-                Ok(acceptor) => {
-                    tracing::info!("HTTPS webhook certificates reloaded");
-                    self.acceptor = Arc::new(acceptor);
-                }
-                Err(error) => tracing::warn!(%error, "HTTPS webhook certificates not reloaded; keeping the last good"),
-            }
-        }
-        self.acceptor.clone()
-    }
-}
-
-/// A bound HTTPS listener, its files checked.
+/// A bound HTTPS listener and the acceptor its files make, rebuilt when they change.
 pub(crate) struct TlsListener {
     listener: TcpListener,
-    current: Mutex<Current>,
+    settings: TlsSettings,
+    acceptor: Arc<SslAcceptor>,
+    files: FileWatch,
 }
 
 impl std::fmt::Debug for TlsListener {
@@ -129,9 +102,10 @@ impl TlsListener {
     /// # Errors
     /// As [`acceptor`].
     pub(crate) fn new(listener: TcpListener, settings: TlsSettings) -> Result<Self, TlsError> {
+        let paths = vec![settings.cert.clone(), settings.key.clone(), settings.client_ca.clone()];
+        let files = FileWatch::new(paths, CHECK_INTERVAL);
         let acceptor = Arc::new(acceptor(&settings)?);
-        let stamps = Current::stamps(&settings);
-        Ok(Self { listener, current: Mutex::new(Current { settings, stamps, acceptor }) })
+        Ok(Self { listener, settings, acceptor, files })
     }
 
     pub(crate) fn local_addr(&self) -> std::io::Result<std::net::SocketAddr> {
@@ -140,11 +114,25 @@ impl TlsListener {
 
     /// Serves `router` until `shutdown`, then lets open requests finish (connections close after their reply).
     pub(crate) async fn serve(self, router: Router, shutdown: CancellationToken) {
+        let Self { listener, settings, acceptor: mut current, mut files } = self;
         let connections = TaskTracker::new();
         loop {
             let (tcp, peer) = tokio::select! {
                 () = shutdown.cancelled() => break,
-                accepted = self.listener.accept() => match accepted {
+                // Renewed files are read here, between accepts: a new connection only takes the current acceptor.
+                rebuilt = files.changed(|| acceptor(&settings)) => {
+                    match rebuilt {
+                        Ok(rebuilt) => {
+                            tracing::info!("HTTPS webhook certificates reloaded");
+                            current = Arc::new(rebuilt);
+                        }
+                        Err(error) => {
+                            tracing::warn!(%error, "HTTPS webhook certificates not reloaded; keeping the last good");
+                        }
+                    }
+                    continue;
+                }
+                accepted = listener.accept() => match accepted {
                     Ok(accepted) => accepted,
                     Err(error) => {
                         // Out of descriptors and the like: pause rather than spin.
@@ -155,7 +143,7 @@ impl TlsListener {
                 },
             };
             tcp.set_nodelay(true).ok();
-            let acceptor = self.current.lock().get();
+            let acceptor = current.clone();
             let router = router.clone();
             let shutdown = shutdown.clone();
             connections.spawn(async move {

@@ -22,6 +22,7 @@ mod app;
 mod backoff;
 pub mod cert;
 pub mod config;
+mod file_watch;
 pub mod healthcheck;
 mod http;
 mod http_tls;

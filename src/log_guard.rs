@@ -106,13 +106,13 @@ impl LogGuard {
         Self {
             hasher: RandomState::new(),
             state: Mutex::new(State { slots: vec![empty; SLOTS], second_start: None, second_logged: 0 }),
-            suppressed: Denial::ALL.map(|kind| {
-                metrics.counter(
-                    "iotagent_log_lines_suppressed_total",
-                    "Denial log lines left out by sampling (every denial is still counted by the webhook metrics)",
-                    &[("kind", kind.name())],
-                )
-            }),
+            suppressed: metrics.counters(
+                "iotagent_log_lines_suppressed_total",
+                "Denial log lines left out by sampling (every denial is still counted by the webhook metrics)",
+                &[],
+                ("kind", Denial::name),
+                Denial::ALL,
+            ),
         }
     }
 
@@ -158,9 +158,7 @@ mod tests {
 
     #[test]
     fn kinds_are_listed_in_declaration_order() {
-        for (index, kind) in Denial::ALL.iter().enumerate() {
-            assert_eq!(*kind as usize, index, "{}", kind.name());
-        }
+        crate::metrics::assert_declaration_order(&Denial::ALL, |k| k as usize, Denial::name);
     }
 
     #[test]

@@ -48,6 +48,24 @@ impl Metrics {
         self.recorder.register_counter(&key(name, labels), &METADATA)
     }
 
+    /// One counter per value of the label `key`, in the order of `values`, each also carrying the `fixed` labels.
+    /// Given an enum's `ALL` (its variants in declaration order), `variant as usize` indexes the result, so the hot
+    /// path never builds a label.
+    pub(crate) fn counters<E: Copy, const N: usize>(
+        &self,
+        name: &'static str,
+        help: &'static str,
+        fixed: &[(&'static str, &str)],
+        (key, label): (&'static str, fn(E) -> &'static str),
+        values: [E; N],
+    ) -> [Counter; N] {
+        values.map(|value| {
+            let mut labels = fixed.to_vec();
+            labels.push((key, label(value)));
+            self.counter(name, help, &labels)
+        })
+    }
+
     pub fn gauge(&self, name: &'static str, help: &'static str, labels: &[(&'static str, &str)]) -> Gauge {
         self.recorder.describe_gauge(KeyName::from(name), None, SharedString::from(help));
         self.recorder.register_gauge(&key(name, labels), &METADATA)
@@ -69,6 +87,15 @@ impl Metrics {
     }
 }
 
+/// For the tests: `all` lists an enum's variants in declaration order, so that `variant as usize` indexes the
+/// counters [`Metrics::counters`] registered for it.
+#[cfg(test)]
+pub(crate) fn assert_declaration_order<E: Copy>(all: &[E], index: fn(E) -> usize, name: fn(E) -> &'static str) {
+    for (i, variant) in all.iter().enumerate() {
+        assert_eq!(index(*variant), i, "{}", name(*variant));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -82,5 +109,32 @@ mod tests {
         let text = m.render();
         assert!(text.contains(r#"iotagent_test_total{hook="auth_on_publish"} 2"#), "{text}");
         assert!(text.contains(r#"iotagent_test_duration_seconds_bucket{le="0.0005"} 1"#), "{text}");
+    }
+
+    #[test]
+    fn a_counter_per_value_in_the_order_given() {
+        #[derive(Clone, Copy)]
+        enum Kind {
+            First,
+            Second,
+        }
+        fn name(kind: Kind) -> &'static str {
+            match kind {
+                Kind::First => "first",
+                Kind::Second => "second",
+            }
+        }
+        let m = Metrics::new();
+        let family = m.counters(
+            "iotagent_test_kinds_total",
+            "Kinds",
+            &[("hook", "h")],
+            ("kind", name),
+            [Kind::First, Kind::Second],
+        );
+        family[Kind::Second as usize].increment(3);
+        let text = m.render();
+        assert!(text.contains(r#"iotagent_test_kinds_total{hook="h",kind="second"} 3"#), "{text}");
+        assert!(text.contains(r#"iotagent_test_kinds_total{hook="h",kind="first"} 0"#), "{text}");
     }
 }

@@ -3,15 +3,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use openssl::x509::X509;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 use tokio_util::sync::CancellationToken;
 
+use crate::file_watch::FileWatch;
 use crate::policy::Fingerprint;
 
-/// How often the certificate file's size and modification time are compared.
+/// How often the certificate file is compared with what was read.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Certificates read from the file that stay accepted: the current one and a few before it, so that a client
 /// still connected with the previous certificate reconnects (a revoked one is refused by VerneMQ's CRL first).
@@ -40,6 +41,8 @@ pub struct ServiceCertificates {
     settings: Settings,
     from_file: RwLock<Vec<Fingerprint>>,
     current: RwLock<Arc<[Fingerprint]>>,
+    /// Made when the file is first read, taken by [`ServiceCertificates::watch`].
+    file_watch: Mutex<Option<FileWatch>>,
 }
 
 impl ServiceCertificates {
@@ -50,6 +53,7 @@ impl ServiceCertificates {
     pub fn load(settings: Settings) -> Result<Self, LoadError> {
         let this = Self { settings, ..Self::default() };
         if let Some(file) = &this.settings.file {
+            *this.file_watch.lock() = Some(FileWatch::new(vec![file.clone()], CHECK_INTERVAL));
             this.remember(read_fingerprint(file)?);
         } else {
             this.publish();
@@ -79,39 +83,28 @@ impl ServiceCertificates {
         *self.current.write() = all.into();
     }
 
-    /// Re-reads MQTT_CERT_FILE whenever its size or modification time changes, until `shutdown`.
+    /// Re-reads MQTT_CERT_FILE whenever its contents change, until `shutdown`.
     pub fn watch(self: &Arc<Self>, shutdown: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+        let mut file_watch = self.file_watch.lock().take()?;
         let file = self.settings.file.clone()?;
         let this = self.clone();
         Some(tokio::spawn(async move {
-            let mut seen = stamp(&file);
-            let mut tick = tokio::time::interval(CHECK_INTERVAL);
             loop {
-                tokio::select! {
+                let read = tokio::select! {
                     () = shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = stamp(&file);
-                if now == seen {
-                    continue;
-                }
-                match read_fingerprint(&file) {
+                    read = file_watch.changed(|| read_fingerprint(&file)) => read,
+                };
+                match read {
                     Ok(fingerprint) => {
-                        seen = now;
                         this.remember(fingerprint);
                         tracing::info!(file = %file.display(), %fingerprint, "service certificate reloaded");
                     }
-                    // Half-written or missing: keep what was accepted and look again at the next tick.
+                    // Half-written or missing: keep what was accepted and read it again once it changes.
                     Err(error) => tracing::warn!(%error, "service certificate not reloaded"),
                 }
             }
         }))
     }
-}
-
-fn stamp(file: &Path) -> Option<(u64, SystemTime)> {
-    let meta = std::fs::metadata(file).ok()?;
-    Some((meta.len(), meta.modified().ok()?))
 }
 
 fn read_fingerprint(file: &Path) -> Result<Fingerprint, LoadError> {

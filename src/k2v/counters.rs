@@ -44,22 +44,14 @@ pub(super) struct K2vMetrics {
 
 impl K2vMetrics {
     pub(super) fn new(metrics: &Metrics) -> Self {
-        let skipped = SkipReason::ALL.map(|reason| {
-            metrics.counter(
-                "iotagent_k2v_skipped_total",
-                "Kafka messages completed without a publish, by reason",
-                &[("reason", reason.name())],
-            )
-        });
-        let dead_letters = DeadLetter::ALL.map(|outcome| {
-            metrics.counter(
+        Self {
+            dead_letters: metrics.counters(
                 "iotagent_k2v_dead_letters_total",
                 "Refused events written (or not) to their dead-letter topic, by outcome",
-                &[("outcome", outcome.name())],
-            )
-        });
-        Self {
-            dead_letters,
+                &[],
+                ("outcome", DeadLetter::name),
+                DeadLetter::ALL,
+            ),
             consumed: metrics.counter("iotagent_k2v_consumed_total", "Device-manager events consumed from Kafka", &[]),
             published: metrics.counter("iotagent_k2v_published_total", "Configurations published to devices", &[]),
             acked: metrics.counter("iotagent_k2v_acked_total", "Publishes accepted by the broker (PUBACK < 0x80)", &[]),
@@ -68,7 +60,13 @@ impl K2vMetrics {
                 "Publishes sent again: the connection was lost before their PUBACK, or the broker answered quota exceeded",
                 &[],
             ),
-            skipped,
+            skipped: metrics.counters(
+                "iotagent_k2v_skipped_total",
+                "Kafka messages completed without a publish, by reason",
+                &[],
+                ("reason", SkipReason::name),
+                SkipReason::ALL,
+            ),
             in_flight: metrics.gauge("iotagent_k2v_in_flight", "Publishes awaiting the broker's PUBACK", &[]),
             lag: metrics.gauge(
                 "iotagent_k2v_lag",
@@ -90,8 +88,6 @@ mod tests {
 
     #[test]
     fn dead_letter_outcomes_are_listed_in_declaration_order() {
-        for (index, outcome) in DeadLetter::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, index, "{}", outcome.name());
-        }
+        crate::metrics::assert_declaration_order(&DeadLetter::ALL, |o| o as usize, DeadLetter::name);
     }
 }

@@ -27,9 +27,7 @@ fn publish(topic: &str, payload: &Value) -> Action {
 
 #[test]
 fn skip_reasons_are_listed_in_declaration_order() {
-    for (index, reason) in SkipReason::ALL.iter().enumerate() {
-        assert_eq!(*reason as usize, index, "{}", reason.name());
-    }
+    crate::metrics::assert_declaration_order(&SkipReason::ALL, |r| r as usize, SkipReason::name);
 }
 
 #[test]

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 
 use counters::{DeadLetter, K2vMetrics};
-pub use event::{Action, EventError, EventRules, SkipReason};
+pub use event::{Action, EventRules, SkipReason};
 
 use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received, TopicChecker};
 use crate::kafka::producer::{Producer, ProducerSettings};

@@ -80,13 +80,7 @@ impl Context {
 
 impl ClientContext for Context {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg | RDKafkaLogLevel::Alert | RDKafkaLogLevel::Critical | RDKafkaLogLevel::Error => {
-                tracing::error!(facility = fac, "librdkafka (lease): {message}");
-            }
-            RDKafkaLogLevel::Warning => tracing::warn!(facility = fac, "librdkafka (lease): {message}"),
-            _ => tracing::debug!(facility = fac, "librdkafka (lease): {message}"),
-        }
+        forward_log!("librdkafka (lease)", level, fac, message);
     }
 
     fn error(&self, error: KafkaError, reason: &str) {

@@ -53,7 +53,7 @@ pub struct TlsFiles {
     pub ca: PathBuf,
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
-    /// Fires when this instance's PKI upkeep renewed the service's certificate (`Upkeep::service_renewed`): the
+    /// Fires when this instance's PKI upkeep renewed the service's certificate (what `pki::start_upkeep` returns): the
     /// clients reload the files at once instead of at their next poll.
     pub renewed: Option<tokio::sync::watch::Receiver<u64>>,
 }

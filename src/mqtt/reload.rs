@@ -7,6 +7,7 @@ use rumqttc::Transport;
 use rumqttc::v5::{EventLoop, Request};
 
 use super::TlsFiles;
+use crate::file_watch::FileWatch;
 
 /// How often the files are compared with what the connection uses, when nothing notifies a renewal.
 pub(super) const POLL_EVERY: Duration = Duration::from_secs(5);
@@ -14,12 +15,9 @@ pub(super) const POLL_EVERY: Duration = Duration::from_secs(5);
 /// Watches one client's TLS files; [`Reload::changed`] yields a transport built from the new ones.
 pub(super) struct Reload {
     files: TlsFiles,
-    /// Digests of the files the current transport was built from (digests, so no key material is kept).
-    seen: Vec<Option<[u8; 32]>>,
-    /// Digests of a changed set that did not build (e.g. the key renamed in, its certificate not yet): not retried
-    /// or logged again until the files change once more.
-    rejected: Option<Vec<Option<[u8; 32]>>>,
-    tick: tokio::time::Interval,
+    /// The files the current transport was built from; a changed set that did not build (e.g. the key renamed in,
+    /// its certificate not yet) is not retried or logged again until the files change once more.
+    watch: FileWatch,
 }
 
 impl Reload {
@@ -27,10 +25,8 @@ impl Reload {
     /// that a change in between is not missed.
     pub(super) fn new(files: Option<&TlsFiles>, every: Duration) -> Option<Self> {
         let files = files?.clone();
-        let seen = files.digests();
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        Some(Self { files, seen, rejected: None, tick })
+        let paths = [Some(&files.ca), files.cert.as_ref(), files.key.as_ref()].into_iter().flatten().cloned().collect();
+        Some(Self { watch: FileWatch::new(paths, every), files })
     }
 
     /// Resolves once the files changed and make a usable configuration. Cancel-safe: meant for a `select!` branch.
@@ -38,31 +34,23 @@ impl Reload {
         loop {
             match self.files.renewed.as_mut() {
                 Some(renewed) => tokio::select! {
-                    _ = self.tick.tick() => {}
+                    () = self.watch.tick() => {}
                     notified = renewed.changed() => if notified.is_err() {
                         // The PKI upkeep stopped: polling is all that is left.
                         self.files.renewed = None;
                     },
                 },
-                None => {
-                    self.tick.tick().await;
-                }
+                None => self.watch.tick().await,
             }
-            let now = self.files.digests();
-            if now == self.seen || self.rejected.as_ref() == Some(&now) {
-                continue;
-            }
-            match self.files.connector() {
-                Ok(connector) => {
-                    self.seen = now;
-                    self.rejected = None;
+            match self.watch.check(|| self.files.connector()) {
+                None => {}
+                Some(Ok(connector)) => {
                     tracing::info!(cert = ?self.files.cert, "MQTT TLS files changed; reconnecting with them");
                     return Transport::tls_with_config(connector.into());
                 }
-                Err(error) => {
-                    // The previous transport stays; the next change of the files is tried again.
+                // The previous transport stays; the next change of the files is tried again.
+                Some(Err(error)) => {
                     tracing::warn!(%error, "MQTT TLS files changed but are not usable (yet); keeping the current ones");
-                    self.rejected = Some(now);
                 }
             }
         }
@@ -93,16 +81,6 @@ pub(super) fn end_cycle(eventloop: &mut EventLoop) {
 /// A connection lost before the cycle's DISCONNECT went out must not send it after the reconnect.
 pub(super) fn forget_cycle(eventloop: &mut EventLoop) {
     eventloop.pending.retain(|request| !matches!(request, Request::Disconnect));
-}
-
-impl TlsFiles {
-    fn digests(&self) -> Vec<Option<[u8; 32]>> {
-        [Some(&self.ca), self.cert.as_ref(), self.key.as_ref()]
-            .into_iter()
-            .flatten()
-            .map(|path| std::fs::read(path).ok().map(|bytes| openssl::sha::sha256(&bytes)))
-            .collect()
-    }
 }
 
 #[cfg(test)]

@@ -26,7 +26,7 @@ use super::users::{Tokens, Users};
 use super::{PkiError, Store};
 
 /// Largest request body: a CSR is a few KiB; anything near this is not one.
-pub const MAX_BODY_BYTES: usize = 64 * 1024;
+const MAX_BODY_BYTES: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const JWT_SECRET_FILE: &str = "jwt.secret";
 

@@ -13,10 +13,10 @@ use std::time::Duration;
 
 use crate::policy::IdCharset;
 
-pub use api::{ApiSettings, MAX_BODY_BYTES, serve};
-pub use store::{BROKER_CLIENT_CN, IssuedCert, Role, Store};
-pub use upkeep::{Upkeep, UpkeepSettings, start as start_upkeep};
-pub use users::{Users, UsersError};
+pub use api::{ApiSettings, serve};
+pub use store::{Role, Store};
+pub use upkeep::{UpkeepSettings, start as start_upkeep};
+pub use users::Users;
 
 /// What the CA store needs, validated (from `PKI_*` settings, `MQTT_USERNAME` and `DEVICE_ID_CHARS`).
 #[derive(Debug, Clone)]

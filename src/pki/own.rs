@@ -12,7 +12,7 @@ use super::{Ca, Index, IssuedCert, Role, Store};
 pub(super) const OWN_ROLES: [Role; 4] = [Role::Server, Role::Service, Role::Webhook, Role::BrokerClient];
 
 /// CN of the broker's webhook client certificate (what the service's HTTPS listener sees).
-pub const BROKER_CLIENT_CN: &str = "vernemq";
+const BROKER_CLIENT_CN: &str = "vernemq";
 
 impl Store {
     /// Issues the broker's and the service's certificates again where they are missing, expire within the renewal

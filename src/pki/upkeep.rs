@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 use super::{Role, Store};
 use crate::schedule::Schedule;
@@ -18,13 +18,6 @@ pub struct UpkeepSettings {
     pub check_revoked: Schedule,
 }
 
-/// The running upkeep tasks and the "service certificate renewed" notification: the value counts renewals, so a
-/// receiver's `changed()` fires after each one (the internal MQTT clients reconnect with the new files).
-pub struct Upkeep {
-    pub tasks: Vec<JoinHandle<()>>,
-    pub service_renewed: watch::Receiver<u64>,
-}
-
 #[derive(Clone, Copy)]
 enum Job {
     Crl,
@@ -32,19 +25,25 @@ enum Job {
     Revoked,
 }
 
-/// Starts the three upkeep loops; they stop when `shutdown` is cancelled.
-pub fn start(store: Arc<Store>, settings: UpkeepSettings, shutdown: CancellationToken) -> Upkeep {
+/// Starts the three upkeep loops on `tasks`; they stop when `shutdown` is cancelled. Returns the "service
+/// certificate renewed" notification: the value counts renewals, so a receiver's `changed()` fires after each one
+/// (the internal MQTT clients reconnect with the new files).
+pub fn start(
+    store: Arc<Store>,
+    settings: UpkeepSettings,
+    tasks: &TaskTracker,
+    shutdown: CancellationToken,
+) -> watch::Receiver<u64> {
     let (renewed, service_renewed) = watch::channel(0);
     let renewed = Arc::new(renewed);
-    let tasks = [
+    for (job, schedule) in [
         (Job::Crl, settings.crl_update),
         (Job::Expiration, settings.check_expiration),
         (Job::Revoked, settings.check_revoked),
-    ]
-    .into_iter()
-    .map(|(job, schedule)| tokio::spawn(run(job, schedule, store.clone(), renewed.clone(), shutdown.clone())))
-    .collect();
-    Upkeep { tasks, service_renewed }
+    ] {
+        tasks.spawn(run(job, schedule, store.clone(), renewed.clone(), shutdown.clone()));
+    }
+    service_renewed
 }
 
 async fn run(
@@ -115,14 +114,14 @@ mod tests {
         let shutdown = CancellationToken::new();
         let settings =
             UpkeepSettings { crl_update: every("1s"), check_expiration: every("1h"), check_revoked: every("1s") };
-        let mut upkeep = start(store.clone(), settings, shutdown.clone());
-        tokio::time::timeout(Duration::from_secs(10), upkeep.service_renewed.changed()).await.unwrap().unwrap();
-        assert_eq!(*upkeep.service_renewed.borrow(), 1);
+        let tasks = TaskTracker::new();
+        let mut service_renewed = start(store.clone(), settings, &tasks, shutdown.clone());
+        tokio::time::timeout(Duration::from_secs(10), service_renewed.changed()).await.unwrap().unwrap();
+        assert_eq!(*service_renewed.borrow(), 1);
         assert_ne!(service, std::fs::read(dir.path().join("service.crt")).unwrap());
         assert_ne!(crl_before, std::fs::read(dir.path().join("crl.pem")).unwrap());
         shutdown.cancel();
-        for task in upkeep.tasks {
-            tokio::time::timeout(Duration::from_secs(5), task).await.unwrap().unwrap();
-        }
+        tasks.close();
+        tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.unwrap();
     }
 }

@@ -3,7 +3,7 @@
 use std::fmt;
 
 /// Longest tenant or device id part, in bytes (dojot's limit, also keeps Kafka topic names short).
-pub const MAX_PART_LEN: usize = 64;
+const MAX_PART_LEN: usize = 64;
 
 /// A device identity `tenant:device_id`, borrowed from the username it was parsed from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,9 +44,9 @@ pub struct IdCharset {
 }
 
 /// Default device id characters (dojot's).
-pub const DEFAULT_DEVICE_ID_CHARS: &str = "A-Za-z0-9_.-";
+const DEFAULT_DEVICE_ID_CHARS: &str = "A-Za-z0-9_.-";
 /// Default tenant id characters: the device default without the dot.
-pub const DEFAULT_TENANT_ID_CHARS: &str = "A-Za-z0-9_-";
+const DEFAULT_TENANT_ID_CHARS: &str = "A-Za-z0-9_-";
 
 impl Default for IdCharset {
     fn default() -> Self {

@@ -8,10 +8,8 @@ mod service;
 use std::time::Duration;
 
 pub use client_id::is_disconnect_safe;
-pub use identity::{
-    DEFAULT_DEVICE_ID_CHARS, DEFAULT_TENANT_ID_CHARS, DeviceId, IdCharset, IdentityError, MAX_PART_LEN, parse_device,
-};
-pub use service::{Fingerprint, FingerprintError, topic_tenant};
+pub use identity::{DeviceId, IdCharset, IdentityError, parse_device};
+pub use service::{Fingerprint, topic_tenant};
 
 use crate::secret::Secret;
 
@@ -218,10 +216,6 @@ impl Policy {
         Self { config }
     }
 
-    pub fn config(&self) -> &PolicyConfig {
-        &self.config
-    }
-
     fn principal<'a>(&self, username: Option<&'a str>) -> Result<Principal<'a>, DenyReason> {
         let username = username.ok_or(DenyReason::Anonymous)?;
         if username == self.config.service_username {
@@ -321,13 +315,15 @@ impl Policy {
             .is_some_and(|rest| rest.chars().next().is_none_or(|c| !self.config.id_charset.accepts_char(c)))
     }
 
-    /// Decides a PUBLISH (also the last will, which VerneMQ authorises the same way at CONNECT).
+    /// Decides a PUBLISH; the tests' shorthand for [`Policy::authorize_publish`].
+    #[cfg(test)]
     pub fn publish(&self, username: Option<&str>, topic: &str, retain: bool) -> Result<(), DenyReason> {
         self.authorize_publish(username, topic, retain).map(|_| ())
     }
 
-    /// Decides a PUBLISH and says who the allowed publisher is, so callers need not parse the username again: a
-    /// device allowed to publish is publishing its own data.
+    /// Decides a PUBLISH (also the last will, which VerneMQ authorises the same way at CONNECT) and says who the
+    /// allowed publisher is, so callers need not parse the username again: a device allowed to publish is publishing
+    /// its own data.
     pub fn authorize_publish<'a>(
         &self,
         username: Option<&'a str>,

@@ -10,7 +10,7 @@ use tokio::sync::{Notify, mpsc};
 use super::crl::{self, CrlFailure};
 use super::disconnect::{Cause, Outcome, Target};
 use super::metrics::SessionMetrics;
-use super::registry::{Issuers, NEVER, NO_ISSUER, NewSession, Registry, Secs};
+use super::registry::{Issuers, NEVER, NO_ISSUER, NewSession, Registry, Secs, Session};
 use super::removed::{Change, RemovedSet, SkipReason};
 use super::vernemq_api::ApiFailure;
 use crate::cert::ClientCertificate;
@@ -169,7 +169,7 @@ impl SessionRegistry {
     /// The sessions of one device on this node.
     pub fn of_device(&self, device: &str) -> Vec<SessionInfo> {
         let now = self.now();
-        self.registry.lock().select(now, |s| {
+        self.registry.lock().select(now, |&Session { recorded: s, .. }| {
             (s.device == device).then(|| SessionInfo {
                 mountpoint: s.mountpoint.into(),
                 client_id: s.client_id.into(),
@@ -240,7 +240,8 @@ impl SessionRegistry {
         let targets = {
             let revoked = self.revoked.read();
             self.registry.lock().select(now, |s| {
-                (s.issuer != NO_ISSUER && revoked.get(&s.issuer).is_some_and(|set| set.contains(s.serial)))
+                let r = &s.recorded;
+                (r.issuer != NO_ISSUER && revoked.get(&r.issuer).is_some_and(|set| set.contains(r.serial)))
                     .then(|| Target::new(s, Cause::Revoked))
             })
         };
@@ -254,16 +255,20 @@ impl SessionRegistry {
             return;
         }
         let now = self.now();
-        let targets =
-            self.registry.lock().select(now, |s| devices.contains(s.device).then(|| Target::new(s, Cause::Removed)));
+        let targets = self
+            .registry
+            .lock()
+            .select(now, |s| devices.contains(s.recorded.device).then(|| Target::new(s, Cause::Removed)));
         self.enqueue(targets);
     }
 
     /// Operator request: closes every session of `device` on this node; how many were queued.
     pub fn disconnect_device(&self, device: &str) -> usize {
         let now = self.now();
-        let targets =
-            self.registry.lock().select(now, |s| (s.device == device).then(|| Target::new(s, Cause::Operator)));
+        let targets = self
+            .registry
+            .lock()
+            .select(now, |s| (s.recorded.device == device).then(|| Target::new(s, Cause::Operator)));
         self.enqueue(targets)
     }
 
@@ -301,8 +306,8 @@ impl SessionRegistry {
         }
         match target.cause {
             Cause::Operator => true,
-            Cause::Removed => self.is_removed(session.device),
-            Cause::Revoked => self.is_revoked(session.issuer, session.serial),
+            Cause::Removed => self.is_removed(session.recorded.device),
+            Cause::Revoked => self.is_revoked(session.recorded.issuer, session.recorded.serial),
         }
     }
 

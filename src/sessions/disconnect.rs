@@ -17,7 +17,7 @@ const MAX_RETRY: Duration = Duration::from_secs(30);
 
 /// Why a session is closed (the `cause` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cause {
+pub(super) enum Cause {
     Removed,
     Revoked,
     Operator,
@@ -25,9 +25,9 @@ pub enum Cause {
 
 impl Cause {
     /// Every variant, in declaration order (so `cause as usize` indexes it).
-    pub const ALL: [Self; 3] = [Self::Removed, Self::Revoked, Self::Operator];
+    pub(super) const ALL: [Self; 3] = [Self::Removed, Self::Revoked, Self::Operator];
 
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Self::Removed => "removed",
             Self::Revoked => "revoked",
@@ -38,7 +38,7 @@ impl Cause {
 
 /// How a queued disconnect ended (the `outcome` label).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
+pub(super) enum Outcome {
     Done,
     /// The session went, or its device or certificate was restored, before the call was needed.
     NotNeeded,
@@ -46,9 +46,9 @@ pub enum Outcome {
 
 impl Outcome {
     /// Every variant, in declaration order (so `outcome as usize` indexes it).
-    pub const ALL: [Self; 2] = [Self::Done, Self::NotNeeded];
+    pub(super) const ALL: [Self; 2] = [Self::Done, Self::NotNeeded];
 
-    pub fn name(self) -> &'static str {
+    pub(super) fn name(self) -> &'static str {
         match self {
             Self::Done => "done",
             Self::NotNeeded => "not_needed",
@@ -68,8 +68,8 @@ pub(super) struct Target {
 impl Target {
     pub(super) fn new(session: &Session<'_>, cause: Cause) -> Self {
         Self {
-            mountpoint: session.mountpoint.into(),
-            client_id: session.client_id.into(),
+            mountpoint: session.recorded.mountpoint.into(),
+            client_id: session.recorded.client_id.into(),
             generation: session.generation,
             cause,
         }

@@ -42,36 +42,36 @@ impl SessionMetrics {
             removed_gauge: m.gauge("iotagent_removed_devices", "Devices removed according to the device manager", &[]),
             revoked_gauge: m.gauge("iotagent_revoked_certificates", "Serials listed in CRL_FILE", &[]),
             crl_loaded: m.counter("iotagent_crl_reloads_total", "CRL_FILE contents loaded", &[]),
-            api_errors: ApiFailure::ALL.map(|r| {
-                m.counter(
-                    "iotagent_vernemq_api_errors_total",
-                    "Failed VerneMQ API calls (retried)",
-                    &[("reason", r.name())],
-                )
-            }),
+            api_errors: m.counters(
+                "iotagent_vernemq_api_errors_total",
+                "Failed VerneMQ API calls (retried)",
+                &[],
+                ("reason", ApiFailure::name),
+                ApiFailure::ALL,
+            ),
             disconnected: Cause::ALL.map(|cause| {
-                Outcome::ALL.map(|outcome| {
-                    m.counter(
-                        "iotagent_session_disconnects_total",
-                        "Forced disconnects by cause and outcome",
-                        &[("cause", cause.name()), ("outcome", outcome.name())],
-                    )
-                })
-            }),
-            event_skipped: SkipReason::ALL.map(|r| {
-                m.counter(
-                    "iotagent_removed_events_skipped_total",
-                    "Device-manager events skipped by the removed-device reader",
-                    &[("reason", r.name())],
+                m.counters(
+                    "iotagent_session_disconnects_total",
+                    "Forced disconnects by cause and outcome",
+                    &[("cause", cause.name())],
+                    ("outcome", Outcome::name),
+                    Outcome::ALL,
                 )
             }),
-            crl_failures: CrlFailure::ALL.map(|r| {
-                m.counter(
-                    "iotagent_crl_reload_failures_total",
-                    "CRL_FILE reads that failed (the last good CRL is kept)",
-                    &[("reason", r.name())],
-                )
-            }),
+            event_skipped: m.counters(
+                "iotagent_removed_events_skipped_total",
+                "Device-manager events skipped by the removed-device reader",
+                &[],
+                ("reason", SkipReason::name),
+                SkipReason::ALL,
+            ),
+            crl_failures: m.counters(
+                "iotagent_crl_reload_failures_total",
+                "CRL_FILE reads that failed (the last good CRL is kept)",
+                &[],
+                ("reason", CrlFailure::name),
+                CrlFailure::ALL,
+            ),
         }
     }
 
@@ -98,10 +98,11 @@ mod tests {
 
     #[test]
     fn every_enum_lists_its_variants_in_declaration_order() {
-        assert!(ApiFailure::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(Cause::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(Outcome::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(SkipReason::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
-        assert!(CrlFailure::ALL.iter().enumerate().all(|(i, r)| *r as usize == i));
+        use crate::metrics::assert_declaration_order;
+        assert_declaration_order(&ApiFailure::ALL, |r| r as usize, ApiFailure::name);
+        assert_declaration_order(&Cause::ALL, |c| c as usize, Cause::name);
+        assert_declaration_order(&Outcome::ALL, |o| o as usize, Outcome::name);
+        assert_declaration_order(&SkipReason::ALL, |r| r as usize, SkipReason::name);
+        assert_declaration_order(&CrlFailure::ALL, |r| r as usize, CrlFailure::name);
     }
 }

@@ -16,8 +16,7 @@ use std::path::PathBuf;
 use crate::policy::IdCharset;
 use crate::schedule::Schedule;
 use crate::secret::Secret;
-pub use control::{SessionInfo, SessionRegistry};
-pub use disconnect::{Cause, Outcome};
+pub use control::SessionRegistry;
 pub use tasks::{start, start_removed_reader};
 pub use vernemq_api::VernemqApi;
 

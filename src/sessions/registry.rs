@@ -36,6 +36,7 @@ impl Issuers {
     }
 
     /// The id of an issuer already seen, without interning.
+    #[cfg(test)]
     pub fn get(&self, issuer_der: &[u8]) -> Option<u16> {
         self.ids.get(issuer_der).copied()
     }
@@ -76,20 +77,22 @@ impl Entry {
             (std::str::from_utf8(&self.blob[key.len()..end]).unwrap_or_default(), end)
         };
         Session {
-            mountpoint,
-            client_id,
-            device,
-            issuer: self.issuer,
-            serial: &self.blob[rest_start..],
-            expires: self.expires,
+            recorded: NewSession {
+                mountpoint,
+                client_id,
+                device,
+                issuer: self.issuer,
+                serial: &self.blob[rest_start..],
+                expires: self.expires,
+            },
             generation: self.generation,
         }
     }
 }
 
-/// A recorded session, borrowed from the registry.
+/// A session to record.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Session<'a> {
+pub struct NewSession<'a> {
     pub mountpoint: &'a str,
     pub client_id: &'a str,
     /// `tenant:device`.
@@ -99,19 +102,15 @@ pub struct Session<'a> {
     /// Certificate serial, big-endian without leading zeros; empty without certificate.
     pub serial: &'a [u8],
     pub expires: Secs,
-    /// Which connection under this key: a reconnect under the same key gets a new one.
-    pub generation: u32,
 }
 
-/// A session to record.
-#[derive(Debug, Clone, Copy)]
-pub struct NewSession<'a> {
-    pub mountpoint: &'a str,
-    pub client_id: &'a str,
-    pub device: &'a str,
-    pub issuer: u16,
-    pub serial: &'a [u8],
-    pub expires: Secs,
+/// A recorded session, borrowed from the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Session<'a> {
+    /// What was recorded.
+    pub recorded: NewSession<'a>,
+    /// Which connection under this key: a reconnect under the same key gets a new one.
+    pub generation: u32,
 }
 
 /// Why a session was not recorded (logged and counted by the caller; the connection itself is not refused).
@@ -258,9 +257,9 @@ mod tests {
         let mut r = Registry::default();
         r.insert(session("admin:a1998e|x", "admin:a1998e", &[0x10, 0x01], 100)).unwrap();
         r.insert(NewSession { mountpoint: "site", ..session("free-id", "admin:b", &[], NEVER) }).unwrap();
-        let a = r.get("", "admin:a1998e|x", 0).unwrap();
+        let a = r.get("", "admin:a1998e|x", 0).unwrap().recorded;
         assert_eq!((a.device, a.serial, a.issuer, a.expires), ("admin:a1998e", &[0x10, 0x01][..], 1, 100));
-        let b = r.get("site", "free-id", 0).unwrap();
+        let b = r.get("site", "free-id", 0).unwrap().recorded;
         assert_eq!((b.mountpoint, b.client_id, b.device, b.serial), ("site", "free-id", "admin:b", &[][..]));
         assert!(r.get("", "free-id", 0).is_none(), "the mountpoint is part of the key");
         assert_eq!(r.len(), 2);
@@ -272,7 +271,7 @@ mod tests {
         r.insert(session("k", "t:d", &[1], 100)).unwrap();
         r.insert(session("k", "t:e", &[2], 200)).unwrap();
         assert_eq!(r.len(), 1);
-        let s = r.get("", "k", 0).unwrap();
+        let s = r.get("", "k", 0).unwrap().recorded;
         assert_eq!((s.device, s.serial, s.expires), ("t:e", &[2][..], 200));
     }
 
@@ -283,7 +282,7 @@ mod tests {
         r.insert(session("b", "t:b", &[], NEVER)).unwrap();
         assert!(r.get("", "a", 9).is_some());
         assert!(r.get("", "a", 10).is_none());
-        assert_eq!(r.select(10, |s| Some(s.device.to_string())), vec!["t:b".to_string()]);
+        assert_eq!(r.select(10, |s| Some(s.recorded.device.to_string())), vec!["t:b".to_string()]);
         assert_eq!(r.sweep(10), 1);
         assert_eq!(r.len(), 1);
         assert!(r.set_expiry("", "b", 20));

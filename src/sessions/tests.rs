@@ -8,7 +8,7 @@ use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tower::ServiceExt as _;
 
-use super::disconnect::Target;
+use super::disconnect::{Cause, Outcome, Target};
 use super::removed::Change;
 use super::tasks::load_crl;
 use super::*;

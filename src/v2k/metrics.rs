@@ -76,16 +76,20 @@ impl V2kMetrics {
                 "Webhook publishes answered at the ack deadline while their record was still queued",
                 &[],
             ),
-            failed: Failure::ALL.map(|f| {
-                m.counter("iotagent_v2k_failed_total", "Records not delivered, by class", &[("class", f.as_str())])
-            }),
-            dead_letter: Invalid::ALL.map(|r| {
-                m.counter(
-                    "iotagent_v2k_dead_lettered_total",
-                    "Payloads sent to the dead-letter topic",
-                    &[("reason", r.as_str())],
-                )
-            }),
+            failed: m.counters(
+                "iotagent_v2k_failed_total",
+                "Records not delivered, by class",
+                &[],
+                ("class", Failure::as_str),
+                Failure::ALL,
+            ),
+            dead_letter: m.counters(
+                "iotagent_v2k_dead_lettered_total",
+                "Payloads sent to the dead-letter topic",
+                &[],
+                ("reason", Invalid::as_str),
+                Invalid::ALL,
+            ),
             refused_unknown_tenant: m.counter(
                 "iotagent_register_refused_total",
                 "Registrations refused by live session control",

@@ -102,13 +102,13 @@ struct HookMetrics {
 impl HookMetrics {
     fn new(metrics: &Metrics, hook: Hook) -> Self {
         Self {
-            outcomes: Outcome::ALL.map(|outcome| {
-                metrics.counter(
-                    "iotagent_webhook_requests_total",
-                    "Webhook requests by hook and outcome",
-                    &[("hook", hook.name()), ("outcome", outcome.name())],
-                )
-            }),
+            outcomes: metrics.counters(
+                "iotagent_webhook_requests_total",
+                "Webhook requests by hook and outcome",
+                &[("hook", hook.name())],
+                ("outcome", Outcome::name),
+                Outcome::ALL,
+            ),
             latency: metrics.histogram(
                 "iotagent_webhook_duration_seconds",
                 "Time from request to reply, by hook",
@@ -262,12 +262,8 @@ mod tests {
 
     #[test]
     fn all_lists_hooks_and_outcomes_in_declaration_order() {
-        for (index, hook) in Hook::ALL.iter().enumerate() {
-            assert_eq!(*hook as usize, index, "{}", hook.name());
-        }
-        for (index, outcome) in Outcome::ALL.iter().enumerate() {
-            assert_eq!(*outcome as usize, index, "{}", outcome.name());
-        }
+        crate::metrics::assert_declaration_order(&Hook::ALL, |h| h as usize, Hook::name);
+        crate::metrics::assert_declaration_order(&Outcome::ALL, |o| o as usize, Outcome::name);
     }
 
     #[test]

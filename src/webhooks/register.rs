@@ -40,7 +40,7 @@ pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
         Ok(req) => req,
         Err(reply) => return reply,
     };
-    let (certificate, fingerprint) = match req.client_cert.as_deref().map(cert::parse_forwarded_pinned).transpose() {
+    let (certificate, fingerprint) = match req.client_cert.as_deref().map(cert::parse_forwarded).transpose() {
         Ok(parsed) => parsed.unzip(),
         Err(e) => return Reply::BadRequest(e.to_string()),
     };

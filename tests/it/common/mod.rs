@@ -8,6 +8,7 @@ pub mod captures;
 pub mod pki;
 pub mod process;
 pub mod shape;
+pub mod subscriber;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -43,6 +44,11 @@ impl TestApp {
         RawClient::connect(self.addr).await
     }
 
+    /// Its Prometheus text.
+    pub async fn metrics(&self) -> String {
+        metrics_text(&self.url("")).await
+    }
+
     /// Cancels and waits for `run` to return.
     pub async fn stop(mut self) -> anyhow::Result<()> {
         self.shutdown.cancel();
@@ -68,6 +74,44 @@ pub async fn spawn_app(args: &[String]) -> TestApp {
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(iotagent_mqtt::run(config, listeners, shutdown.clone()));
     TestApp { addr, shutdown, task: Some(task) }
+}
+
+/// The service user's password in the Mosquitto of the K2V tests.
+pub const K2V_PASSWORD: &str = "k2v-secret";
+
+/// Environment of a K2V service: short intervals so tests see new topics and commits quickly.
+pub fn k2v_env(kafka: &brokers::Tansu, mqtt_url: &str, group: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("MQTT_URL", mqtt_url.to_string()),
+        ("MQTT_PASSWORD", K2V_PASSWORD.into()),
+        ("MQTT_CLIENT_ID", format!("it-{group}")),
+        ("K2V_KAFKA_GROUP_ID", group.into()),
+        ("K2V_METADATA_REFRESH_MS", "500".into()),
+        ("K2V_STATS_INTERVAL_MS", "500".into()),
+        ("K2V_LAG_INTERVAL_MS", "300".into()),
+        ("K2V_SDK_COMMIT_INTERVAL_MS", "200".into()),
+        ("K2V_SESSION_TIMEOUT_MS", "6000".into()),
+        ("SHUTDOWN_TIMEOUT", "5".into()),
+    ]
+}
+
+/// Starts the service with this environment (as flags) and waits until it is ready.
+pub async fn start_app(env: &[(&str, String)]) -> TestApp {
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app(&flags(&pairs)).await;
+    wait_ready(&app.url("/health/ready")).await;
+    app
+}
+
+/// The Prometheus text of the service at `base` (`http://host:port`).
+pub async fn metrics_text(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("metrics body")
+}
+
+/// The value of one series (`name` or `name{labels}`, as rendered) in Prometheus text, when it is there.
+pub fn metric(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.trim().parse().ok())
 }
 
 /// Flags for a map of environment variable names to values, so tests never mutate the process environment

@@ -1,6 +1,8 @@
 //! K2V fault tests: Mosquitto restarted, the service stopped, aborted and SIGKILLed, and the publisher alone across a
 //! broker restart, in the middle of a stream; lost and duplicated events counted, commits checked against deliveries.
 
+use tokio::task::JoinHandle;
+
 use super::*;
 
 const DEVICES: usize = 5;
@@ -171,7 +173,7 @@ async fn fault_mosquitto_restarts_mid_stream() {
     // The backlog shows in the lag gauge (measured every 300 ms here, once the partitions are being consumed).
     let mut lag = 0.0;
     wait_until(Duration::from_secs(5), async || {
-        lag = metric(&metrics_text(&app).await, "iotagent_k2v_lag");
+        lag = metric(&app.metrics().await, "iotagent_k2v_lag");
         lag > 0.0
     })
     .await;
@@ -192,7 +194,7 @@ async fn fault_mosquitto_restarts_mid_stream() {
     );
     // The counter is refreshed every second.
     tokio::time::sleep(Duration::from_millis(1100)).await;
-    let resent = metric(&metrics_text(&app).await, "iotagent_k2v_resent_total");
+    let resent = metric(&app.metrics().await, "iotagent_k2v_resent_total");
     println!("publishes re-sent after reconnects: {resent}; lag while Mosquitto was down: {lag}");
     assert!(lag > 0.0, "the lag gauge shows the backlog");
     assert!(complete && outcome.lost == 0, "lost {}", outcome.lost);
@@ -264,7 +266,7 @@ async fn fault_publisher_resends_in_order_what_a_broker_restart_cut_off() {
         port: mqtt.port,
         tls: None,
         username: "k2v-bridge".into(),
-        password: Some(Secret::new(SERVICE_PASSWORD)),
+        password: Some(Secret::new(K2V_PASSWORD)),
         client_id: "it-publisher".into(),
         keep_alive: Duration::from_secs(5),
     };

@@ -14,15 +14,13 @@ use rdkafka::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::{Value, json};
-use tokio::task::JoinHandle;
 
 use crate::common::brokers::{Mosquitto, Storage, Tansu, free_port};
 use crate::common::process::ServiceProcess;
-use crate::common::{TestApp, flags, pki, spawn_app, wait_ready, wait_until};
+use crate::common::subscriber::Subscriber;
+use crate::common::{K2V_PASSWORD, k2v_env, pki, start_app, wait_until};
 
-const SERVICE_PASSWORD: &str = "k2v-secret";
 const TOPIC_SUFFIX: &str = "dojot.device-manager.device";
 
 fn topic(tenant: &str) -> String {
@@ -32,33 +30,9 @@ fn topic(tenant: &str) -> String {
 /// Mosquitto with the service user, and the port of its anonymous listener for devices (Mosquitto's password file
 /// cannot hold `tenant:device` names).
 fn mosquitto(extra: &str) -> (Mosquitto, u16) {
-    let mqtt = Mosquitto::start_with(&[("k2v-bridge", SERVICE_PASSWORD)], extra);
+    let mqtt = Mosquitto::start_with(&[("k2v-bridge", K2V_PASSWORD)], extra);
     let device_port = mqtt.device_port;
     (mqtt, device_port)
-}
-
-/// Environment of a K2V service: short intervals so tests see new topics and commits quickly.
-fn k2v_env(kafka: &Tansu, mqtt_url: &str, group: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("KAFKA_BROKERS", kafka.brokers()),
-        ("MQTT_URL", mqtt_url.to_string()),
-        ("MQTT_PASSWORD", SERVICE_PASSWORD.into()),
-        ("MQTT_CLIENT_ID", format!("it-{group}")),
-        ("K2V_KAFKA_GROUP_ID", group.into()),
-        ("K2V_METADATA_REFRESH_MS", "500".into()),
-        ("K2V_STATS_INTERVAL_MS", "500".into()),
-        ("K2V_LAG_INTERVAL_MS", "300".into()),
-        ("K2V_SDK_COMMIT_INTERVAL_MS", "200".into()),
-        ("K2V_SESSION_TIMEOUT_MS", "6000".into()),
-        ("SHUTDOWN_TIMEOUT", "5".into()),
-    ]
-}
-
-async fn start_app(env: &[(&'static str, String)]) -> TestApp {
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = spawn_app(&flags(&pairs)).await;
-    wait_ready(&app.url("/health/ready")).await;
-    app
 }
 
 fn producer(kafka: &Tansu) -> FutureProducer {
@@ -91,93 +65,9 @@ fn event(kind: &str, tenant: &str, device: &str) -> Vec<u8> {
         .into_bytes()
 }
 
-/// Topic and payload of one message a subscriber received.
-type Delivery = (String, Vec<u8>);
-
-/// An MQTT subscriber (a device, or a spy on `#`) with a persistent session, recording every publish it receives.
-struct Subscriber {
-    received: Arc<Mutex<Vec<Delivery>>>,
-    /// Payloads with `D` for the DUP flag, and reconnections: shown when an order check fails.
-    log: Arc<Mutex<Vec<String>>>,
-    client: AsyncClient,
-    task: JoinHandle<()>,
-}
-
-impl Subscriber {
-    async fn connect(port: u16, username: &str, client_id: &str, filter: &str) -> Self {
-        let mut options = MqttOptions::new(client_id, "127.0.0.1", port);
-        options.set_credentials(username, "");
-        options.set_clean_session(false);
-        options.set_keep_alive(Duration::from_secs(5));
-        options.set_max_packet_size(1 << 20, 1 << 20);
-        let (client, mut eventloop) = AsyncClient::new(options, 100);
-        client.subscribe(filter, QoS::AtLeastOnce).await.expect("subscribe");
-        let received = Arc::new(Mutex::new(Vec::new()));
-        let log = Arc::new(Mutex::new(Vec::<String>::new()));
-        let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn({
-            let received = received.clone();
-            let log = log.clone();
-            let client = client.clone();
-            let filter = filter.to_string();
-            async move {
-                let mut subscribed_tx = Some(subscribed_tx);
-                let mut connections = 0;
-                loop {
-                    match eventloop.poll().await {
-                        Ok(Event::Incoming(Packet::Publish(p))) => {
-                            received.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
-                            log.lock().unwrap().push(format!(
-                                "{}{}",
-                                if p.dup { "D" } else { "" },
-                                String::from_utf8_lossy(&p.payload)
-                            ));
-                        }
-                        Ok(Event::Incoming(Packet::SubAck(_))) => {
-                            if let Some(tx) = subscribed_tx.take() {
-                                let _ = tx.send(());
-                            }
-                        }
-                        Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                            log.lock().unwrap().push(format!("CONNACK sp={}", ack.session_present));
-                            connections += 1;
-                            if connections > 1 && !ack.session_present {
-                                let _ = client.try_subscribe(filter.clone(), QoS::AtLeastOnce);
-                            }
-                        }
-                        Ok(_) => {}
-                        Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-                    }
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), subscribed).await.expect("SUBACK in time").expect("SUBACK");
-        Self { received, log, client, task }
-    }
-
-    fn received(&self) -> Vec<Delivery> {
-        self.received.lock().unwrap().clone()
-    }
-
-    fn count(&self) -> usize {
-        self.received.lock().unwrap().len()
-    }
-
-    async fn stop(self) {
-        let _ = self.client.disconnect().await;
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        self.task.abort();
-    }
-}
-
-async fn metrics_text(app: &TestApp) -> String {
-    reqwest::get(app.url("/metrics")).await.expect("metrics").text().await.expect("metrics body")
-}
-
+/// One series of the Prometheus text, which must be there.
 fn metric(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no {series} in\n{text}"))
+    crate::common::metric(text, series).unwrap_or_else(|| panic!("no {series} in\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -214,18 +104,17 @@ async fn configure_events_reach_the_device_and_nothing_else_is_published() {
     assert_eq!(device.received(), expected);
     assert_eq!(spy.received(), expected, "nothing else was published");
 
-    let text = metrics_text(&app).await;
+    let text = app.metrics().await;
     assert_eq!(metric(&text, "iotagent_k2v_consumed_total"), 8.0);
     assert_eq!(metric(&text, "iotagent_k2v_published_total"), 2.0);
     assert!(
         wait_until(Duration::from_secs(5), async || {
-            metric(&metrics_text(&app).await, "iotagent_k2v_acked_total") == 2.0
+            metric(&app.metrics().await, "iotagent_k2v_acked_total") == 2.0
         })
         .await
     );
     assert!(
-        wait_until(Duration::from_secs(5), async || { metric(&metrics_text(&app).await, "iotagent_k2v_lag") == 0.0 })
-            .await,
+        wait_until(Duration::from_secs(5), async || { metric(&app.metrics().await, "iotagent_k2v_lag") == 0.0 }).await,
         "lag back to 0 once everything is acknowledged"
     );
     for (reason, n) in [("not_configure", 2.0), ("remove", 1.0), ("malformed", 2.0), ("invalid_device", 1.0)] {

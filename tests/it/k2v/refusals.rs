@@ -19,7 +19,7 @@ fn acl_mosquitto() -> (Mosquitto, u16) {
         .iter()
         .map(|d| format!("topic write {TENANT}:{d}/config\n"))
         .fold("user k2v-bridge\n".into(), |a, l| a + &l);
-    let mqtt = Mosquitto::start_with_acl(&[("k2v-bridge", SERVICE_PASSWORD)], Some(&acl), "log_type all\n");
+    let mqtt = Mosquitto::start_with_acl(&[("k2v-bridge", K2V_PASSWORD)], Some(&acl), "log_type all\n");
     let port = mqtt.device_port;
     (mqtt, port)
 }
@@ -109,15 +109,15 @@ async fn a_refused_device_is_skipped_and_dead_lettered_between_allowed_ones() {
     }
     let skipped = "iotagent_k2v_skipped_total{reason=\"refused\"}";
     assert!(
-        wait_until(Duration::from_secs(10), async || metric(&metrics_text(&app).await, skipped) == rounds as f64).await,
+        wait_until(Duration::from_secs(10), async || metric(&app.metrics().await, skipped) == rounds as f64).await,
         "every refusal counted"
     );
     let written = "iotagent_k2v_dead_letters_total{outcome=\"written\"}";
     assert!(
-        wait_until(Duration::from_secs(15), async || metric(&metrics_text(&app).await, written) == rounds as f64).await,
+        wait_until(Duration::from_secs(15), async || metric(&app.metrics().await, written) == rounds as f64).await,
         "every dead letter written"
     );
-    let text = metrics_text(&app).await;
+    let text = app.metrics().await;
     assert_eq!(metric(&text, "iotagent_k2v_acked_total"), 2.0 * rounds as f64);
     assert_eq!(metric(&text, "iotagent_k2v_resent_total"), 0.0, "nothing resent: the connection stayed up");
     check_dead_letters(&kafka, rounds).await;
@@ -182,8 +182,7 @@ async fn without_a_dead_letter_topic_a_refusal_is_only_logged_and_counted() {
     let app = start_app(&k2v_env(&kafka, &mqtt.url(), group)).await;
     let no_topic = "iotagent_k2v_dead_letters_total{outcome=\"no_topic\"}";
     assert!(
-        wait_until(Duration::from_secs(15), async || metric(&metrics_text(&app).await, no_topic) == rounds as f64)
-            .await,
+        wait_until(Duration::from_secs(15), async || metric(&app.metrics().await, no_topic) == rounds as f64).await,
         "missing dead-letter topic counted"
     );
     assert!(wait_until(Duration::from_secs(10), async || allowed.iter().all(|d| firsts(d).len() >= rounds)).await);

@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::process::Command;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use super::{CA_NAME, PkiService, key_and_csr};
@@ -15,6 +16,29 @@ fn tls_listener(pki: &Path, port: u16) -> String {
          keyfile {d}/server.key\nrequire_certificate true\nuse_identity_as_username true\ncrlfile {d}/crl.pem\n",
         d = pki.display()
     )
+}
+
+/// The API as the seed's client calls it: the bearer token on every request, and JSON headers on the calls its
+/// script sends them with.
+struct Api<'a> {
+    http: reqwest::Client,
+    url: &'a str,
+    bearer: String,
+}
+
+impl Api<'_> {
+    fn request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.url)).header("Authorization", &self.bearer)
+    }
+
+    fn json_request(&self, method: Method, path: &str) -> reqwest::RequestBuilder {
+        self.request(method, path).header("Content-Type", "application/json").header("Accept", "application/json")
+    }
+}
+
+/// Sends `request` and reads its JSON reply.
+async fn json_reply(request: reqwest::RequestBuilder) -> Value {
+    request.send().await.unwrap().json().await.unwrap()
 }
 
 /// `mosquitto_pub … --cert client.crt --key client.key --cafile root.crt`; whether it published.
@@ -46,16 +70,10 @@ async fn seed_walkthrough_then_mosquitto_accepts_and_after_revocation_refuses() 
     let pki = tempfile::tempdir().unwrap();
     let client = tempfile::tempdir().unwrap();
     let service = PkiService::start(pki.path(), &[]).await;
-    let http = reqwest::Client::new();
-    let url = &service.url;
-
-    let jwt = service.jwt().await;
-    let bearer = format!("Bearer {jwt}");
-    let user = http
-        .post(format!("{url}/user"))
-        .header("Authorization", &bearer)
-        .header("Content-Type", "application/json")
-        .header("Accept", "application/json")
+    let api =
+        Api { http: reqwest::Client::new(), url: &service.url, bearer: format!("Bearer {}", service.jwt().await) };
+    let user = api
+        .json_request(Method::POST, "/user")
         .body(json!({ "username": "admin:a1998e" }).to_string())
         .send()
         .await
@@ -64,34 +82,17 @@ async fn seed_walkthrough_then_mosquitto_accepts_and_after_revocation_refuses() 
 
     let (key, csr_content) = key_and_csr("admin:a1998e");
     std::fs::write(client.path().join("client.key"), key.private_key_to_pem_pkcs8().unwrap()).unwrap();
-    let signed: Value = http
-        .post(format!("{url}/sign/admin:a1998e/pkcs10"))
-        .header("Authorization", &bearer)
-        .header("Content-Type", "application/json")
-        .header("Accept", "application/json")
-        .body(json!({ "certificate": csr_content, "passwd": "dojot" }).to_string())
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let signed = json_reply(
+        api.json_request(Method::POST, "/sign/admin:a1998e/pkcs10")
+            .body(json!({ "certificate": csr_content, "passwd": "dojot" }).to_string()),
+    )
+    .await;
     let crt_entity = signed["status"]["data"].as_str().unwrap_or_else(|| panic!("{signed}"));
     // `(echo BEGIN; echo ${CRT}; echo END)`: one long base64 line between the armour lines.
     let client_crt = format!("-----BEGIN CERTIFICATE-----\n{crt_entity}\n-----END CERTIFICATE-----\n");
     std::fs::write(client.path().join("client.crt"), &client_crt).unwrap();
 
-    let root: Value = http
-        .get(format!("{url}/ca/{CA_NAME}"))
-        .header("Authorization", &bearer)
-        .header("Content-Type", "application/json")
-        .header("Accept", "application/json")
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let root = json_reply(api.json_request(Method::GET, &format!("/ca/{CA_NAME}"))).await;
     let crt_root = root["certificate"].as_str().unwrap();
     std::fs::write(
         client.path().join("root.crt"),
@@ -111,26 +112,10 @@ async fn seed_walkthrough_then_mosquitto_accepts_and_after_revocation_refuses() 
     let (ok, stderr) = publish(client.path(), port);
     assert!(ok, "mosquitto_pub with the signed certificate: {stderr}");
 
-    let revoked: Value = http
-        .post(format!("{url}/revoke/admin:a1998e"))
-        .header("Authorization", &bearer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let revoked = json_reply(api.request(Method::POST, "/revoke/admin:a1998e")).await;
     let serial = cert.serial_number().to_bn().unwrap().to_hex_str().unwrap().to_string();
     assert_eq!(revoked["revoked"], json!([serial]));
-    let crl: Value = http
-        .get(format!("{url}/ca/{CA_NAME}/crl"))
-        .header("Authorization", &bearer)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let crl = json_reply(api.request(Method::GET, &format!("/ca/{CA_NAME}/crl"))).await;
     use base64::Engine as _;
     let der = base64::engine::general_purpose::STANDARD.decode(crl["CRL"].as_str().unwrap()).unwrap();
     let crl = openssl::x509::X509Crl::from_der(&der).unwrap();

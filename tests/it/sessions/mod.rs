@@ -198,11 +198,9 @@ pub async fn operator_disconnect(base: &str, device: &str, token: Option<&str>) 
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+pub use crate::common::metrics_text;
+
 /// One series of the Prometheus text (0 when absent).
 pub fn metric(text: &str, series: &str) -> f64 {
-    text.lines().find_map(|l| l.strip_prefix(series).and_then(|rest| rest.trim().parse().ok())).unwrap_or(0.0)
-}
-
-pub async fn metrics_text(base: &str) -> String {
-    reqwest::get(format!("{base}/metrics")).await.expect("metrics").text().await.expect("metrics body")
+    crate::common::metric(text, series).unwrap_or(0.0)
 }

@@ -15,6 +15,13 @@ use crate::common::{RawClient, TestApp, flags, pki, spawn_app};
 
 const REGISTER: &[u8] = br#"{"peer_addr":"10.0.0.7","peer_port":40000,"mountpoint":"","client_id":"c","username":"admin:a1998e","password":null,"clean_session":true}"#;
 
+/// A directory with a PKI of its own.
+fn pki_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    pki::write(dir.path());
+    dir
+}
+
 async fn https_app(dir: &Path) -> (TestApp, u16) {
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -65,10 +72,7 @@ async fn call(port: u16, ca: &Path, client: Option<(&Path, &str)>) -> Result<Str
 
 #[tokio::test]
 async fn https_webhooks_serve_only_clients_with_a_certificate_of_the_client_ca() {
-    let ours = tempfile::tempdir().unwrap();
-    pki::write(ours.path());
-    let theirs = tempfile::tempdir().unwrap();
-    pki::write(theirs.path());
+    let (ours, theirs) = (pki_dir(), pki_dir());
     let (_app, port) = https_app(ours.path()).await;
 
     let served = call(port, ours.path(), Some((ours.path(), "k2v"))).await.expect("served with our client cert");
@@ -88,8 +92,7 @@ async fn https_webhooks_serve_only_clients_with_a_certificate_of_the_client_ca()
 /// pooled connection or a new one from being served.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_headers_do_not_starve_the_broker() {
-    let dir = tempfile::tempdir().unwrap();
-    pki::write(dir.path());
+    let dir = pki_dir();
     let (app, port) = https_app(dir.path()).await;
     let mut pooled = app.client().await;
     assert_eq!(pooled.hook("auth_on_register", REGISTER).await.status, 200);
@@ -111,4 +114,27 @@ async fn slow_headers_do_not_starve_the_broker() {
     assert!(https.starts_with("HTTP/1.1 200"), "{https}");
     assert!(started.elapsed() < Duration::from_secs(3), "served in {:?}", started.elapsed());
     drop(slow);
+}
+
+/// Renewed files are used without a restart (checked every second, off the accept path), and a broken one does not
+/// replace the last good: a client CA file that now also holds another CA lets that CA's broker certificate in.
+#[tokio::test]
+async fn https_webhooks_follow_renewed_files_and_keep_the_last_good() {
+    let (ours, theirs) = (pki_dir(), pki_dir());
+    let (_app, port) = https_app(ours.path()).await;
+    assert!(call(port, ours.path(), Some((theirs.path(), "k2v"))).await.is_err(), "their CA not trusted yet");
+
+    let mut both = std::fs::read(ours.path().join("ca.pem")).unwrap();
+    both.extend(std::fs::read(theirs.path().join("ca.pem")).unwrap());
+    std::fs::write(ours.path().join("ca.pem"), both).unwrap();
+    let trusted = crate::common::wait_until(Duration::from_secs(5), async || {
+        call(port, ours.path(), Some((theirs.path(), "k2v"))).await.is_ok()
+    })
+    .await;
+    assert!(trusted, "the renewed client CA file is used");
+
+    std::fs::write(ours.path().join("server.key"), "half a key").unwrap();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let served = call(port, ours.path(), Some((ours.path(), "k2v"))).await;
+    assert!(served.is_ok_and(|reply| reply.starts_with("HTTP/1.1 200")), "the last good files still serve");
 }

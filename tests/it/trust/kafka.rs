@@ -1,48 +1,16 @@
 //! Attacks 1 and 6, against real brokers: K2V across tenants, and dead letters too large for Kafka.
 
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use rdkafka::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rumqttc::{AsyncClient, Event, MqttOptions, Packet, QoS};
 use serde_json::json;
 
 use crate::common::brokers::{Mosquitto, Storage, Tansu};
-use crate::common::{RawClient, flags, spawn_app, wait_ready, wait_until};
+use crate::common::subscriber::Subscriber;
+use crate::common::{K2V_PASSWORD, RawClient, flags, k2v_env, spawn_app, start_app, wait_ready, wait_until};
 
 const SUFFIX: &str = "dojot.device-manager.device";
-
-/// Everything published on the broker's device listener, as (topic, payload).
-async fn spy(port: u16) -> Arc<Mutex<Vec<(String, Vec<u8>)>>> {
-    let mut options = MqttOptions::new("spy", "127.0.0.1", port);
-    options.set_keep_alive(Duration::from_secs(5));
-    let (client, mut eventloop): (AsyncClient, _) = AsyncClient::new(options, 100);
-    client.subscribe("#", QoS::AtLeastOnce).await.expect("subscribe");
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let (subscribed_tx, subscribed) = tokio::sync::oneshot::channel();
-    let record = seen.clone();
-    tokio::spawn(async move {
-        let _client = client;
-        let mut subscribed_tx = Some(subscribed_tx);
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Incoming(Packet::SubAck(_))) => {
-                    if let Some(tx) = subscribed_tx.take() {
-                        let _ = tx.send(());
-                    }
-                }
-                Ok(Event::Incoming(Packet::Publish(p))) => {
-                    record.lock().unwrap().push((p.topic.clone(), p.payload.to_vec()));
-                }
-                Ok(_) => {}
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
-        }
-    });
-    tokio::time::timeout(Duration::from_secs(10), subscribed).await.expect("spy subscribed").ok();
-    seen
-}
 
 /// Attack 1: an event on `evil.<suffix>` naming tenant `admin` is skipped and counted, never published to an admin
 /// device; the same event on admin's own topic is.
@@ -52,20 +20,9 @@ async fn k2v_events_act_only_on_their_topics_tenant() {
     for tenant in ["evil", "admin"] {
         kafka.create_topic(&format!("{tenant}.{SUFFIX}"), 1).await;
     }
-    let mqtt = Mosquitto::start(&[("k2v-bridge", "k2v-secret")]);
-    let seen = spy(mqtt.device_port).await;
-    let env = [
-        ("KAFKA_BROKERS", kafka.brokers()),
-        ("MQTT_URL", mqtt.url()),
-        ("MQTT_PASSWORD", "k2v-secret".into()),
-        ("MQTT_CLIENT_ID", "it-trust-k2v".into()),
-        ("K2V_KAFKA_GROUP_ID", "trust".into()),
-        ("K2V_METADATA_REFRESH_MS", "500".into()),
-        ("K2V_STATS_INTERVAL_MS", "500".into()),
-    ];
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = spawn_app(&flags(&pairs)).await;
-    wait_ready(&app.url("/health/ready")).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", K2V_PASSWORD)]);
+    let spy = Subscriber::connect(mqtt.device_port, "spy", "spy", "#").await;
+    let app = start_app(&k2v_env(&kafka, &mqtt.url(), "trust")).await;
 
     let producer: FutureProducer =
         ClientConfig::new().set("bootstrap.servers", kafka.brokers()).create().expect("producer");
@@ -78,16 +35,15 @@ async fn k2v_events_act_only_on_their_topics_tenant() {
     send("evil", attack("evil")).await;
     send("evil", json!({"event": "remove", "meta": {"service": "admin"}, "data": {"id": "a1"}})).await;
     send("admin", attack("admin")).await;
-    let delivered = wait_until(Duration::from_secs(20), async || !seen.lock().unwrap().is_empty()).await;
+    let delivered = wait_until(Duration::from_secs(20), async || spy.count() > 0).await;
     assert!(delivered, "admin's own event published");
     let skipped = wait_until(Duration::from_secs(10), async || {
-        let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
-        metrics.contains(r#"iotagent_k2v_skipped_total{reason="tenant_mismatch"} 2"#)
+        app.metrics().await.contains(r#"iotagent_k2v_skipped_total{reason="tenant_mismatch"} 2"#)
     })
     .await;
     assert!(skipped, "both events from evil's topic skipped and counted as tenant_mismatch");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(*seen.lock().unwrap(), vec![("admin:a1/config".to_string(), br#"{"from":"admin"}"#.to_vec())]);
+    assert_eq!(spy.received(), vec![("admin:a1/config".to_string(), br#"{"from":"admin"}"#.to_vec())]);
     // Stopped while Kafka still runs: K2V's close would otherwise wait on a broker the test already removed.
     app.stop().await.expect("clean stop");
 }

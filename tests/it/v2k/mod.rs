@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 
 use crate::common::brokers::{Mosquitto, Storage, Tansu};
 use crate::common::process::ServiceProcess;
-use crate::common::{RawClient, TestApp, flags, spawn_app};
+use crate::common::{RawClient, TestApp, start_app};
 
 const DEV: &str = "admin:a1998e";
 
@@ -44,14 +44,19 @@ async fn v2k_app(kafka: &Tansu, extra: &[(&str, &str)]) -> TestApp {
         env.push(("V2K_MODE", "on_publish".to_string()));
     }
     env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = spawn_app(&flags(&env)).await;
-    let ready = crate::common::wait_until(Duration::from_secs(20), async || {
-        reqwest::get(app.url("/health/ready")).await.is_ok_and(|r| r.status() == 200)
-    })
-    .await;
-    assert!(ready, "service ready with Kafka");
-    app
+    start_app(&env).await
+}
+
+/// The service in subscription mode through `mqtt` (where the service user's password is `svc-pass`), as
+/// `client_id`.
+fn subscription_env(kafka: &Tansu, mqtt: &Mosquitto, client_id: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("KAFKA_BROKERS", kafka.brokers()),
+        ("V2K_MODE", "subscription".to_string()),
+        ("MQTT_URL", mqtt.url()),
+        ("MQTT_PASSWORD", "svc-pass".to_string()),
+        ("MQTT_CLIENT_ID", client_id.to_string()),
+    ]
 }
 
 /// `n` from the attrs of each record, per device key, in topic order.

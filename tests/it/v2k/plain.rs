@@ -10,19 +10,16 @@ const LEASE_TOPIC: &str = "iotagent.v2k-lease";
 const SESSION: &str = "it-plain-v2k";
 
 fn env(kafka: &Tansu, mqtt: &Mosquitto, node: &str) -> Vec<(&'static str, String)> {
-    vec![
-        ("KAFKA_BROKERS", kafka.brokers()),
-        ("V2K_MODE", "subscription".into()),
+    let mut env = subscription_env(kafka, mqtt, node);
+    env.extend([
         ("V2K_SUBSCRIPTION", "plain".into()),
         ("V2K_LEASE_GROUP", "it-plain".into()),
         // Short, so that the test sees the handover soon after the kill.
         ("V2K_LEASE_SESSION_TIMEOUT_MS", "2000".into()),
-        ("MQTT_URL", mqtt.url()),
-        ("MQTT_PASSWORD", "svc-pass".into()),
-        ("MQTT_CLIENT_ID", node.into()),
         ("K2V_ENABLED", "false".into()),
         ("V2K_DELIVERY_TIMEOUT_MS", "60000".into()),
-    ]
+    ]);
+    env
 }
 
 /// The role `/health/ready` reports for the lease (`held` or `standby`), once the plain subscription of a holder

@@ -51,16 +51,10 @@ async fn subscription_fault(
     let mut kafka = Tansu::start(Storage::Sqlite);
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
-    let env = vec![
-        ("KAFKA_BROKERS", kafka.brokers()),
-        ("V2K_MODE", "subscription".to_string()),
-        ("MQTT_URL", mqtt.url()),
-        ("MQTT_PASSWORD", "svc-pass".to_string()),
-        ("MQTT_CLIENT_ID", "it-fault".to_string()),
-        // Longer than the outage: tansu does not support the idempotent producer's epoch bump (KIP-360) that
-        // librdkafka needs after a delivery timeout, so expiring during the outage would wedge this producer.
-        ("V2K_DELIVERY_TIMEOUT_MS", "60000".to_string()),
-    ];
+    let mut env = subscription_env(&kafka, &mqtt, "it-fault");
+    // Longer than the outage: tansu does not support the idempotent producer's epoch bump (KIP-360) that librdkafka
+    // needs after a delivery timeout, so expiring during the outage would wedge this producer.
+    env.push(("V2K_DELIVERY_TIMEOUT_MS", "60000".to_string()));
     // The group's subscription must exist before the device publishes: the broker routes nothing to a group that
     // does not exist yet.
     let service = ServiceProcess::start(&env);
@@ -186,14 +180,9 @@ async fn subscription_mode_instances_share_the_group() {
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
     let env = |id: &str| {
-        vec![
-            ("KAFKA_BROKERS", kafka.brokers()),
-            ("V2K_MODE", "subscription".to_string()),
-            ("MQTT_URL", mqtt.url()),
-            ("MQTT_PASSWORD", "svc-pass".to_string()),
-            ("MQTT_CLIENT_ID", id.to_string()),
-            ("K2V_ENABLED", "false".to_string()),
-        ]
+        let mut env = subscription_env(&kafka, &mqtt, id);
+        env.push(("K2V_ENABLED", "false".to_string()));
+        env
     };
     let (one, two) = (ServiceProcess::start(&env("node-1")), ServiceProcess::start(&env("node-2")));
     one.wait_ready().await;
@@ -205,13 +194,8 @@ async fn subscription_mode_instances_share_the_group() {
     let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
     assert_eq!((lost, duplicates), (0, 0));
     for service in [&one, &two] {
-        let metrics =
-            reqwest::get(format!("http://127.0.0.1:{}/metrics", service.port)).await.unwrap().text().await.unwrap();
-        let produced: u64 = metrics
-            .lines()
-            .find_map(|l| l.strip_prefix(r#"iotagent_v2k_produced_total{kind="data"} "#))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0);
-        assert!(produced > 0, "both members of the group take a share");
+        let metrics = crate::common::metrics_text(&format!("http://127.0.0.1:{}", service.port)).await;
+        let produced = crate::common::metric(&metrics, r#"iotagent_v2k_produced_total{kind="data"}"#).unwrap_or(0.0);
+        assert!(produced > 0.0, "both members of the group take a share");
     }
 }

@@ -16,10 +16,7 @@ fn register_body(username: &str) -> String {
 /// The value of one metric line (`name{labels}`), 0 when absent.
 pub async fn metric(url: &str, line: &str) -> u64 {
     let text = reqwest::get(url).await.unwrap().text().await.unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(line).and_then(|v| v.strip_prefix(' ')))
-        .and_then(|v| v.trim().parse::<f64>().ok())
-        .map_or(0, |v| v as u64)
+    crate::common::metric(&text, line).map_or(0, |v| v as u64)
 }
 
 #[tokio::test]
@@ -133,17 +130,13 @@ async fn a_qos0_flood_of_one_tenant_does_not_close_the_gate_for_another() {
 }
 
 /// The service in subscription mode through Mosquitto, tenant check off.
-fn subscription_env(kafka: &Tansu, mqtt: &Mosquitto, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
-    let mut env = vec![
-        ("KAFKA_BROKERS", kafka.brokers()),
-        ("V2K_MODE", "subscription".to_string()),
-        ("MQTT_URL", mqtt.url()),
-        ("MQTT_PASSWORD", "svc-pass".to_string()),
-        ("MQTT_CLIENT_ID", "it-tenants".to_string()),
+fn tenants_env(kafka: &Tansu, mqtt: &Mosquitto, extra: &[(&'static str, &str)]) -> Vec<(&'static str, String)> {
+    let mut env = subscription_env(kafka, mqtt, "it-tenants");
+    env.extend([
         ("K2V_ENABLED", "false".to_string()),
         ("V2K_REQUIRE_TENANT_TOPIC", "false".to_string()),
         ("V2K_DELIVERY_TIMEOUT_MS", "2000".to_string()),
-    ];
+    ]);
     env.extend(extra.iter().map(|(k, v)| (*k, v.to_string())));
     env
 }
@@ -157,7 +150,7 @@ async fn subscription_mode_an_unknown_tenant_and_an_oversized_payload_never_bloc
     let kafka = Tansu::start(Storage::Memory);
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
-    let service = ServiceProcess::start(&subscription_env(&kafka, &mqtt, &[("V2K_MAX_PAYLOAD_BYTES", "1000")]));
+    let service = ServiceProcess::start(&tenants_env(&kafka, &mqtt, &[("V2K_MAX_PAYLOAD_BYTES", "1000")]));
     service.wait_ready().await;
     let admin = crate::common::mqtt_client(&mqtt, DEV, "", "dev-admin", true).await;
     let ghost = crate::common::mqtt_client(&mqtt, GHOST, "", "dev-ghost", true).await;
@@ -195,8 +188,7 @@ async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant
     // the unknown tenant's messages, each waiting for its delivery timeout, must leave room for the others.
     let mqtt = Mosquitto::start_with(&[("k2v-bridge", "svc-pass")], "max_inflight_messages 1000\n");
     // A delivery timeout long enough that the normal tenant's records do not expire on a loaded test machine.
-    let env =
-        subscription_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "20"), ("V2K_DELIVERY_TIMEOUT_MS", "10000")]);
+    let env = tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "20"), ("V2K_DELIVERY_TIMEOUT_MS", "10000")]);
     let service = ServiceProcess::start(&env);
     service.wait_ready().await;
     let admin = crate::common::mqtt_client(&mqtt, DEV, "", "dev-admin-r", true).await;
@@ -245,7 +237,7 @@ async fn subscription_mode_a_tenant_at_its_bound_keeps_flowing() {
     let kafka = Tansu::start(Storage::Memory);
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start_with(&[("k2v-bridge", "svc-pass")], "max_inflight_messages 1000\n");
-    let service = ServiceProcess::start(&subscription_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "50")]));
+    let service = ServiceProcess::start(&tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "50")]));
     service.wait_ready().await;
     let mut clients = Vec::new();
     for d in 0..32 {
