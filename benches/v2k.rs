@@ -92,11 +92,15 @@ fn micros(h: &Histogram<u64>, q: f64) -> u64 {
 
 /// A producer with the service's settings (see `iotagent_mqtt::kafka::producer`).
 fn plain_producer_client(brokers: &str) -> FutureProducer {
+    plain_producer_compressed(brokers, "lz4")
+}
+
+fn plain_producer_compressed(brokers: &str, compression: &str) -> FutureProducer {
     ClientConfig::new()
         .set("bootstrap.servers", brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4")
+        .set("compression.type", compression)
         .set("linger.ms", "5")
         .create()
         .expect("producer")
@@ -295,7 +299,8 @@ fn main() {
         ]
     };
     if only_cpu {
-        return cpu::run(&rt, &kafka_env("on_publish"), &brokers);
+        cpu::run(&rt, &kafka_env("on_publish"), &brokers);
+        return cpu::many_partitions(&brokers);
     }
     println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
     // Baselines on the same topics as the rows they are compared with: one tenant's, or 100 tenants' topics.
@@ -370,6 +375,7 @@ fn main() {
         rows.run(&rt, plain_window, tenants);
     }
     cpu::run(&rt, &kafka_env("on_publish"), &brokers);
+    cpu::many_partitions(&brokers);
 }
 
 /// `total` records with at most `window` unacknowledged; returns records/s.

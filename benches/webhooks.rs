@@ -114,6 +114,9 @@ fn start_service(rt: &tokio::runtime::Runtime, pki: &std::path::Path) -> (Socket
             &file("ca.pem"),
             "--tls-client-names",
             "k2v-bridge",
+            // The same number of threads as the trivial server's runtime (the service's default is one).
+            "--webhook-threads",
+            "2",
         ];
         let config = Config::from_env_and_args(args).expect("config");
         let listeners = Listeners::bind(&config).await.expect("bind");

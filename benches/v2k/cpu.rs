@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 
 use rdkafka::producer::FutureRecord;
 
-use super::{Load, PHASE, Proc, padded_payload, plain_producer_client, start_service, start_trivial, webhook_load};
+use super::{
+    DEVICES, Load, MANY_TENANTS, PHASE, Proc, padded_payload, plain_producer_compressed, start_service, start_trivial,
+    tenant, webhook_load,
+};
 
 /// VerneMQ's webhook connection pool towards one endpoint.
 const POOL: usize = 100;
@@ -39,7 +42,7 @@ pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], b
             let (process, addr) = start_trivial();
             trivial.push(measured(&process, || webhook_calls(rt, addr, load)));
             drop(process);
-            producer.push(producer_floor(brokers, rate));
+            producer.push(producer_floor(brokers, Floor { rate, senders: POOL, tenants: 1, compression: "lz4" }));
         }
         let ((service_rate, service_cpu), (trivial_rate, trivial_cpu), (producer_rate, producer_cpu)) =
             (median(&mut service), median(&mut trivial), median(&mut producer));
@@ -74,11 +77,41 @@ fn measured(process: &Proc, work: impl FnOnce() -> u64) -> (f64, f64) {
     (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count)
 }
 
+/// What a plain producer process sends: `senders` each waiting for its ack, over `tenants` topics.
+#[derive(Clone, Copy)]
+struct Floor {
+    rate: Option<f64>,
+    senders: usize,
+    tenants: usize,
+    compression: &'static str,
+}
+
+/// Why a strict-mode tenant per partition costs so much more CPU than one topic: the plain producer process alone,
+/// the strict rows' shape (`DEVICES` senders each waiting for its ack), on 1 and on 100 one-partition topics, with the
+/// service's compression (lz4) and without.
+pub fn many_partitions(brokers: &str) {
+    println!(
+        "Plain producer process, {DEVICES} senders each waiting for its ack, CPU per record (median of {ROUNDS}):"
+    );
+    for tenants in [1, MANY_TENANTS] {
+        for compression in ["lz4", "none"] {
+            let floor = Floor { rate: None, senders: DEVICES, tenants, compression };
+            let mut rounds: Vec<_> = (0..ROUNDS).map(|_| producer_floor(brokers, floor)).collect();
+            let (rate, cpu) = median(&mut rounds);
+            println!(
+                "  {tenants:>3} topic(s), compression {compression:<4} {rate:>7.0} records/s {cpu:>6.1} µs/record"
+            );
+        }
+    }
+}
+
 /// This bench binary re-executed as a plain producer under the same load shape, measured as a process like the
 /// service; returns records/s and CPU µs per record.
-fn producer_floor(brokers: &str, rate: Option<f64>) -> (f64, f64) {
+fn producer_floor(brokers: &str, floor: Floor) -> (f64, f64) {
+    let spec =
+        format!("{brokers} {} {} {} {}", floor.rate.unwrap_or(0.0), floor.senders, floor.tenants, floor.compression);
     let mut child = Command::new(std::env::current_exe().expect("exe"))
-        .env("V2K_BENCH_PRODUCER", format!("{brokers} {}", rate.unwrap_or(0.0)))
+        .env("V2K_BENCH_PRODUCER", spec)
         .stdout(Stdio::piped())
         .spawn()
         .expect("producer process");
@@ -96,21 +129,26 @@ fn producer_floor(brokers: &str, rate: Option<f64>) -> (f64, f64) {
     (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count.max(1.0))
 }
 
-/// The child's side of `producer_floor`: `POOL` senders each waiting for its ack, warmed up for 2 s, then measured
-/// for `PHASE` between a `start` and a `stop <records>` line.
+/// The child's side of `producer_floor`: the senders, warmed up for 2 s, then measured for `PHASE` between a `start`
+/// and a `stop <records>` line.
 pub fn producer_main(spec: &str) {
-    let (brokers, rate) = spec.split_once(' ').expect("spec");
+    let fields: Vec<&str> = spec.split(' ').collect();
+    let [brokers, rate, senders, tenants, compression] = fields[..] else { panic!("producer spec {spec:?}") };
     let rate: f64 = rate.parse().expect("rate");
+    let senders: usize = senders.parse().expect("senders");
+    let tenants: usize = tenants.parse().expect("tenants");
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("rt");
     rt.block_on(async move {
-        let producer = plain_producer_client(brokers);
+        let producer = plain_producer_compressed(brokers, compression);
         let stop = Arc::new(AtomicBool::new(false));
         let count = Arc::new(AtomicU64::new(0));
-        let period = (rate > 0.0).then(|| Duration::from_secs_f64(POOL as f64 / rate));
-        for device in 0..POOL {
+        let period = (rate > 0.0).then(|| Duration::from_secs_f64(senders as f64 / rate));
+        for device in 0..senders {
             let (producer, stop, count) = (producer.clone(), stop.clone(), count.clone());
             tokio::spawn(async move {
-                let key = format!("bench:d{device}");
+                let tenant = tenant(device, tenants);
+                let key = format!("{tenant}:d{device}");
+                let topic = format!("{tenant}.device-data");
                 let started = tokio::time::Instant::now();
                 let mut n = 0u32;
                 while !stop.load(Ordering::Relaxed) {
@@ -118,10 +156,10 @@ pub fn producer_main(spec: &str) {
                         tokio::time::sleep_until(started + period * n).await;
                     }
                     let value = format!(
-                        r#"{{"metadata":{{"deviceid":"d{device}","tenant":"bench","timestamp":1732540000000}},"attrs":{}}}"#,
+                        r#"{{"metadata":{{"deviceid":"d{device}","tenant":"{tenant}","timestamp":1732540000000}},"attrs":{}}}"#,
                         padded_payload(u64::from(n), PAYLOAD_BYTES)
                     );
-                    let record = FutureRecord::to("bench.device-data").key(&key).payload(&value);
+                    let record = FutureRecord::to(&topic).key(&key).payload(&value);
                     producer.send(record, Duration::from_secs(5)).await.ok();
                     count.fetch_add(1, Ordering::Relaxed);
                     n += 1;
