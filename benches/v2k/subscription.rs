@@ -26,9 +26,13 @@ impl Rows {
             ("MQTT_CLIENT_ID", format!("bench-{tenants}")),
             ("V2K_SHARE_GROUP", format!("bench{tenants}")),
             ("V2K_MAX_IN_FLIGHT", self.window.to_string()),
+            // A lease group per row: the previous row's holder is killed, and its membership would hold the lease
+            // until Kafka's session timeout.
+            ("V2K_LEASE_GROUP", format!("bench{tenants}-plain")),
         ]);
         // Each variant's session is removed afterwards, so that Mosquitto does not keep queueing for it.
-        for (kind, session) in [("shared", format!("bench-{tenants}-v2k")), ("plain", "iotagent-mqtt-plain-v2k".into())]
+        for (kind, session) in
+            [("shared", format!("bench-{tenants}-v2k")), ("plain", format!("bench{tenants}-plain-v2k"))]
         {
             let mut env = env.clone();
             env.push(("V2K_SUBSCRIPTION", kind.to_string()));

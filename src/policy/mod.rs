@@ -2,12 +2,14 @@
 //! Pure functions of their inputs — no I/O, no clock, no randomness — so every rule is unit-tested here.
 
 mod client_id;
+mod deny;
 mod identity;
 mod service;
 
 use std::time::Duration;
 
 pub use client_id::is_disconnect_safe;
+pub use deny::DenyReason;
 pub use identity::{DeviceId, IdCharset, IdentityError, parse_device};
 pub use service::{Fingerprint, topic_tenant};
 
@@ -119,40 +121,6 @@ pub struct RegisterRequest<'a> {
     /// The service's own certificates at the time of the request (they change when the PKI renews them): the only
     /// certificates that make a connection the service.
     pub service_certificates: &'a [Fingerprint],
-}
-
-/// Why a request is refused. Logged and counted; VerneMQ only ever sees `not_allowed`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-pub enum DenyReason {
-    #[error("no username")]
-    Anonymous,
-    #[error("invalid device identity: {0}")]
-    InvalidIdentity(IdentityError),
-    #[error("certificate common name does not match the username")]
-    CertificateMismatch,
-    #[error("a client certificate is required")]
-    CertificateRequired,
-    #[error("wrong service credentials")]
-    ServiceCredentials,
-    #[error("certificate names the service but is not one of the service's own")]
-    ServiceCertificate,
-    #[error("client id not allowed by the client id policy")]
-    ClientId,
-    #[error("client id contains a quote, a backslash or a control character")]
-    UnsafeClientId,
-    #[error("client id is one of the service's own")]
-    ServiceClientId,
-    #[error("device removed")]
-    Removed,
-    #[error("certificate revoked")]
-    Revoked,
-    /// The tenant has no device-data topic in Kafka (decided by V2K, handed to the register hook).
-    #[error("unknown_tenant: the tenant has no data topic in Kafka")]
-    UnknownTenant,
-    #[error("topic not allowed for this identity")]
-    Topic,
-    #[error("retained publishes are not allowed")]
-    Retain,
 }
 
 /// Session modifiers for an accepted device.

@@ -23,7 +23,7 @@ pub use reply::{Outcome, Reply};
 
 use crate::log_guard::{Denial, LogGuard, clip};
 use crate::metrics::Metrics;
-use crate::policy::Policy;
+use crate::policy::{DenyReason, Policy};
 use crate::service_certs::ServiceCertificates;
 use crate::sessions::SessionRegistry;
 use crate::v2k::V2k;
@@ -131,6 +131,8 @@ pub struct HookState {
     /// Samples denial log lines per identity.
     pub log_guard: Arc<LogGuard>,
     metrics: Arc<[HookMetrics; Hook::ALL.len()]>,
+    /// Indexed by [`DenyReason::index`].
+    denied: Arc<[Counter; DenyReason::LABELS.len()]>,
 }
 
 impl HookState {
@@ -152,6 +154,13 @@ impl HookState {
             service_certificates: Arc::default(),
             log_guard: Arc::new(LogGuard::new(metrics)),
             metrics: Arc::new(per_hook),
+            denied: Arc::new(metrics.counters(
+                "iotagent_webhook_denied_total",
+                "Requests refused, by reason (VerneMQ only sees not_allowed)",
+                &[],
+                ("reason", |label| label),
+                DenyReason::LABELS,
+            )),
         }
     }
 
@@ -226,6 +235,7 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
     // `Outcome::ALL` lists the variants in declaration order.
     metrics.outcomes[reply.outcome() as usize].increment(1);
     match reply {
+        Reply::Deny(reason) => state.denied[reason.index()].increment(1),
         Reply::Unavailable(message) => {
             tracing::warn!(hook = hook.name(), %message, "publish refused: Kafka cannot take it now");
         }
@@ -237,7 +247,7 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
             }
         }
         Reply::Internal(message) => tracing::error!(hook = hook.name(), %message, "webhook failed"),
-        Reply::Allow { .. } | Reply::Deny(_) | Reply::Notified => {}
+        Reply::Allow { .. } | Reply::Notified => {}
     }
     metrics.latency.record(started.elapsed().as_secs_f64());
 }

@@ -282,6 +282,8 @@ async fn health_metrics_and_session_registry() {
     let mut c = app.client().await;
     call(&mut c, "auth_on_publish", &publish(DEV.into(), "admin:a1998e/attrs", false)).await;
     call(&mut c, "auth_on_publish", &publish(DEV.into(), "admin:b/attrs", false)).await;
+    call(&mut c, "auth_on_register", &register("admin:a1998e:x".into())).await;
+    call(&mut c, "auth_on_register", &register("admin:a1998e:y".into())).await;
     c.hook("auth_on_publish", b"{").await;
     let on_register = json!({"peer_addr": "127.0.0.1", "peer_port": 1, "mountpoint": "", "client_id": "admin:a1998e|c1", "username": DEV});
     assert_eq!(call(&mut c, "on_register", &on_register).await, json!({}));
@@ -292,6 +294,10 @@ async fn health_metrics_and_session_registry() {
         r#"iotagent_webhook_requests_total{hook="auth_on_publish",outcome="deny"} 1"#,
         r#"iotagent_webhook_requests_total{hook="auth_on_publish",outcome="bad_request"} 1"#,
         r#"iotagent_webhook_requests_total{hook="on_register",outcome="notified"} 1"#,
+        // Denials by reason, whatever the hook: VerneMQ only ever sees not_allowed.
+        r#"iotagent_webhook_denied_total{reason="topic"} 1"#,
+        r#"iotagent_webhook_denied_total{reason="invalid_identity"} 2"#,
+        r#"iotagent_webhook_denied_total{reason="revoked"} 0"#,
     ] {
         assert!(text.contains(line), "missing {line} in\n{text}");
     }
