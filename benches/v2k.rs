@@ -239,8 +239,8 @@ fn start_service(env: &[(&str, String)]) -> (Proc, SocketAddr) {
 
 /// This bench binary re-executed as the trivial responder, so both servers are processes measured alike.
 fn trivial_server_main(port: u16) {
-    // One worker, as the service's webhook runtime has by default (WEBHOOK_THREADS).
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
+    // One thread, as the service's webhook runtime has by default (WEBHOOK_THREADS).
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("rt");
     rt.block_on(async move {
         let router = Router::new().route(
             "/vmq/{hook}",

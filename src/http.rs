@@ -45,35 +45,47 @@ async fn render_metrics(State(ops): State<OpsState>) -> Response {
 }
 
 /// The webhooks' own runtime: VerneMQ's calls are served apart from K2V and the V2K subscription, on few threads
-/// (one by default). With one worker no call wakes a second thread to share its work, which cost about a third of
-/// the CPU per forwarded message (README, V2K bench). Shut down in the background when dropped, so that it may be
-/// dropped inside the main runtime.
-pub(crate) struct WebhookRuntime(Option<tokio::runtime::Runtime>);
+/// (one by default, then a current-thread runtime). With one thread no call wakes a second one to share its work,
+/// which cost about a third of the CPU per forwarded message (README, V2K bench). Its thread stops, and the runtime
+/// with it, when this is dropped (it may be dropped inside the main runtime).
+pub(crate) struct WebhookRuntime {
+    handle: tokio::runtime::Handle,
+    /// Dropping it ends the thread that drives the runtime.
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
 
 impl WebhookRuntime {
     pub(crate) fn new(threads: usize) -> std::io::Result<Self> {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
-            .thread_name("webhooks")
-            .enable_all()
-            .build()?;
-        Ok(Self(Some(runtime)))
-    }
-
-    fn runtime(&self) -> &tokio::runtime::Runtime {
-        self.0.as_ref().expect("present until dropped")
+        let mut builder = if threads <= 1 {
+            tokio::runtime::Builder::new_current_thread()
+        } else {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            builder.worker_threads(threads);
+            builder
+        };
+        let runtime = builder.thread_name("webhooks").enable_all().build()?;
+        let handle = runtime.handle().clone();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::Builder::new().name("webhooks".into()).spawn(move || {
+            runtime.block_on(async {
+                let _ = stopped.await;
+            });
+            // Whatever is still running (a connection past the shutdown budget) is dropped, not awaited.
+            runtime.shutdown_background();
+        })?;
+        Ok(Self { handle, _stop: stop })
     }
 
     /// Moves a listener to this runtime, so that its connections are polled by the webhooks' threads.
     pub(crate) fn adopt(&self, listener: tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
         let listener = listener.into_std()?;
-        let _context = self.runtime().enter();
+        let _context = self.handle.enter();
         tokio::net::TcpListener::from_std(listener)
     }
 
     /// Runs `make()` inside this runtime's context (what it spawns or registers belongs to the webhooks' threads).
     pub(crate) fn within<T>(&self, make: impl FnOnce() -> T) -> T {
-        let _context = self.runtime().enter();
+        let _context = self.handle.enter();
         make()
     }
 
@@ -82,14 +94,6 @@ impl WebhookRuntime {
         F: std::future::Future + Send + 'static,
         F::Output: Send + 'static,
     {
-        self.runtime().spawn(future)
-    }
-}
-
-impl Drop for WebhookRuntime {
-    fn drop(&mut self) {
-        if let Some(runtime) = self.0.take() {
-            runtime.shutdown_background();
-        }
+        self.handle.spawn(future)
     }
 }

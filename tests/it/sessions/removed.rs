@@ -21,11 +21,16 @@ async fn produce(kafka: &Tansu, topic: &str, value: &[u8]) {
         .set("message.timeout.ms", "10000")
         .create()
         .expect("producer");
-    producer
-        .send(FutureRecord::<str, [u8]>::to(topic).payload(value), Duration::from_secs(10))
-        .await
-        .map_err(|(e, _)| e)
-        .expect("produced");
+    // Keyed by device, as the device manager does: a device's events stay in order on one partition. Unkeyed, a
+    // `remove` and the `create` after it could land on different partitions and replay in either order.
+    let device = serde_json::from_slice::<serde_json::Value>(value)
+        .ok()
+        .and_then(|v| v["data"]["id"].as_str().map(String::from));
+    let mut record = FutureRecord::<str, [u8]>::to(topic).payload(value);
+    if let Some(device) = &device {
+        record = record.key(device.as_str());
+    }
+    producer.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produced");
 }
 
 fn event(kind: &str, tenant: &str, device: &str) -> Vec<u8> {
