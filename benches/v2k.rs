@@ -270,6 +270,8 @@ fn main() {
         return cpu::producer_main(&spec);
     }
     // `cargo bench --bench v2k -- cpu`: only the CPU rows (for profiling).
+    // `cargo bench --bench v2k -- subscription`: only the subscription rows.
+    let only_subscription = std::env::args().any(|a| a == "subscription");
     let only_cpu = std::env::args().any(|a| a == "cpu");
     let kafka = brokers::Tansu::start(brokers::Storage::Memory);
     let brokers = kafka.brokers();
@@ -302,6 +304,9 @@ fn main() {
     if only_cpu {
         cpu::run(&rt, &kafka_env("on_publish"), &brokers);
         return cpu::many_partitions(&brokers);
+    }
+    if only_subscription {
+        return subscription_rows(&rt, &brokers, kafka_env("subscription"), mqtt_port, device_port);
     }
     println!("V2K benchmark: {DEVICES} concurrent devices, {PHASE:?} per phase, tansu (memory) on this machine");
     // Baselines on the same topics as the rows they are compared with: one tenant's, or 100 tenants' topics.
@@ -359,24 +364,34 @@ fn main() {
     drop(acl);
     drop(trivial);
 
-    // Subscription mode: devices publish QoS 1 through Mosquitto as fast as they can; the service holds up to
-    // V2K_MAX_IN_FLIGHT (1000) unacknowledged. Baseline: the same records from a plain producer with the same window.
+    subscription_rows(&rt, &brokers, kafka_env("subscription"), mqtt_port, device_port);
+    cpu::run(&rt, &kafka_env("on_publish"), &brokers);
+    cpu::many_partitions(&brokers);
+}
+
+/// Subscription mode: devices publish QoS 1 through Mosquitto as fast as they can; the service holds up to
+/// V2K_MAX_IN_FLIGHT (1000) unacknowledged. Baseline: the same records from a plain producer with the same window.
+fn subscription_rows(
+    rt: &tokio::runtime::Runtime,
+    brokers: &str,
+    kafka_env: Vec<(&'static str, String)>,
+    mqtt_port: u16,
+    device_port: u16,
+) {
     let total: u64 = 100_000;
     let window = 1000;
     rt.block_on(async {
         let admin: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &brokers).create().expect("admin");
+            ClientConfig::new().set("bootstrap.servers", brokers).create().expect("admin");
         let lease = NewTopic::new("iotagent.v2k-lease", 1, TopicReplication::Fixed(1));
         admin.create_topics(&[lease], &AdminOptions::new()).await.expect("lease topic");
     });
     for tenants in [1, MANY_TENANTS] {
-        let plain_window = rt.block_on(plain_producer_window(&brokers, total, window, tenants));
+        let plain_window = rt.block_on(plain_producer_window(brokers, total, window, tenants));
         println!("plain producer, {tenants:>3} topic(s), {window} in flight: {:>8.0} msg/s", plain_window);
-        let rows = subscription::Rows { kafka_env: kafka_env("subscription"), mqtt_port, device_port, total, window };
-        rows.run(&rt, plain_window, tenants);
+        let rows = subscription::Rows { kafka_env: kafka_env.clone(), mqtt_port, device_port, total, window };
+        rows.run(rt, plain_window, tenants);
     }
-    cpu::run(&rt, &kafka_env("on_publish"), &brokers);
-    cpu::many_partitions(&brokers);
 }
 
 /// `total` records with at most `window` unacknowledged; returns records/s.

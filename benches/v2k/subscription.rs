@@ -30,17 +30,26 @@ impl Rows {
             // until Kafka's session timeout.
             ("V2K_LEASE_GROUP", format!("bench{tenants}-plain")),
         ]);
-        // Each variant's session is removed afterwards, so that Mosquitto does not keep queueing for it.
-        for (kind, session) in
-            [("shared", format!("bench-{tenants}-v2k")), ("plain", format!("bench{tenants}-plain-v2k"))]
-        {
+        // Each variant's session is removed afterwards, so that Mosquitto does not keep queueing for it. With one
+        // tenant, the shared variant also runs with the whole window as the tenant's bound, to show what the default
+        // bound (V2K_TENANT_MAX_IN_FLIGHT 500 of the 1 000) costs a single tenant.
+        let shared = format!("bench-{tenants}-v2k");
+        let mut variants = vec![("shared", shared.clone(), None), ("plain", format!("bench{tenants}-plain-v2k"), None)];
+        if tenants == 1 {
+            variants.push(("shared", shared, Some(self.window)));
+        }
+        for (kind, session, bound) in variants {
             let mut env = env.clone();
             env.push(("V2K_SUBSCRIPTION", kind.to_string()));
+            if let Some(bound) = bound {
+                env.push(("V2K_TENANT_MAX_IN_FLIGHT", bound.to_string()));
+            }
             let (service, service_addr) = start_service(&env);
             rt.block_on(wait_subscribed(service_addr));
             let per_second = rt.block_on(subscription_load(service_addr, self.device_port, kind, self.total, tenants));
+            let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"));
             println!(
-                "subscription {kind:<6}, {tenants:>3} tenant(s) {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
+                "subscription {kind:<6}, {tenants:>3} tenant(s){bound} {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
                 per_second,
                 per_second / plain_window
             );

@@ -64,11 +64,10 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000)]
     pub v2k_max_in_flight: u32,
 
-    /// Records of one tenant that may wait for Kafka at once (default 500; in subscription mode V2K_MAX_IN_FLIGHT).
-    /// Beyond it the tenant's QoS 1/2 publishes are refused (strict mode, gate) or wait (subscription mode: only
-    /// that tenant's), and its QoS 0 publishes are dropped.
-    #[arg(long, env = "V2K_TENANT_MAX_IN_FLIGHT", value_parser = clap::value_parser!(u32).range(1..))]
-    pub v2k_tenant_max_in_flight: Option<u32>,
+    /// Records of one tenant that may wait for Kafka at once. Beyond it the tenant's QoS 1/2 publishes are refused
+    /// (strict mode, gate) or wait (subscription mode: only that tenant's), and its QoS 0 publishes are dropped.
+    #[arg(long, env = "V2K_TENANT_MAX_IN_FLIGHT", default_value_t = 500, value_parser = clap::value_parser!(u32).range(1..))]
+    pub v2k_tenant_max_in_flight: u32,
 
     /// Refuse devices of tenants whose `<tenant>.<suffix>` topic does not exist in Kafka (off where Kafka creates
     /// topics on first use).
@@ -179,19 +178,10 @@ impl V2kArgs {
             },
             ack_timeout: Duration::from_millis(self.v2k_ack_timeout_ms),
             gate_max_queue: self.v2k_gate.then_some(self.v2k_gate_max_queue),
-            tenant_max_in_flight: self.tenant_max_in_flight() as usize,
+            tenant_max_in_flight: self.v2k_tenant_max_in_flight as usize,
             tenant_refresh: self.v2k_require_tenant_topic.then(|| Duration::from_millis(self.v2k_tenant_refresh_ms)),
         };
         Ok(V2kParts { producer, settings, subscription, plain })
-    }
-
-    /// In subscription mode a smaller bound isolates nothing: a tenant's waiting messages hold the one MQTT window
-    /// the broker gives the service just as its records in Kafka do, and one tenant would run at a fraction of it.
-    fn tenant_max_in_flight(&self) -> u32 {
-        self.v2k_tenant_max_in_flight.unwrap_or(match self.v2k_mode {
-            Mode::Subscription => self.v2k_max_in_flight,
-            Mode::OnPublish | Mode::AuthOnPublish => 500,
-        })
     }
 
     fn plain(&self, brokers: &str, mqtt_args: &MqttArgs) -> Result<PlainSettings, ConfigError> {
@@ -235,13 +225,6 @@ mod tests {
         assert_eq!(p.producer.client_id, "iotagent-mqtt");
         assert!(p.subscription.is_none());
         assert_eq!(p.settings.tenant_max_in_flight, 500);
-        let subscription = parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://b:1883"]).unwrap();
-        assert_eq!(subscription.settings.tenant_max_in_flight, 1000, "the whole window");
-        let window = parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://b:1883", "--v2k-max-in-flight", "64"]);
-        assert_eq!(window.unwrap().settings.tenant_max_in_flight, 64);
-        let explicit =
-            parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://b:1883", "--v2k-tenant-max-in-flight", "7"]);
-        assert_eq!(explicit.unwrap().settings.tenant_max_in_flight, 7);
         assert_eq!(p.settings.tenant_refresh, Some(Duration::from_secs(10)), "unknown tenants refused by default");
         let off = parts(&["--v2k-require-tenant-topic", "false"]).unwrap();
         assert_eq!(off.settings.tenant_refresh, None);
