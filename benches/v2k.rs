@@ -223,8 +223,13 @@ async fn webhook_load(addr: SocketAddr, hook: &'static str, counter: Arc<AtomicU
 }
 
 fn start_service(env: &[(&str, String)]) -> (Proc, SocketAddr) {
+    start_service_binary(env!("CARGO_BIN_EXE_iotagent-mqtt"), env)
+}
+
+/// The service from `binary` (this build's, or another build to compare with in the same run).
+fn start_service_binary(binary: &str, env: &[(&str, String)]) -> (Proc, SocketAddr) {
     let port = free_port();
-    let child = Command::new(env!("CARGO_BIN_EXE_iotagent-mqtt"))
+    let child = Command::new(binary)
         .env_clear()
         .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "error")

@@ -11,8 +11,8 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::FutureRecord;
 
 use super::{
-    DEVICES, Load, MANY_TENANTS, PHASE, Proc, padded_payload, plain_producer_compressed, start_service, start_trivial,
-    tenant, webhook_load,
+    DEVICES, Load, MANY_TENANTS, PHASE, Proc, padded_payload, plain_producer_compressed, start_service,
+    start_service_binary, start_trivial, tenant, webhook_load,
 };
 
 /// VerneMQ's webhook connection pool towards one endpoint.
@@ -26,6 +26,8 @@ const RATES: [Option<f64>; 2] = [Some(5_000.0), None];
 const ROUNDS: usize = 3;
 
 pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], brokers: &str) {
+    // Another build of the service (a path), measured in the same rounds: before/after comparisons on a noisy machine.
+    let other_build = std::env::var("V2K_BENCH_OTHER_BUILD").ok();
     println!(
         "CPU per message, VerneMQ-shaped load: {POOL} keep-alive connections, one request at a time, \
          {PAYLOAD_BYTES}-byte payloads; median of {ROUNDS} interleaved rounds"
@@ -33,12 +35,17 @@ pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], b
     for rate in RATES {
         let load = Load { connections: POOL, tenants: 1, payload_bytes: Some(PAYLOAD_BYTES), rate };
         let pace = rate.map_or("unpaced".to_string(), |r| format!("paced {r:.0}/s"));
-        let (mut service, mut trivial, mut producer) = (Vec::new(), Vec::new(), Vec::new());
+        let (mut service, mut trivial, mut producer, mut other) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
             let (process, addr) = start_service(kafka_env);
             std::thread::sleep(Duration::from_secs(2));
             service.push(measured(&process, || webhook_calls(rt, addr, load)));
             drop(process);
+            if let Some(binary) = &other_build {
+                let (process, addr) = start_service_binary(binary, kafka_env);
+                std::thread::sleep(Duration::from_secs(2));
+                other.push(measured(&process, || webhook_calls(rt, addr, load)));
+            }
             let (process, addr) = start_trivial();
             trivial.push(measured(&process, || webhook_calls(rt, addr, load)));
             drop(process);
@@ -52,6 +59,14 @@ pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], b
              {producer_cpu:>5.1} µs | service / (sum of floors) {:.2}",
             service_cpu / (trivial_cpu + producer_cpu)
         );
+        if !other.is_empty() {
+            let (other_rate, other_cpu) = median(&mut other);
+            println!(
+                "  {pace:<13} V2K_BENCH_OTHER_BUILD {other_rate:>6.0} msg/s {other_cpu:>5.1} µs/msg | this build / other \
+                 {:.2}",
+                service_cpu / other_cpu
+            );
+        }
     }
 }
 
