@@ -2,8 +2,8 @@
 //! periodically, so that devices of tenants whose data has nowhere to go are refused at connect.
 
 use std::collections::HashSet;
-use std::sync::RwLock;
 
+use parking_lot::RwLock;
 use rdkafka::error::KafkaError;
 
 use super::producer::Producer;
@@ -31,11 +31,11 @@ impl TenantTopics {
     }
 
     pub fn is_loaded(&self) -> bool {
-        self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner).is_some()
+        self.known.read().is_some()
     }
 
     pub fn status(&self, tenant: &str) -> TenantStatus {
-        match &*self.known.read().unwrap_or_else(std::sync::PoisonError::into_inner) {
+        match &*self.known.read() {
             None => TenantStatus::NotLoaded,
             Some(set) if set.contains(tenant) => TenantStatus::Known,
             Some(_) => TenantStatus::Unknown,
@@ -51,7 +51,7 @@ impl TenantTopics {
             .map(Box::from)
             .collect();
         let count = set.len();
-        *self.known.write().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(set);
+        *self.known.write() = Some(set);
         count
     }
 

@@ -6,10 +6,10 @@ use std::fs::{File, OpenOptions};
 use std::io::Write as _;
 use std::os::unix::fs::{OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 
 use openssl::pkey::{PKey, Private};
 use openssl::x509::X509;
+use parking_lot::Mutex;
 use serde::{Deserialize, Serialize};
 
 use super::x509::{self, Usage};
@@ -111,7 +111,7 @@ impl Store {
     /// Runs `f` holding the in-process mutex and an exclusive lock on `<dir>/ca/lock`.
     fn locked<T>(&self, f: impl FnOnce() -> Result<T, PkiError>) -> Result<T, PkiError> {
         // A poisoned mutex only means another operation panicked; the files are consistent (atomic renames).
-        let _guard = self.lock.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _guard = self.lock.lock();
         let dir = self.private_dir();
         if !dir.is_dir() {
             return Err(PkiError::NoCa(self.settings.dir.clone()));
