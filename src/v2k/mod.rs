@@ -276,14 +276,7 @@ impl V2k {
             self.metrics.failed(Failure::UnknownTenant).increment(1);
             return Err(Unavailable::UnknownTenant);
         }
-        let Some(mut slot) = self.tenants.try_slot(device.tenant) else {
-            // Refused QoS 1/2 in strict mode stays with the device; everything else is dropped here.
-            if qos == 0 || self.settings.mode != Mode::AuthOnPublish {
-                self.metrics.failed(Failure::TenantFull).increment(1);
-            }
-            // A refused publish disconnects an MQTT 3.1.1 device, and a QoS 0 message would not be resent anyway.
-            return if qos == 0 { Ok(()) } else { Err(Unavailable::TenantFull) };
-        };
+        let Some(mut slot) = self.tenants.try_slot(device.tenant) else { return self.tenant_full(qos) };
         let outcome = self.outcome(device, mqtt_topic, payload);
         let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
         let receiver = loop {
@@ -291,7 +284,10 @@ impl V2k {
                 Ok(receiver) => break receiver,
                 Err(ProduceError::QueueFull) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
-                    slot = self.tenants.try_slot(device.tenant).ok_or(Unavailable::TenantFull)?;
+                    slot = match self.tenants.try_slot(device.tenant) {
+                        Some(slot) => slot,
+                        None => return self.tenant_full(qos),
+                    };
                 }
                 Err(e) => return Err(Unavailable::NotAcknowledged(e)),
             }
@@ -308,6 +304,16 @@ impl V2k {
             }
         };
         result.map_err(Unavailable::NotAcknowledged)
+    }
+
+    /// The tenant is at its bound: a refused QoS 1/2 publish in strict mode stays with the device; everything else is
+    /// dropped here and counted. A refused publish disconnects an MQTT 3.1.1 device, and a QoS 0 message would not be
+    /// resent anyway, so QoS 0 is answered as done.
+    fn tenant_full(&self, qos: u8) -> Result<(), Unavailable> {
+        if qos == 0 || self.settings.mode != Mode::AuthOnPublish {
+            self.metrics.failed(Failure::TenantFull).increment(1);
+        }
+        if qos == 0 { Ok(()) } else { Err(Unavailable::TenantFull) }
     }
 }
 
