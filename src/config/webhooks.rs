@@ -106,4 +106,13 @@ mod tests {
             "IOTAGENT_TLS_KEY_FILE"
         );
     }
+
+    #[test]
+    fn webhook_threads_default_to_one_and_are_bounded() {
+        assert_eq!(parse(&[]).unwrap().webhooks.webhook_threads, 1);
+        assert_eq!(parse(&["--webhook-threads", "4"]).unwrap().webhooks.webhook_threads, 4);
+        for refused in ["0", "257", "-1", "many"] {
+            assert!(parse(&["--webhook-threads", refused]).is_err(), "{refused}");
+        }
+    }
 }

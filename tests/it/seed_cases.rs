@@ -308,9 +308,23 @@ async fn health_metrics_and_session_registry() {
 
 #[tokio::test]
 async fn shutdown_returns_cleanly() {
-    let app = spawn_app(&[]).await;
-    let mut c = app.client().await;
-    call(&mut c, "auth_on_register", &register(DEV.into())).await;
-    drop(c);
-    app.stop().await.expect("clean stop");
+    // The default (one thread, a current-thread runtime) and a multi-thread webhooks runtime.
+    for threads in ["1", "3"] {
+        let app = spawn_app(&flags(&[("WEBHOOK_THREADS", threads)])).await;
+        let mut clients = Vec::new();
+        for _ in 0..4 {
+            let mut c = app.client().await;
+            assert_eq!(call(&mut c, "auth_on_register", &register(DEV.into())).await["result"], "ok");
+            clients.push(c);
+        }
+        // The webhooks run on threads of their own, as many as asked for (at least: other tests may share the process).
+        let webhook_threads = std::fs::read_dir("/proc/self/task")
+            .unwrap()
+            .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+            .filter(|name| name.trim() == "webhooks")
+            .count();
+        assert!(webhook_threads >= threads.parse().unwrap(), "{webhook_threads} webhooks threads for {threads}");
+        drop(clients);
+        app.stop().await.expect("clean stop");
+    }
 }
