@@ -199,6 +199,11 @@ fn micros(h: &Histogram<u64>, q: f64) -> String {
     format!("{:.0} µs", h.value_at_quantile(q) as f64)
 }
 
+/// The round with the highest rate.
+fn best(rounds: Vec<Outcome>) -> Outcome {
+    rounds.into_iter().max_by(|a, b| a.per_second.total_cmp(&b.per_second)).expect("at least one round")
+}
+
 fn main() {
     let load_rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().expect("rt");
     let service_rt = server_runtime();
@@ -212,19 +217,13 @@ fn main() {
 
     println!("webhook benchmark: {CONNECTIONS} keep-alive connections, {PHASE:?} per phase, best of {ROUNDS} rounds");
     for load in &LOADS {
-        let (mut best_service, mut best_trivial): (Option<Outcome>, Option<Outcome>) = (None, None);
+        // Alternate so that drift in machine load hits both sides alike.
+        let (mut services, mut trivials) = (Vec::new(), Vec::new());
         for _ in 0..ROUNDS {
-            // Alternate so that drift in machine load hits both sides alike.
-            let t = load_rt.block_on(drive(trivial.clone(), load, None));
-            let s = load_rt.block_on(drive(service.clone(), load, None));
-            if best_trivial.as_ref().is_none_or(|b| t.per_second > b.per_second) {
-                best_trivial = Some(t);
-            }
-            if best_service.as_ref().is_none_or(|b| s.per_second > b.per_second) {
-                best_service = Some(s);
-            }
+            trivials.push(load_rt.block_on(drive(trivial.clone(), load, None)));
+            services.push(load_rt.block_on(drive(service.clone(), load, None)));
         }
-        let (s, t) = (best_service.expect("ran"), best_trivial.expect("ran"));
+        let (s, t) = (best(services), best(trivials));
         println!(
             "{:<18} peak: service {:>8.0}/s (p50 {}, p99 {})  trivial axum {:>8.0}/s (p50 {}, p99 {})  ratio {:.2}",
             load.hook,
@@ -249,14 +248,7 @@ fn main() {
             micros(&t50.latency, 0.5),
             micros(&t50.latency, 0.99)
         );
-        let mut best_tls: Option<Outcome> = None;
-        for _ in 0..ROUNDS {
-            let h = load_rt.block_on(drive(tls.clone(), load, None));
-            if best_tls.as_ref().is_none_or(|b| h.per_second > b.per_second) {
-                best_tls = Some(h);
-            }
-        }
-        let h = best_tls.expect("ran");
+        let h = best((0..ROUNDS).map(|_| load_rt.block_on(drive(tls.clone(), load, None))).collect());
         println!(
             "{:<18} HTTPS (TLS 1.2, client cert, keep-alive): service {:>8.0}/s (p50 {}, p99 {})  ratio to plain {:.2}",
             load.hook,

@@ -79,8 +79,7 @@ impl WebhookRuntime {
     /// Moves a listener to this runtime, so that its connections are polled by the webhooks' threads.
     pub(crate) fn adopt(&self, listener: tokio::net::TcpListener) -> std::io::Result<tokio::net::TcpListener> {
         let listener = listener.into_std()?;
-        let _context = self.handle.enter();
-        tokio::net::TcpListener::from_std(listener)
+        self.within(|| tokio::net::TcpListener::from_std(listener))
     }
 
     /// Runs `make()` inside this runtime's context (what it spawns or registers belongs to the webhooks' threads).

@@ -99,6 +99,21 @@ impl ProducerContext for ReportContext {
 pub struct Delivery(oneshot::Receiver<Result<(), ProduceError>>);
 
 impl Delivery {
+    /// A report callback that first shows the report to `observe` (where reports are served: it must not block),
+    /// and the delivery it then completes.
+    pub fn observed(observe: impl FnOnce(&Result<(), ProduceError>) + Send + Sync + 'static) -> (OnDelivery, Self) {
+        let (tx, rx) = oneshot::channel();
+        let on_delivery = Box::new(move |report: Result<(), ProduceError>| {
+            observe(&report);
+            drop(tx.send(report));
+        });
+        (on_delivery, Self(rx))
+    }
+
+    fn channel() -> (OnDelivery, Self) {
+        Self::observed(|_| {})
+    }
+
     /// Waits for the report; `timeout` None waits as long as the producer retries.
     ///
     /// # Errors
@@ -150,9 +165,9 @@ impl Producer {
     /// # Errors
     /// Queue full, or a record Kafka can never take.
     pub fn send(&self, record: &Record) -> Result<Delivery, ProduceError> {
-        let (tx, rx) = oneshot::channel();
-        self.send_then(record, Box::new(move |report| drop(tx.send(report))))?;
-        Ok(Delivery(rx))
+        let (on_delivery, delivery) = Delivery::channel();
+        self.send_then(record, on_delivery)?;
+        Ok(delivery)
     }
 
     /// Queues a record without waiting and calls `on_delivery` with its report (on the producer's polling thread).
@@ -178,8 +193,7 @@ impl Producer {
         value: Option<&[u8]>,
         headers: &[(String, Option<Vec<u8>>)],
     ) -> Result<Delivery, ProduceError> {
-        let (tx, rx) = oneshot::channel();
-        let on_delivery: OnDelivery = Box::new(move |report| drop(tx.send(report)));
+        let (on_delivery, delivery) = Delivery::channel();
         let mut base = BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(on_delivery));
         if let Some(key) = key {
             base = base.key(key);
@@ -188,7 +202,7 @@ impl Producer {
             base = base.payload(value);
         }
         self.queue(base, headers.iter().map(|(key, value)| (key.as_str(), value.as_deref())))?;
-        Ok(Delivery(rx))
+        Ok(delivery)
     }
 
     fn queue<'a>(

@@ -11,13 +11,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
-use tokio::sync::oneshot;
 
 pub(crate) use self::message::{Contract, Invalid, Outcome};
 pub(crate) use self::metrics::Failure;
 use self::metrics::V2kMetrics;
 use self::tenants::{Slot, Tenants};
-use crate::kafka::producer::{ProduceError, Producer};
+use crate::kafka::producer::{Delivery, ProduceError, Producer};
 use crate::kafka::topics::{TenantStatus, TenantTopics};
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
@@ -236,24 +235,22 @@ impl V2k {
         }
     }
 
-    /// Queues the record, holding the tenant's `slot` until its delivery report, and returns a receiver of that
-    /// report. The report is counted where it arrives (on the producer's thread, no task per record), even when the
-    /// caller stops waiting: that is how expired records are counted. A refused record gives its slot back.
-    fn enqueue(&self, outcome: &Outcome, slot: Slot) -> Result<Receiver, ProduceError> {
-        let (tx, rx) = oneshot::channel();
+    /// Queues the record, holding the tenant's `slot` until its delivery report, and returns its delivery. The report
+    /// is counted where it arrives (on the producer's thread, no task per record), even when the caller stops
+    /// waiting: that is how expired records are counted. A refused record gives its slot back.
+    fn enqueue(&self, outcome: &Outcome, slot: Slot) -> Result<Delivery, ProduceError> {
         let metrics = self.metrics.clone();
         let dead_letter = match outcome {
             Outcome::DeadLetter { reason, .. } => Some(*reason),
             Outcome::Data(_) => None,
         };
         let started = Instant::now();
-        let on_delivery = Box::new(move |result: Result<(), ProduceError>| {
+        let (on_delivery, delivery) = Delivery::observed(move |result| {
             drop(slot);
-            count_report(&metrics, &result, dead_letter, started);
-            let _ = tx.send(result);
+            count_report(&metrics, result, dead_letter, started);
         });
         match self.producer.send_then(outcome.record(), on_delivery) {
-            Ok(()) => Ok(rx),
+            Ok(()) => Ok(delivery),
             Err(e) => {
                 let failure = if matches!(e, ProduceError::QueueFull) { Failure::QueueFull } else { Failure::Final };
                 self.metrics.failed(failure).increment(1);
@@ -279,9 +276,9 @@ impl V2k {
         let Some(mut slot) = self.tenants.try_slot(device.tenant) else { return self.tenant_full(qos) };
         let outcome = self.outcome(device, mqtt_topic, payload);
         let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
-        let receiver = loop {
+        let delivery = loop {
             match self.enqueue(&outcome, slot) {
-                Ok(receiver) => break receiver,
+                Ok(delivery) => break delivery,
                 Err(ProduceError::QueueFull) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
                     slot = match self.tenants.try_slot(device.tenant) {
@@ -295,15 +292,12 @@ impl V2k {
         if qos == 0 {
             return Ok(());
         }
-        let result = match tokio::time::timeout_at(deadline, receiver).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(_)) => Err(ProduceError::Expired(rdkafka::error::KafkaError::Canceled)),
-            Err(_) => {
-                self.metrics.answered_before_ack.increment(1);
-                Err(ProduceError::Pending(self.settings.ack_timeout))
-            }
-        };
-        result.map_err(Unavailable::NotAcknowledged)
+        let waited = delivery.wait(Some(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+        if let Err(ProduceError::Pending(_)) = waited {
+            self.metrics.answered_before_ack.increment(1);
+            return Err(Unavailable::NotAcknowledged(ProduceError::Pending(self.settings.ack_timeout)));
+        }
+        waited.map_err(Unavailable::NotAcknowledged)
     }
 
     /// The tenant is at its bound: a refused QoS 1/2 publish in strict mode stays with the device; everything else is
@@ -345,6 +339,3 @@ fn count_report(
         }
     }
 }
-
-/// A queued record's delivery report.
-type Receiver = oneshot::Receiver<Result<(), ProduceError>>;

@@ -11,8 +11,8 @@ use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
 use super::tenants::{Room, Slot};
-use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, Receiver, V2k, now_ms};
-use crate::kafka::producer::ProduceError;
+use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, V2k, now_ms};
+use crate::kafka::producer::{Delivery, ProduceError};
 use crate::mqtt::MqttSettings;
 use crate::mqtt::subscriber::{self, Message};
 use crate::policy::{DeviceId, Policy};
@@ -93,7 +93,7 @@ impl V2k {
                     queued
                 }
             };
-            let error = match this.until_acknowledged(&outcome, first).await {
+            let error = match this.until_acknowledged(&source.tenant, &outcome, first).await {
                 Ok(()) => return,
                 Err(e) => e,
             };
@@ -106,7 +106,7 @@ impl V2k {
             );
             let slot = this.slot(&source.tenant).await;
             let queued = this.enqueue(&letter, slot);
-            if let Err(second) = this.until_acknowledged(&letter, queued).await {
+            if let Err(second) = this.until_acknowledged(&source.tenant, &letter, queued).await {
                 this.lost(&source, &format!("{error}; dead letter: {second}"));
             }
         }
@@ -116,15 +116,13 @@ impl V2k {
     /// Gives up when Kafka is reachable and the record still expired or was refused for good.
     async fn until_acknowledged(
         &self,
+        tenant: &str,
         outcome: &Outcome,
-        mut attempt: Result<Receiver, ProduceError>,
+        mut attempt: Result<Delivery, ProduceError>,
     ) -> Result<(), ProduceError> {
-        let tenant = outcome.record().key.split_once(':').map_or("", |(tenant, _)| tenant).to_owned();
         loop {
             let result = match attempt {
-                Ok(receiver) => {
-                    receiver.await.unwrap_or(Err(ProduceError::Expired(rdkafka::error::KafkaError::Canceled)))
-                }
+                Ok(delivery) => delivery.wait(None).await,
                 Err(e) => Err(e),
             };
             match result {
@@ -135,7 +133,7 @@ impl V2k {
                 Err(_) => {}
             }
             tokio::time::sleep(RETRY_PAUSE).await;
-            let slot = self.slot(&tenant).await;
+            let slot = self.slot(tenant).await;
             attempt = self.enqueue(outcome, slot);
         }
     }

@@ -57,27 +57,20 @@ pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
     match state.policy.register(&request, rand::random::<f64>()) {
         RegisterDecision::Deny(reason) => {
             let username = req.username.as_deref().unwrap_or_default();
-            if let Some(suppressed) = state.log_guard.admit(Denial::Register, username) {
-                tracing::info!(username = %clip(username), client_id = %clip(&req.client_id), %reason, suppressed,
-                               "connection denied");
-            }
-            Reply::Deny(reason)
+            denied(state, username, username, &req.client_id, reason)
         }
         RegisterDecision::Allow { principal, modifiers } => {
             if let Principal::Device(device) = principal {
                 // Data of a tenant without a topic has nowhere to go: refuse the device before it publishes.
                 if state.v2k.as_ref().is_some_and(|v2k| !v2k.tenant_admitted(device.tenant)) {
-                    let reason = DenyReason::UnknownTenant;
-                    if let Some(suppressed) = state.log_guard.admit(Denial::Register, device.tenant) {
-                        tracing::info!(device = %device, client_id = %clip(&req.client_id), %reason, suppressed,
-                                       "connection denied");
-                    }
-                    return Reply::Deny(reason);
+                    // Sampled per tenant: a tenant's many devices are one story in the log.
+                    let name = device.to_string();
+                    return denied(state, device.tenant, &name, &req.client_id, DenyReason::UnknownTenant);
                 }
                 // The session key VerneMQ will use: the policy's rewrite if any (live session control).
                 let (mountpoint, client_id) =
                     modifiers.subscriber_id.as_ref().map_or((&req.mountpoint, &req.client_id), |(m, c)| (m, c));
-                let name = format!("{}:{}", device.tenant, device.device);
+                let name = device.to_string();
                 let admitted = state.sessions.admit(
                     &name,
                     mountpoint,
@@ -86,11 +79,7 @@ pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
                     modifiers.max_connection_lifetime,
                 );
                 if let Err(reason) = admitted {
-                    if let Some(suppressed) = state.log_guard.admit(Denial::Register, &name) {
-                        tracing::info!(device = %name, client_id = %clip(&req.client_id), %reason, suppressed,
-                                       "connection denied");
-                    }
-                    return Reply::Deny(reason);
+                    return denied(state, &name, &name, &req.client_id, reason);
                 }
             }
             let max_age = state.cache.register;
@@ -111,4 +100,14 @@ pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
             Reply::ok_with(&WithModifiers { modifiers: wire_modifiers }, max_age)
         }
     }
+}
+
+/// A refused registration: logged (sampled per `sample_key`, what the caller sent clipped) and answered
+/// `not_allowed`.
+fn denied(state: &HookState, sample_key: &str, username: &str, client_id: &str, reason: DenyReason) -> Reply {
+    if let Some(suppressed) = state.log_guard.admit(Denial::Register, sample_key) {
+        tracing::info!(username = %clip(username), client_id = %clip(client_id), %reason, suppressed,
+                       "connection denied");
+    }
+    Reply::Deny(reason)
 }

@@ -75,6 +75,24 @@ async fn devices(port: u16) -> (Vec<Subscriber>, Subscriber) {
     (allowed, refused)
 }
 
+/// Kafka with the tenant's topic (and its dead-letter topic when asked), the ACL Mosquitto, and the devices on it.
+async fn setup(with_dead_letter_topic: bool) -> (Tansu, Mosquitto, Vec<Subscriber>, Subscriber) {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic(TENANT), 1).await;
+    if with_dead_letter_topic {
+        kafka.create_topic(&dead_letter_topic(), 1).await;
+    }
+    let (mqtt, device_port) = acl_mosquitto();
+    let (allowed, refused) = devices(device_port).await;
+    (kafka, mqtt, allowed, refused)
+}
+
+async fn stop_devices(allowed: Vec<Subscriber>, refused: Subscriber) {
+    for d in allowed.into_iter().chain([refused]) {
+        d.stop().await;
+    }
+}
+
 async fn check_dead_letters(kafka: &Tansu, rounds: usize) {
     let letters = kafka.read(&dead_letter_topic(), rounds, Duration::from_secs(20)).await;
     let mut seen = BTreeSet::new();
@@ -92,11 +110,7 @@ async fn check_dead_letters(kafka: &Tansu, rounds: usize) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_device_is_skipped_and_dead_lettered_between_allowed_ones() {
-    let kafka = Tansu::start(Storage::Memory);
-    kafka.create_topic(&topic(TENANT), 1).await;
-    kafka.create_topic(&dead_letter_topic(), 1).await;
-    let (mqtt, device_port) = acl_mosquitto();
-    let (allowed, refused) = devices(device_port).await;
+    let (kafka, mqtt, allowed, refused) = setup(true).await;
     let group = "refusal";
     let rounds = 20;
     produce_rounds(&producer(&kafka), rounds, Duration::ZERO).await;
@@ -127,18 +141,12 @@ async fn a_refused_device_is_skipped_and_dead_lettered_between_allowed_ones() {
     assert_eq!(log.matches("Denied PUBLISH").count(), rounds, "each refused event sent once");
     assert_eq!(publisher_connects(&mqtt, group), 1, "one connection, no reconnect storm");
     assert!(refused.received().is_empty());
-    for d in allowed.into_iter().chain([refused]) {
-        d.stop().await;
-    }
+    stop_devices(allowed, refused).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refusals_across_a_service_restart_lose_nothing_for_the_allowed_devices() {
-    let kafka = Tansu::start(Storage::Memory);
-    kafka.create_topic(&topic(TENANT), 1).await;
-    kafka.create_topic(&dead_letter_topic(), 1).await;
-    let (mqtt, device_port) = acl_mosquitto();
-    let (allowed, refused) = devices(device_port).await;
+    let (kafka, mqtt, allowed, refused) = setup(true).await;
     let group = "refusal-restart";
     let env = k2v_env(&kafka, &mqtt.url(), group);
     let rounds = 150;
@@ -165,17 +173,12 @@ async fn refusals_across_a_service_restart_lose_nothing_for_the_allowed_devices(
     assert_eq!(committed(&kafka, group, &topic(TENANT), 1), vec![3 * rounds as i64]);
     assert!(publisher_connects(&mqtt, group) <= 2, "one connection per start, no reconnect storm");
     assert!(refused.received().is_empty());
-    for d in allowed.into_iter().chain([refused]) {
-        d.stop().await;
-    }
+    stop_devices(allowed, refused).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_a_dead_letter_topic_a_refusal_is_only_logged_and_counted() {
-    let kafka = Tansu::start(Storage::Memory);
-    kafka.create_topic(&topic(TENANT), 1).await;
-    let (mqtt, device_port) = acl_mosquitto();
-    let (allowed, refused) = devices(device_port).await;
+    let (kafka, mqtt, allowed, refused) = setup(false).await;
     let group = "refusal-no-topic";
     let rounds = 3;
     produce_rounds(&producer(&kafka), rounds, Duration::ZERO).await;
@@ -188,7 +191,5 @@ async fn without_a_dead_letter_topic_a_refusal_is_only_logged_and_counted() {
     assert!(wait_until(Duration::from_secs(10), async || allowed.iter().all(|d| firsts(d).len() >= rounds)).await);
     app.stop().await.expect("clean stop");
     assert_eq!(committed(&kafka, group, &topic(TENANT), 1), vec![3 * rounds as i64], "not blocked");
-    for d in allowed.into_iter().chain([refused]) {
-        d.stop().await;
-    }
+    stop_devices(allowed, refused).await;
 }
