@@ -212,7 +212,7 @@ impl V2k {
         }
     }
 
-    /// Refreshes the in-flight gauge and forgets idle tenants (called every second).
+    /// Refreshes the in-flight gauge and forgets idle tenants (called at every upkeep tick, 5 s).
     pub fn observe(&self) {
         self.metrics.in_flight.set(self.producer.in_flight() as f64);
         self.tenants.sweep();
