@@ -12,6 +12,7 @@ use tokio_util::task::TaskTracker;
 use crate::config::{Config, V2kParts};
 use crate::http::WebhookRuntime;
 use crate::kafka::producer::Producer;
+use crate::kafka::relay::ReportRelay;
 use crate::metrics::Metrics;
 use crate::policy::Policy;
 use crate::readiness::{Readiness, ReadyFlag};
@@ -113,7 +114,8 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
 
     let v2k = match settings.v2k {
         Some(parts) => {
-            let started = start_v2k(parts, &policy, &metrics, &mut readiness, &tasks, &shutdown, &budget)?;
+            let started =
+                start_v2k(parts, &webhook_runtime, &policy, &metrics, &mut readiness, &tasks, &shutdown, &budget)?;
             Some(started)
         }
         None => None,
@@ -252,8 +254,10 @@ fn follow_renewals(clients: [Option<&mut crate::mqtt::MqttSettings>; 2], renewed
     }
 }
 
+#[expect(clippy::too_many_arguments, reason = "the start order's shared parts, each used once")]
 fn start_v2k(
     parts: V2kParts,
+    webhook_runtime: &WebhookRuntime,
     policy: &Arc<Policy>,
     metrics: &Metrics,
     readiness: &mut Readiness,
@@ -262,7 +266,12 @@ fn start_v2k(
     budget: &Budget,
 ) -> anyhow::Result<Arc<V2k>> {
     let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
-    let v2k = Arc::new(V2k::new(producer, parts.settings, metrics));
+    // Reports are relayed where the publishes wait for them: in the webhooks, or in the subscription's tasks.
+    let relay = match parts.subscription {
+        None => webhook_runtime.within(ReportRelay::start),
+        Some(_) => ReportRelay::start(),
+    };
+    let v2k = Arc::new(V2k::new(producer, relay, parts.settings, metrics));
     tasks.spawn(watch_kafka(v2k.clone(), readiness.flag("kafka"), shutdown.clone()));
     if let Some(period) = v2k.tenant_refresh() {
         tasks.spawn(refresh_tenants(v2k.clone(), period, shutdown.clone()));

@@ -18,5 +18,6 @@ pub mod consumer;
 pub mod lease;
 mod offsets;
 pub mod producer;
+pub mod relay;
 pub mod removed;
 pub mod topics;

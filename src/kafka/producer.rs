@@ -99,19 +99,15 @@ impl ProducerContext for ReportContext {
 pub struct Delivery(oneshot::Receiver<Result<(), ProduceError>>);
 
 impl Delivery {
-    /// A report callback that first shows the report to `observe` (where reports are served: it must not block),
-    /// and the delivery it then completes.
-    pub fn observed(observe: impl FnOnce(&Result<(), ProduceError>) + Send + Sync + 'static) -> (OnDelivery, Self) {
+    /// A delivery and what completes it, for callbacks built elsewhere in this module tree (the relay).
+    pub(super) fn waiter() -> (oneshot::Sender<Result<(), ProduceError>>, Self) {
         let (tx, rx) = oneshot::channel();
-        let on_delivery = Box::new(move |report: Result<(), ProduceError>| {
-            observe(&report);
-            drop(tx.send(report));
-        });
-        (on_delivery, Self(rx))
+        (tx, Self(rx))
     }
 
     fn channel() -> (OnDelivery, Self) {
-        Self::observed(|_| {})
+        let (tx, delivery) = Self::waiter();
+        (Box::new(move |report| drop(tx.send(report))), delivery)
     }
 
     /// Waits for the report; `timeout` None waits as long as the producer retries.

@@ -17,6 +17,7 @@ pub(crate) use self::metrics::Failure;
 use self::metrics::V2kMetrics;
 use self::tenants::{Slot, Tenants};
 use crate::kafka::producer::{Delivery, ProduceError, Producer};
+use crate::kafka::relay::ReportRelay;
 use crate::kafka::topics::{TenantStatus, TenantTopics};
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
@@ -96,6 +97,8 @@ pub struct V2kSettings {
 /// Forwards device publishes to Kafka.
 pub struct V2k {
     producer: Producer,
+    /// Wakes the tasks waiting for delivery reports, on their runtime.
+    relay: ReportRelay,
     settings: V2kSettings,
     metrics: Arc<V2kMetrics>,
     tenants: Tenants,
@@ -111,7 +114,8 @@ fn now_ms() -> u64 {
 const RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 impl V2k {
-    pub fn new(producer: Producer, settings: V2kSettings, metrics: &Metrics) -> Self {
+    /// `relay` runs where the publishes wait for Kafka: the webhooks' runtime in the webhook modes.
+    pub fn new(producer: Producer, relay: ReportRelay, settings: V2kSettings, metrics: &Metrics) -> Self {
         if settings.mode == Mode::OnPublish {
             tracing::warn!(
                 "V2K_MODE=on_publish: VerneMQ acknowledges device publishes whatever on_publish answers, so while this \
@@ -120,7 +124,7 @@ impl V2k {
         }
         let tenants = Tenants::new(settings.tenant_max_in_flight);
         let topics = settings.tenant_refresh.map(|_| TenantTopics::new(&settings.contract.topic_suffix));
-        Self { producer, settings, metrics: Arc::new(V2kMetrics::new(metrics)), tenants, topics }
+        Self { producer, relay, settings, metrics: Arc::new(V2kMetrics::new(metrics)), tenants, topics }
     }
 
     /// How often the known tenants are refreshed, when they are tracked.
@@ -245,7 +249,7 @@ impl V2k {
             Outcome::Data(_) => None,
         };
         let started = Instant::now();
-        let (on_delivery, delivery) = Delivery::observed(move |result| {
+        let (on_delivery, delivery) = self.relay.observed(move |result| {
             drop(slot);
             count_report(&metrics, result, dead_letter, started);
         });
