@@ -22,21 +22,23 @@ const PAYLOAD_BYTES: usize = 100;
 /// Paced at the rate the real node reached in on_publish mode (5 112 msg/s), and unpaced.
 const RATES: [Option<f64>; 2] = [Some(5_000.0), None];
 
-/// Rounds per rate; each row reports its median, so that one disturbed phase on a shared machine does not decide it.
+/// Rounds per rate (`V2K_BENCH_ROUNDS` overrides); each row reports its median, so that one disturbed phase on a shared
+/// machine does not decide it.
 const ROUNDS: usize = 3;
 
 pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], brokers: &str) {
     // Another build of the service (a path), measured in the same rounds: before/after comparisons on a noisy machine.
     let other_build = std::env::var("V2K_BENCH_OTHER_BUILD").ok();
+    let rounds = std::env::var("V2K_BENCH_ROUNDS").ok().and_then(|n| n.parse().ok()).unwrap_or(ROUNDS);
     println!(
         "CPU per message, VerneMQ-shaped load: {POOL} keep-alive connections, one request at a time, \
-         {PAYLOAD_BYTES}-byte payloads; median of {ROUNDS} interleaved rounds"
+         {PAYLOAD_BYTES}-byte payloads; median of {rounds} interleaved rounds"
     );
     for rate in RATES {
         let load = Load { connections: POOL, tenants: 1, payload_bytes: Some(PAYLOAD_BYTES), rate };
         let pace = rate.map_or("unpaced".to_string(), |r| format!("paced {r:.0}/s"));
         let (mut service, mut trivial, mut producer, mut other) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        for _ in 0..ROUNDS {
+        for _ in 0..rounds {
             let (process, addr) = start_service(kafka_env);
             std::thread::sleep(Duration::from_secs(2));
             service.push(measured(&process, || webhook_calls(rt, addr, load)));
