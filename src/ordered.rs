@@ -24,7 +24,7 @@ impl<K, V> Default for InOrder<K, V> {
 }
 
 impl<K: Ord + Copy, V> InOrder<K, V> {
-    /// Adds an open entry. Its key must be greater than every key added before (since the last [`InOrder::clear`]).
+    /// Adds an open entry. Its key must be greater than every key it holds.
     pub(crate) fn push(&mut self, key: K, value: V) {
         debug_assert!(self.last_key().is_none_or(|last| last < key), "keys must increase");
         self.entries.push_back(Entry { key, value, done: false });

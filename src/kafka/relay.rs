@@ -13,7 +13,6 @@ type Report = Result<(), ProduceError>;
 /// Every waiter woken from librdkafka's thread costs a wake-up of the runtime (a syscall, often a context switch);
 /// woken from a task of that runtime it costs a push on its run queue. Reports of one produce response arrive
 /// together, so they are collected here and handed over by one task, woken once for them all.
-#[derive(Clone)]
 pub struct ReportRelay(Arc<Shared>);
 
 struct Shared {
@@ -67,8 +66,9 @@ impl ReportRelay {
         relay
     }
 
-    /// Like [`Delivery::observed`], with the waiter woken through this relay. `observe` still runs where the report
-    /// arrives, at once (counters do not wait for the relay).
+    /// A report callback and the delivery it completes: the callback first shows the report to `observe` where it
+    /// arrives (librdkafka's polling thread: it must not block; counters do not wait for the relay), then hands it to
+    /// the delivery through this relay.
     pub fn observed(&self, observe: impl FnOnce(&Report) + Send + Sync + 'static) -> (OnDelivery, Delivery) {
         let (waiter, delivery) = Delivery::waiter();
         let shared = self.0.clone();
