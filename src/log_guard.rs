@@ -1,5 +1,5 @@
-//! Denial logs that no client can turn into a flood: user-controlled strings clipped, lines per identity sampled,
-//! every suppressed line counted.
+//! Denial and delivery-failure logs that no client or outage can turn into a flood: user-controlled strings clipped,
+//! lines per identity sampled, every suppressed line counted.
 
 use std::fmt;
 use std::hash::{BuildHasher, RandomState};
@@ -28,11 +28,14 @@ pub enum Denial {
     Publish,
     Subscribe,
     BadRequest,
+    /// A device record Kafka did not take: after a long outage every queued record expires at once.
+    DeliveryFailure,
 }
 
 impl Denial {
     /// Every variant, in declaration order (so `kind as usize` indexes it).
-    pub const ALL: [Denial; 4] = [Denial::Register, Denial::Publish, Denial::Subscribe, Denial::BadRequest];
+    pub const ALL: [Denial; 5] =
+        [Denial::Register, Denial::Publish, Denial::Subscribe, Denial::BadRequest, Denial::DeliveryFailure];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -40,6 +43,7 @@ impl Denial {
             Denial::Publish => "publish",
             Denial::Subscribe => "subscribe",
             Denial::BadRequest => "bad_request",
+            Denial::DeliveryFailure => "delivery_failure",
         }
     }
 }
@@ -108,7 +112,7 @@ impl LogGuard {
             state: Mutex::new(State { slots: vec![empty; SLOTS], second_start: None, second_logged: 0 }),
             suppressed: metrics.counters(
                 "iotagent_log_lines_suppressed_total",
-                "Denial log lines left out by sampling (every denial is still counted by the webhook metrics)",
+                "Denial and delivery-failure log lines left out by sampling (each is still counted by its own metric)",
                 &[],
                 ("kind", Denial::name),
                 Denial::ALL,

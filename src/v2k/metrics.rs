@@ -3,6 +3,7 @@
 use metrics::{Counter, Gauge, Histogram};
 
 use super::message::Invalid;
+use crate::log_guard::LogGuard;
 use crate::metrics::Metrics;
 
 /// Why a device record did not reach its data topic: the `class` label of `iotagent_v2k_failed_total`.
@@ -62,6 +63,8 @@ pub(super) struct V2kMetrics {
     pub known_tenants: Gauge,
     pub in_flight: Gauge,
     pub latency: Histogram,
+    /// Samples the delivery-failure lines: a mass expiry logs a few, the rest are counted.
+    pub failure_lines: LogGuard,
 }
 
 impl V2kMetrics {
@@ -102,6 +105,7 @@ impl V2kMetrics {
                 "Time from queueing a record to Kafka's ack",
                 &[],
             ),
+            failure_lines: LogGuard::new(m),
         }
     }
 

@@ -19,6 +19,7 @@ use self::tenants::{Slot, Tenants};
 use crate::kafka::producer::{Delivery, ProduceError, Producer};
 use crate::kafka::relay::ReportRelay;
 use crate::kafka::topics::{TenantStatus, TenantTopics};
+use crate::log_guard::Denial;
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
 
@@ -335,11 +336,38 @@ fn count_report(
         }
         Err(ProduceError::Final(e)) => {
             metrics.failed(Failure::Final).increment(1);
-            tracing::error!(error = %e, "Kafka refused a device record for good");
+            if let Some(suppressed) = metrics.failure_lines.admit(Denial::DeliveryFailure, Failure::Final.as_str()) {
+                tracing::error!(error = %e, suppressed, "Kafka refused a device record for good");
+            }
         }
         Err(e) => {
             metrics.failed(Failure::Expired).increment(1);
-            tracing::error!(error = %e, "device record expired before Kafka acknowledged it");
+            if let Some(suppressed) = metrics.failure_lines.admit(Denial::DeliveryFailure, Failure::Expired.as_str()) {
+                tracing::error!(error = %e, suppressed, "device record expired before Kafka acknowledged it");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_mass_expiry_logs_a_few_lines_and_counts_every_record() {
+        let registry = Metrics::new();
+        let metrics = V2kMetrics::new(&registry);
+        for _ in 0..100 {
+            let expired = Err(ProduceError::Pending(Duration::from_secs(1)));
+            count_report(&metrics, &expired, None, Instant::now());
+        }
+        registry.upkeep();
+        let text = registry.render();
+        for line in [
+            r#"iotagent_v2k_failed_total{class="expired"} 100"#,
+            r#"iotagent_log_lines_suppressed_total{kind="delivery_failure"} 97"#,
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
         }
     }
 }
