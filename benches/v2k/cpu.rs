@@ -53,20 +53,27 @@ pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], b
             drop(process);
             producer.push(producer_floor(brokers, Floor { rate, senders: POOL, tenants: 1, compression: "lz4" }));
         }
+        // Rounds are paired in time: each round's ratio compares two builds under the same moment's noise.
+        let mut paired: Vec<f64> = service.iter().zip(&other).map(|(this, that)| this.1 / that.1).collect();
+        let (fastest, slowest) = spread(&service);
         let ((service_rate, service_cpu), (trivial_rate, trivial_cpu), (producer_rate, producer_cpu)) =
             (median(&mut service), median(&mut trivial), median(&mut producer));
         println!(
-            "  {pace:<13} on_publish {service_rate:>6.0} msg/s {service_cpu:>5.1} µs/msg | trivial responder \
-             {trivial_rate:>6.0}/s {trivial_cpu:>5.1} µs | plain producer process {producer_rate:>6.0}/s \
-             {producer_cpu:>5.1} µs | service / (sum of floors) {:.2}",
+            "  {pace:<13} on_publish {service_rate:>6.0} msg/s {service_cpu:>5.1} µs/msg (rounds {fastest:.1}–{slowest:.1}) \
+             | trivial responder {trivial_rate:>6.0}/s {trivial_cpu:>5.1} µs | plain producer process \
+             {producer_rate:>6.0}/s {producer_cpu:>5.1} µs | service / (sum of floors) {:.2}",
             service_cpu / (trivial_cpu + producer_cpu)
         );
         if !other.is_empty() {
             let (other_rate, other_cpu) = median(&mut other);
+            paired.sort_by(f64::total_cmp);
             println!(
                 "  {pace:<13} V2K_BENCH_OTHER_BUILD {other_rate:>6.0} msg/s {other_cpu:>5.1} µs/msg | this build / other \
-                 {:.2}",
-                service_cpu / other_cpu
+                 {:.2} (per round: median {:.2}, {:.2}–{:.2})",
+                service_cpu / other_cpu,
+                paired[paired.len() / 2],
+                paired[0],
+                paired[paired.len() - 1],
             );
         }
     }
@@ -82,6 +89,11 @@ fn webhook_calls(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, load:
 fn median(rounds: &mut [(f64, f64)]) -> (f64, f64) {
     rounds.sort_by(|a, b| a.1.total_cmp(&b.1));
     rounds[rounds.len() / 2]
+}
+
+/// The lowest and highest CPU per message over the rounds.
+fn spread(rounds: &[(f64, f64)]) -> (f64, f64) {
+    rounds.iter().fold((f64::INFINITY, 0.0), |(low, high), round| (low.min(round.1), high.max(round.1)))
 }
 
 /// Runs `work` (which returns how many messages it got through) and returns messages/s and the process's CPU µs per
