@@ -334,16 +334,14 @@ fn count_report(
                 }
             }
         }
-        Err(ProduceError::Final(e)) => {
-            metrics.failed(Failure::Final).increment(1);
-            if let Some(suppressed) = metrics.failure_lines.admit(Denial::DeliveryFailure, Failure::Final.as_str()) {
-                tracing::error!(error = %e, suppressed, "Kafka refused a device record for good");
-            }
-        }
         Err(e) => {
-            metrics.failed(Failure::Expired).increment(1);
-            if let Some(suppressed) = metrics.failure_lines.admit(Denial::DeliveryFailure, Failure::Expired.as_str()) {
-                tracing::error!(error = %e, suppressed, "device record expired before Kafka acknowledged it");
+            let (failure, what) = match e {
+                ProduceError::Final(_) => (Failure::Final, "Kafka refused a device record for good"),
+                _ => (Failure::Expired, "device record expired before Kafka acknowledged it"),
+            };
+            metrics.failed(failure).increment(1);
+            if let Some(suppressed) = metrics.failure_lines.admit(Denial::DeliveryFailure, failure.as_str()) {
+                tracing::error!(error = %e, suppressed, "{what}");
             }
         }
     }
