@@ -55,9 +55,10 @@ pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], b
         }
         // Rounds are paired in time: each round's ratio compares two builds under the same moment's noise.
         let mut paired: Vec<f64> = service.iter().zip(&other).map(|(this, that)| this.1 / that.1).collect();
-        let (fastest, slowest) = spread(&service);
         let ((service_rate, service_cpu), (trivial_rate, trivial_cpu), (producer_rate, producer_cpu)) =
             (median(&mut service), median(&mut trivial), median(&mut producer));
+        // `median` sorted the rounds by CPU per message.
+        let (fastest, slowest) = (service[0].1, service[service.len() - 1].1);
         println!(
             "  {pace:<13} on_publish {service_rate:>6.0} msg/s {service_cpu:>5.1} µs/msg (rounds {fastest:.1}–{slowest:.1}) \
              | trivial responder {trivial_rate:>6.0}/s {trivial_cpu:>5.1} µs | plain producer process \
@@ -89,11 +90,6 @@ fn webhook_calls(rt: &tokio::runtime::Runtime, addr: std::net::SocketAddr, load:
 fn median(rounds: &mut [(f64, f64)]) -> (f64, f64) {
     rounds.sort_by(|a, b| a.1.total_cmp(&b.1));
     rounds[rounds.len() / 2]
-}
-
-/// The lowest and highest CPU per message over the rounds.
-fn spread(rounds: &[(f64, f64)]) -> (f64, f64) {
-    rounds.iter().fold((f64::INFINITY, 0.0), |(low, high), round| (low.min(round.1), high.max(round.1)))
 }
 
 /// Runs `work` (which returns how many messages it got through) and returns messages/s and the process's CPU µs per

@@ -73,10 +73,6 @@ impl DenyReason {
             DenyReason::Retain => 13,
         }
     }
-
-    pub fn label(&self) -> &'static str {
-        Self::LABELS[self.index()]
-    }
 }
 
 #[cfg(test)]
@@ -107,6 +103,6 @@ mod tests {
         }
         let snake = |l: &str| !l.is_empty() && l.chars().all(|c| c.is_ascii_lowercase() || c == '_');
         assert!(DenyReason::LABELS.iter().all(|l| snake(l)));
-        assert_eq!(DenyReason::InvalidIdentity(IdentityError::TooLong).label(), "invalid_identity");
+        assert_eq!(DenyReason::LABELS[DenyReason::InvalidIdentity(IdentityError::TooLong).index()], "invalid_identity");
     }
 }

@@ -3,6 +3,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::io::Write as _;
 
 use serde::de::IgnoredAny;
 use serde_json::error::Category;
@@ -139,7 +140,8 @@ impl Contract {
         write_string(&mut value, device.device);
         value.extend_from_slice(br#","tenant":"#);
         write_string(&mut value, device.tenant);
-        value.extend_from_slice(format!(r#","timestamp":{timestamp}}},"attrs":{{"#).as_bytes());
+        // Writing into a Vec cannot fail; `write!` formats in place, without a String per message.
+        let _ = write!(value, r#","timestamp":{timestamp}}},"attrs":{{"#);
         for (n, (key, raw)) in attrs.iter().enumerate() {
             if n > 0 {
                 value.push(b',');

@@ -5,7 +5,7 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, RwLock};
 
 use tokio::sync::Notify;
 
@@ -24,19 +24,13 @@ struct Tenant {
     state: Mutex<State>,
 }
 
-impl Tenant {
-    fn lock(&self) -> MutexGuard<'_, State> {
-        self.state.lock()
-    }
-}
-
 /// One record of a tenant waiting for Kafka; the room is given back when it is dropped.
 #[derive(Debug)]
 pub(super) struct Slot(Arc<Tenant>);
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        let mut state = self.0.lock();
+        let mut state = self.0.state.lock();
         state.in_flight = state.in_flight.saturating_sub(1);
         if let Some(front) = state.queue.front() {
             front.notify_one();
@@ -60,7 +54,7 @@ pub(super) struct Turn {
 
 impl Drop for Turn {
     fn drop(&mut self) {
-        let mut state = self.tenant.lock();
+        let mut state = self.tenant.state.lock();
         state.queue.pop_front();
         if let Some(next) = state.queue.front() {
             next.notify_one();
@@ -74,7 +68,7 @@ impl Ticket {
     pub(super) async fn turn(self, bound: usize) -> (Turn, Slot) {
         loop {
             {
-                let mut state = self.tenant.lock();
+                let mut state = self.tenant.state.lock();
                 let first = state.queue.front().is_some_and(|front| Arc::ptr_eq(front, &self.wake));
                 if first && state.in_flight < bound {
                     state.in_flight += 1;
@@ -144,7 +138,7 @@ impl Tenants {
     /// Webhook modes, which never wait: a slot if the tenant is below its bound.
     pub(super) fn try_slot(&self, name: &str) -> Option<Slot> {
         let tenant = self.tenant(name);
-        let mut state = tenant.lock();
+        let mut state = tenant.state.lock();
         if state.in_flight >= self.bound {
             return None;
         }
@@ -157,7 +151,7 @@ impl Tenants {
     /// ticket, which must then wait for its turn (dropping it unused would stall the tenant's later messages).
     pub(super) fn try_acquire(&self, name: &str) -> Room {
         let tenant = self.tenant(name);
-        let mut state = tenant.lock();
+        let mut state = tenant.state.lock();
         if state.queue.is_empty() && state.in_flight < self.bound {
             state.in_flight += 1;
             drop(state);
@@ -171,13 +165,13 @@ impl Tenants {
 
     /// Whether the tenant is below its bound (the gate of on_publish mode).
     pub(super) fn has_room(&self, name: &str) -> bool {
-        self.tenant(name).lock().in_flight < self.bound
+        self.tenant(name).state.lock().in_flight < self.bound
     }
 
     /// Records of this tenant waiting for Kafka.
     #[cfg(test)]
     pub(super) fn in_flight(&self, name: &str) -> usize {
-        self.tenant(name).lock().in_flight
+        self.tenant(name).state.lock().in_flight
     }
 }
 

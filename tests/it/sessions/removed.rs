@@ -11,7 +11,7 @@ use serde_json::json;
 use super::*;
 use crate::common::brokers::{Storage, Tansu};
 use crate::common::process::ServiceProcess;
-use crate::common::{flags, spawn_app, wait_ready};
+use crate::common::{flags, spawn_app, start_app};
 
 const TOPIC: &str = "admin.dojot.device-manager.device";
 
@@ -65,9 +65,7 @@ async fn remove_disconnects_and_refuses_create_restores_and_a_fresh_instance_rep
 
     let recorder = Recorder::start().await;
     let env = env(&kafka, &recorder);
-    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
-    let app = spawn_app(&flags(&pairs)).await;
-    wait_ready(&app.url("/health/ready")).await;
+    let app = start_app(&env).await;
     let report: serde_json::Value = reqwest::get(app.url("/health/ready")).await.unwrap().json().await.unwrap();
     assert!(report["checks"].as_array().unwrap().contains(&json!({"name": "removed_devices", "up": true})));
     let base = app.url("");

@@ -8,7 +8,7 @@ use serde_json::json;
 
 use crate::common::brokers::{Mosquitto, Storage, Tansu};
 use crate::common::subscriber::Subscriber;
-use crate::common::{K2V_PASSWORD, RawClient, flags, k2v_env, spawn_app, start_app, wait_ready, wait_until};
+use crate::common::{K2V_PASSWORD, RawClient, k2v_env, start_app, wait_until};
 
 const SUFFIX: &str = "dojot.device-manager.device";
 
@@ -56,8 +56,7 @@ async fn an_oversized_dead_letter_still_lands() {
     kafka.create_topic("admin.device-data", 1).await;
     kafka.create_topic("admin.device-data.dead-letter", 1).await;
     let brokers = kafka.brokers();
-    let app = spawn_app(&flags(&[("KAFKA_BROKERS", &brokers), ("WEBHOOK_MAX_BODY_BYTES", "8388608")])).await;
-    wait_ready(&app.url("/health/ready")).await;
+    let app = start_app(&[("KAFKA_BROKERS", brokers), ("WEBHOOK_MAX_BODY_BYTES", "8388608".into())]).await;
     let payload = vec![b'x'; 3 * 1024 * 1024];
     let body = crate::v2k::publish_body("admin:a1998e", "admin:a1998e/attrs", &payload, 1);
     let mut client: RawClient = app.client().await;

@@ -194,7 +194,7 @@ async fn subscription_mode_instances_share_the_group() {
     let (lost, duplicates) = lost_and_duplicates_unordered(&sequence_by_device(&records), &expected);
     assert_eq!((lost, duplicates), (0, 0));
     for service in [&one, &two] {
-        let metrics = crate::common::metrics_text(&format!("http://127.0.0.1:{}", service.port)).await;
+        let metrics = crate::common::metrics_text(&service.url("")).await;
         let produced = crate::common::metric(&metrics, r#"iotagent_v2k_produced_total{kind="data"}"#).unwrap_or(0.0);
         assert!(produced > 0.0, "both members of the group take a share");
     }
