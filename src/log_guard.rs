@@ -1,4 +1,4 @@
-//! Denial and delivery-failure logs that no client or outage can turn into a flood: user-controlled strings clipped,
+//! LogKind and delivery-failure logs that no client or outage can turn into a flood: user-controlled strings clipped,
 //! lines per identity sampled, every suppressed line counted.
 
 use std::fmt;
@@ -21,9 +21,10 @@ const GLOBAL_PER_SECOND: u32 = 50;
 /// Identities tracked at once (a hash table without growth: colliding identities share a budget).
 const SLOTS: usize = 1024;
 
-/// What was refused: the `kind` label of `iotagent_log_lines_suppressed_total`.
+/// What a sampled line reports (a refusal, or a record Kafka did not take): the `kind` label of
+/// `iotagent_log_lines_suppressed_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Denial {
+pub enum LogKind {
     Register,
     Publish,
     Subscribe,
@@ -32,18 +33,18 @@ pub enum Denial {
     DeliveryFailure,
 }
 
-impl Denial {
+impl LogKind {
     /// Every variant, in declaration order (so `kind as usize` indexes it).
-    pub const ALL: [Denial; 5] =
-        [Denial::Register, Denial::Publish, Denial::Subscribe, Denial::BadRequest, Denial::DeliveryFailure];
+    pub const ALL: [LogKind; 5] =
+        [LogKind::Register, LogKind::Publish, LogKind::Subscribe, LogKind::BadRequest, LogKind::DeliveryFailure];
 
     pub fn name(self) -> &'static str {
         match self {
-            Denial::Register => "register",
-            Denial::Publish => "publish",
-            Denial::Subscribe => "subscribe",
-            Denial::BadRequest => "bad_request",
-            Denial::DeliveryFailure => "delivery_failure",
+            LogKind::Register => "register",
+            LogKind::Publish => "publish",
+            LogKind::Subscribe => "subscribe",
+            LogKind::BadRequest => "bad_request",
+            LogKind::DeliveryFailure => "delivery_failure",
         }
     }
 }
@@ -90,12 +91,12 @@ struct State {
     second_logged: u32,
 }
 
-/// Decides which denial lines are written.
+/// Decides which denial and delivery-failure lines are written.
 pub struct LogGuard {
     hasher: RandomState,
     state: Mutex<State>,
-    /// Indexed by [`Denial`].
-    suppressed: [Counter; Denial::ALL.len()],
+    /// Indexed by [`LogKind`].
+    suppressed: [Counter; LogKind::ALL.len()],
 }
 
 impl fmt::Debug for LogGuard {
@@ -112,21 +113,21 @@ impl LogGuard {
             state: Mutex::new(State { slots: vec![empty; SLOTS], second_start: None, second_logged: 0 }),
             suppressed: metrics.counters(
                 "iotagent_log_lines_suppressed_total",
-                "Denial and delivery-failure log lines left out by sampling (each is still counted by its own metric)",
+                "LogKind and delivery-failure log lines left out by sampling (each is still counted by its own metric)",
                 &[],
-                ("kind", Denial::name),
-                Denial::ALL,
+                ("kind", LogKind::name),
+                LogKind::ALL,
             ),
         }
     }
 
-    /// Whether to log a denial of `kind` for `identity` now; `Some(n)`: log it, saying `n` lines were left out since
+    /// Whether to log a line of `kind` for `identity` now; `Some(n)`: log it, saying `n` lines were left out since
     /// this identity's last line.
-    pub fn admit(&self, kind: Denial, identity: &str) -> Option<u64> {
+    pub fn admit(&self, kind: LogKind, identity: &str) -> Option<u64> {
         self.admit_at(kind, identity, Instant::now())
     }
 
-    fn admit_at(&self, kind: Denial, identity: &str, now: Instant) -> Option<u64> {
+    fn admit_at(&self, kind: LogKind, identity: &str, now: Instant) -> Option<u64> {
         let key = self.hasher.hash_one((kind as u8, identity)) | 1;
         let mut state = self.state.lock();
         let index = (key as usize) % SLOTS;
@@ -149,7 +150,7 @@ impl LogGuard {
         } else {
             state.slots[index].suppressed += 1;
             drop(state);
-            // `Denial::ALL` lists the variants in declaration order.
+            // `LogKind::ALL` lists the variants in declaration order.
             self.suppressed[kind as usize].increment(1);
             None
         }
@@ -162,7 +163,7 @@ mod tests {
 
     #[test]
     fn kinds_are_listed_in_declaration_order() {
-        crate::metrics::assert_declaration_order(&Denial::ALL, |k| k as usize, Denial::name);
+        crate::metrics::assert_declaration_order(&LogKind::ALL, |k| k as usize, LogKind::name);
     }
 
     #[test]
@@ -182,11 +183,11 @@ mod tests {
         let metrics = Metrics::new();
         let guard = LogGuard::new(&metrics);
         let t0 = Instant::now();
-        let logged = (0..100).filter(|_| guard.admit_at(Denial::Publish, "admin:a1", t0).is_some()).count();
+        let logged = (0..100).filter(|_| guard.admit_at(LogKind::Publish, "admin:a1", t0).is_some()).count();
         assert_eq!(logged, BURST as usize);
-        assert_eq!(guard.admit_at(Denial::Subscribe, "admin:a1", t0), Some(0), "another kind, its own budget");
-        assert_eq!(guard.admit_at(Denial::Publish, "admin:b2", t0), Some(0), "another identity, its own budget");
-        assert_eq!(guard.admit_at(Denial::Publish, "admin:a1", t0 + WINDOW), Some(100 - u64::from(BURST)));
+        assert_eq!(guard.admit_at(LogKind::Subscribe, "admin:a1", t0), Some(0), "another kind, its own budget");
+        assert_eq!(guard.admit_at(LogKind::Publish, "admin:b2", t0), Some(0), "another identity, its own budget");
+        assert_eq!(guard.admit_at(LogKind::Publish, "admin:a1", t0 + WINDOW), Some(100 - u64::from(BURST)));
         metrics.upkeep();
         let text = metrics.render();
         assert!(text.contains(r#"iotagent_log_lines_suppressed_total{kind="publish"} 97"#), "{text}");
@@ -196,8 +197,8 @@ mod tests {
     fn rotating_identities_hit_the_global_limit() {
         let guard = LogGuard::new(&Metrics::new());
         let t0 = Instant::now();
-        let logged = (0..1000).filter(|i| guard.admit_at(Denial::Register, &format!("t:d{i}"), t0).is_some()).count();
+        let logged = (0..1000).filter(|i| guard.admit_at(LogKind::Register, &format!("t:d{i}"), t0).is_some()).count();
         assert_eq!(logged, GLOBAL_PER_SECOND as usize);
-        assert!(guard.admit_at(Denial::Register, "t:new", t0 + Duration::from_secs(1)).is_some());
+        assert!(guard.admit_at(LogKind::Register, "t:new", t0 + Duration::from_secs(1)).is_some());
     }
 }

@@ -19,7 +19,7 @@ use self::tenants::{Slot, Tenants};
 use crate::kafka::producer::{Delivery, ProduceError, Producer};
 use crate::kafka::relay::ReportRelay;
 use crate::kafka::topics::{TenantStatus, TenantTopics};
-use crate::log_guard::Denial;
+use crate::log_guard::LogKind;
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
 
@@ -340,7 +340,7 @@ fn count_report(
                 _ => (Failure::Expired, "device record expired before Kafka acknowledged it"),
             };
             metrics.failed(failure).increment(1);
-            if let Some(suppressed) = metrics.failure_lines.admit(Denial::DeliveryFailure, failure.as_str()) {
+            if let Some(suppressed) = metrics.failure_lines.admit(LogKind::DeliveryFailure, failure.as_str()) {
                 tracing::error!(error = %e, suppressed, "{what}");
             }
         }

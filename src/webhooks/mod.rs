@@ -21,7 +21,7 @@ use axum::routing::post;
 use metrics::{Counter, Histogram};
 pub use reply::{Outcome, Reply};
 
-use crate::log_guard::{Denial, LogGuard, clip};
+use crate::log_guard::{LogGuard, LogKind, clip};
 use crate::metrics::Metrics;
 use crate::policy::{DenyReason, Policy};
 use crate::service_certs::ServiceCertificates;
@@ -241,7 +241,7 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
         }
         // Anyone who reaches the port can send these: sampled, and what they sent clipped.
         Reply::BadRequest(message) => {
-            if let Some(suppressed) = state.log_guard.admit(Denial::BadRequest, hook.name()) {
+            if let Some(suppressed) = state.log_guard.admit(LogKind::BadRequest, hook.name()) {
                 tracing::warn!(hook = hook.name(), message = %clip(message), suppressed,
                                "rejected malformed webhook request");
             }

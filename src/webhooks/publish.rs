@@ -2,7 +2,7 @@
 //! modes of V2K.
 
 use super::{HookState, Reply, wire};
-use crate::log_guard::{Denial, clip};
+use crate::log_guard::{LogKind, clip};
 use crate::policy::Principal;
 use crate::v2k::{Admission, Notice};
 
@@ -17,7 +17,7 @@ pub(super) async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
         Ok(principal) => principal,
         Err(reason) => {
             let who = username.unwrap_or_default();
-            if let Some(suppressed) = state.log_guard.admit(Denial::Publish, who) {
+            if let Some(suppressed) = state.log_guard.admit(LogKind::Publish, who) {
                 tracing::info!(username = %clip(who), client_id = %clip(&req.client_id), topic = %clip(&req.topic),
                                %reason, suppressed, "publish denied");
             }

@@ -4,7 +4,7 @@ use serde::Serialize;
 
 use super::{HookState, Reply, wire};
 use crate::cert;
-use crate::log_guard::{Denial, clip};
+use crate::log_guard::{LogKind, clip};
 use crate::policy::{DenyReason, Principal, RegisterDecision, RegisterRequest};
 
 /// Modifier keys allowed for `auth_on_register(_m5)` (ARCHITECTURE.md §2.3); `mountpoint`, `client_id` only together.
@@ -105,7 +105,7 @@ pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
 /// A refused registration: logged (sampled per `sample_key`, what the caller sent clipped) and answered
 /// `not_allowed`.
 fn denied(state: &HookState, sample_key: &str, username: &str, client_id: &str, reason: DenyReason) -> Reply {
-    if let Some(suppressed) = state.log_guard.admit(Denial::Register, sample_key) {
+    if let Some(suppressed) = state.log_guard.admit(LogKind::Register, sample_key) {
         tracing::info!(username = %clip(username), client_id = %clip(client_id), %reason, suppressed,
                        "connection denied");
     }

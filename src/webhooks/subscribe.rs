@@ -3,7 +3,7 @@
 use serde::Serialize;
 
 use super::{HookState, Reply, wire};
-use crate::log_guard::{Denial, clip};
+use crate::log_guard::{LogKind, clip};
 use crate::policy::FilterDecision;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +44,7 @@ pub(super) fn auth_on_subscribe(state: &HookState, body: &[u8], version: Version
         return Reply::ok(state.cache.subscribe);
     };
     let username = req.username.as_deref().unwrap_or_default();
-    if let Some(suppressed) = state.log_guard.admit(Denial::Subscribe, username) {
+    if let Some(suppressed) = state.log_guard.admit(LogKind::Subscribe, username) {
         tracing::info!(username = %clip(username), client_id = %clip(&req.client_id), %reason, suppressed,
                        "subscription denied");
     }
