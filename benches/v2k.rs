@@ -92,7 +92,7 @@ fn micros(h: &Histogram<u64>, q: f64) -> u64 {
 
 /// A producer with the service's settings (see `iotagent_mqtt::kafka::producer`).
 fn plain_producer_client(brokers: &str) -> FutureProducer {
-    plain_producer_compressed(brokers, "lz4")
+    plain_producer_compressed(brokers, "none")
 }
 
 fn plain_producer_compressed(brokers: &str, compression: &str) -> FutureProducer {
@@ -229,17 +229,21 @@ fn start_service(env: &[(&str, String)]) -> (Proc, SocketAddr) {
 /// The service from `binary` (this build's, or another build to compare with in the same run).
 fn start_service_binary(binary: &str, env: &[(&str, String)]) -> (Proc, SocketAddr) {
     let port = free_port();
-    let child = Command::new(binary)
+    let child = service_command(Command::new(binary), port, env).spawn().expect("service");
+    wait_port(port);
+    (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// `command` (the service's binary, or a program that runs it) with the service's environment and nothing else.
+fn service_command(mut command: Command, port: u16, env: &[(&str, String)]) -> Command {
+    command
         .env_clear()
         .env("IOTAGENT_LISTEN", format!("127.0.0.1:{port}"))
         .env("RUST_LOG", "error")
         .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("service");
-    wait_port(port);
-    (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)))
+        .stderr(Stdio::null());
+    command
 }
 
 /// This bench binary re-executed as the trivial responder, so both servers are processes measured alike.
@@ -258,13 +262,15 @@ fn trivial_server_main(port: u16) {
 
 fn start_trivial() -> (Proc, SocketAddr) {
     let port = free_port();
-    let child = Command::new(std::env::current_exe().expect("exe"))
-        .env("V2K_BENCH_TRIVIAL_PORT", port.to_string())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("trivial server");
+    let child = trivial_command(Command::new(std::env::current_exe().expect("exe")), port).spawn().expect("trivial");
     wait_port(port);
     (Proc(child), SocketAddr::from(([127, 0, 0, 1], port)))
+}
+
+/// `command` (this bench binary, or a program that runs it) set up to be the trivial responder on `port`.
+fn trivial_command(mut command: Command, port: u16) -> Command {
+    command.env("V2K_BENCH_TRIVIAL_PORT", port.to_string()).stdout(Stdio::null());
+    command
 }
 
 fn main() {
@@ -275,9 +281,11 @@ fn main() {
         return cpu::producer_main(&spec);
     }
     // `cargo bench --bench v2k -- cpu`: only the CPU rows (for profiling).
+    // `cargo bench --bench v2k -- instructions`: only the instruction counts (valgrind; see `cpu::instructions`).
     // `cargo bench --bench v2k -- subscription`: only the subscription rows.
     let only_subscription = std::env::args().any(|a| a == "subscription");
     let only_cpu = std::env::args().any(|a| a == "cpu");
+    let only_instructions = std::env::args().any(|a| a == "instructions");
     let kafka = brokers::Tansu::start(brokers::Storage::Memory);
     let brokers = kafka.brokers();
     let mqtt = brokers::Mosquitto::start_with(&[("k2v-bridge", "pw")], MOSQUITTO_SETTINGS);
@@ -290,6 +298,9 @@ fn main() {
         let topics = [
             NewTopic::new(TOPIC, 3, TopicReplication::Fixed(1)),
             NewTopic::new("bench.device-data.dead-letter", 1, TopicReplication::Fixed(1)),
+            // The removed-device reader's topic, as a deployment has one: without any, its consumer retries joining
+            // its group every second, matching every topic's name against its pattern each time.
+            NewTopic::new("bench.dojot.device-manager.device", 1, TopicReplication::Fixed(1)),
         ];
         admin.create_topics(&topics, &AdminOptions::new()).await.expect("topics");
         // The 100-tenant rows: one data topic per tenant (tansu creates no topic by itself).
@@ -306,6 +317,9 @@ fn main() {
             ("K2V_ENABLED", "false".to_string()),
         ]
     };
+    if only_instructions {
+        return cpu::instructions(&rt, &kafka_env("on_publish"));
+    }
     if only_cpu {
         cpu::run(&rt, &kafka_env("on_publish"), &brokers);
         return cpu::many_partitions(&brokers);

@@ -3,6 +3,7 @@
 //! load, the two floors: a trivial responder (HTTP alone) and a plain producer process sending the same records.
 
 use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -11,8 +12,8 @@ use std::time::{Duration, Instant};
 use rdkafka::producer::FutureRecord;
 
 use super::{
-    DEVICES, Load, MANY_TENANTS, PHASE, Proc, padded_payload, plain_producer_compressed, start_service,
-    start_service_binary, start_trivial, tenant, webhook_load,
+    DEVICES, Load, MANY_TENANTS, PHASE, Proc, free_port, padded_payload, plain_producer_compressed, service_command,
+    start_service, start_service_binary, start_trivial, tenant, trivial_command, wait_port, webhook_load,
 };
 
 /// VerneMQ's webhook connection pool towards one endpoint.
@@ -51,7 +52,7 @@ pub fn run(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)], b
             let (process, addr) = start_trivial();
             trivial.push(measured(&process, || webhook_calls(rt, addr, load)));
             drop(process);
-            producer.push(producer_floor(brokers, Floor { rate, senders: POOL, tenants: 1, compression: "lz4" }));
+            producer.push(producer_floor(brokers, Floor { rate, senders: POOL, tenants: 1, compression: "none" }));
         }
         // Rounds are paired in time: each round's ratio compares two builds under the same moment's noise.
         let mut paired: Vec<f64> = service.iter().zip(&other).map(|(this, that)| this.1 / that.1).collect();
@@ -102,6 +103,91 @@ fn measured(process: &Proc, work: impl FnOnce() -> u64) -> (f64, f64) {
     (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count)
 }
 
+/// User-space instructions per message, counted by callgrind (valgrind) for the load of the unpaced CPU row, this
+/// build's service next to the trivial responder's (and `V2K_BENCH_OTHER_BUILD`'s). Unlike CPU time, a count does not
+/// move with what else this machine is doing, so builds compare without noise; the kernel's work is not in it.
+pub fn instructions(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, String)]) {
+    if Command::new("callgrind_control").arg("--version").output().is_err() {
+        println!("instructions: valgrind's callgrind_control not found (Debian package valgrind), skipped");
+        return;
+    }
+    let load = Load { connections: POOL, tenants: 1, payload_bytes: Some(PAYLOAD_BYTES), rate: None };
+    let dumps = tempfile::tempdir().expect("dump dir");
+    let count = |name: &str, process: Callgrind, addr| {
+        // Instrumented only once warm: the start-up and the first connections are not the cost per message.
+        rt.block_on(webhook_load(addr, "on_publish", Arc::new(AtomicU64::new(0)), load));
+        process.instrument();
+        let calls = webhook_calls(rt, addr, load);
+        let per_call = process.instructions() / calls.max(1);
+        println!("  {name:<40} {calls:>6} calls {per_call:>7} instructions/call");
+        per_call
+    };
+    println!("User-space instructions per call (callgrind), {POOL} keep-alive connections, unpaced:");
+    let mut builds = vec![("on_publish, this build".to_string(), env!("CARGO_BIN_EXE_iotagent-mqtt").to_string())];
+    if let Ok(other) = std::env::var("V2K_BENCH_OTHER_BUILD") {
+        builds.push(("on_publish, V2K_BENCH_OTHER_BUILD".to_string(), other));
+    }
+    let services: Vec<u64> = builds
+        .iter()
+        .map(|(name, binary)| {
+            let port = free_port();
+            let process = Callgrind::start(dumps.path(), binary, |command| service_command(command, port, kafka_env));
+            wait_port(port);
+            count(name, process, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        })
+        .collect();
+    let port = free_port();
+    let exe = std::env::current_exe().expect("exe");
+    let trivial = Callgrind::start(dumps.path(), &exe.to_string_lossy(), |command| trivial_command(command, port));
+    wait_port(port);
+    let trivial = count("trivial responder", trivial, std::net::SocketAddr::from(([127, 0, 0, 1], port)));
+    println!("  service / trivial responder {:.2}", services[0] as f64 / trivial as f64);
+    if let [this, other] = services[..] {
+        println!("  this build / other {:.3}", this as f64 / other as f64);
+    }
+}
+
+/// A process under callgrind, not instrumented until `instrument` (so that it runs faster until then).
+struct Callgrind {
+    process: Proc,
+    dumps: PathBuf,
+}
+
+impl Callgrind {
+    fn start(dumps: &Path, program: &str, configure: impl FnOnce(Command) -> Command) -> Callgrind {
+        let mut valgrind = Command::new("valgrind");
+        valgrind.args(["--quiet", "--tool=callgrind", "--instr-atstart=no"]);
+        valgrind.arg(format!("--callgrind-out-file={}/out.%p", dumps.display())).arg(program);
+        let mut command = configure(valgrind);
+        // The service's command has a cleared environment: valgrind still needs to find its tools.
+        command.env("PATH", std::env::var("PATH").unwrap_or_default());
+        Callgrind { process: Proc(command.spawn().expect("valgrind")), dumps: dumps.to_path_buf() }
+    }
+
+    fn control(&self, args: &[&str]) {
+        let status = Command::new("callgrind_control")
+            .args(args)
+            .arg(self.process.0.id().to_string())
+            .stdout(Stdio::null())
+            .status()
+            .expect("callgrind_control");
+        assert!(status.success(), "callgrind_control {args:?}");
+    }
+
+    fn instrument(&self) {
+        self.control(&["--instr=on"]);
+    }
+
+    /// Instructions executed since `instrument`, from callgrind's first dump.
+    fn instructions(&self) -> u64 {
+        self.control(&["--dump"]);
+        let dump = self.dumps.join(format!("out.{}.1", self.process.0.id()));
+        let text = std::fs::read_to_string(&dump).expect("callgrind dump");
+        let totals = text.lines().find_map(|line| line.strip_prefix("totals: ")).expect("totals line");
+        totals.trim().parse().expect("instruction count")
+    }
+}
+
 /// What a plain producer process sends: `senders` each waiting for its ack, over `tenants` topics.
 #[derive(Clone, Copy)]
 struct Floor {
@@ -113,7 +199,7 @@ struct Floor {
 
 /// Why a strict-mode tenant per partition costs so much more CPU than one topic: the plain producer process alone,
 /// the strict rows' shape (`DEVICES` senders each waiting for its ack), on 1 and on 100 one-partition topics, with the
-/// service's compression (lz4) and without.
+/// compression the service used before (lz4) and without (its default now).
 pub fn many_partitions(brokers: &str) {
     println!(
         "Plain producer process, {DEVICES} senders each waiting for its ack, CPU per record (median of {ROUNDS}):"

@@ -109,7 +109,7 @@ pub struct V2kArgs {
     pub v2k_plain_max_queued: u32,
 
     /// Producer compression: none, gzip, snappy, lz4, zstd.
-    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "lz4", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
+    #[arg(long, env = "KAFKA_COMPRESSION", default_value = "none", value_parser = ["none", "gzip", "snappy", "lz4", "zstd"])]
     pub kafka_compression: String,
 
     /// Producer linger (ms): how long a message may wait to share a batch.

@@ -2,10 +2,9 @@
 //! topic instead. Pure: no I/O, the receive time is an input.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
-use std::io::Write as _;
+use std::fmt;
 
-use serde::de::IgnoredAny;
+use serde::de::{Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde_json::error::Category;
 use serde_json::value::RawValue;
 use time::OffsetDateTime;
@@ -72,7 +71,7 @@ impl Outcome {
 
 impl Contract {
     pub fn data_topic(&self, tenant: &str) -> String {
-        format!("{tenant}.{}", self.topic_suffix)
+        [tenant, ".", &self.topic_suffix].concat()
     }
 
     pub fn dead_letter_topic(&self, tenant: &str) -> String {
@@ -84,7 +83,7 @@ impl Contract {
         match self.data_value(device, payload, received_ms) {
             Ok(value) => Outcome::Data(Record {
                 topic: self.data_topic(device.tenant),
-                key: device.to_string(),
+                key: record_key(device),
                 value,
                 headers: Vec::new(),
             }),
@@ -115,7 +114,7 @@ impl Contract {
         }
         let record = Record {
             topic: self.dead_letter_topic(device.tenant),
-            key: device.to_string(),
+            key: record_key(device),
             value: payload[..kept].to_vec(),
             headers,
         };
@@ -128,7 +127,7 @@ impl Contract {
         if payload.len() > self.max_payload_bytes {
             return Err(Invalid::TooLarge);
         }
-        let mut attrs: BTreeMap<Key<'_>, &RawValue> = serde_json::from_slice(payload).map_err(|e| {
+        let Attrs(mut attrs) = serde_json::from_slice(payload).map_err(|e| {
             // A well-formed value of another type (array, number, string, null) is not an object; anything else
             // is not JSON at all.
             let well_formed = e.classify() == Category::Data && serde_json::from_slice::<IgnoredAny>(payload).is_ok();
@@ -140,8 +139,9 @@ impl Contract {
         write_string(&mut value, device.device);
         value.extend_from_slice(br#","tenant":"#);
         write_string(&mut value, device.tenant);
-        // Writing into a Vec cannot fail; `write!` formats in place, without a String per message.
-        let _ = write!(value, r#","timestamp":{timestamp}}},"attrs":{{"#);
+        value.extend_from_slice(br#","timestamp":"#);
+        value.extend_from_slice(itoa::Buffer::new().format(timestamp).as_bytes());
+        value.extend_from_slice(br#"},"attrs":{"#);
         for (n, (key, raw)) in attrs.iter().enumerate() {
             if n > 0 {
                 value.push(b',');
@@ -155,10 +155,49 @@ impl Contract {
     }
 }
 
-/// An attribute name, borrowed from the payload unless it had escapes. Sorted, and the last of duplicates kept, as
-/// serde_json's own map does.
+/// The record's key: the device's identity, `tenant:device`.
+fn record_key(device: DeviceId<'_>) -> String {
+    [device.tenant, ":", device.device].concat()
+}
+
+/// An attribute name, borrowed from the payload unless it had escapes.
 #[derive(Debug, PartialEq, Eq, PartialOrd, Ord, serde::Deserialize)]
 struct Key<'a>(#[serde(borrow)] Cow<'a, str>);
+
+/// A payload's attributes as the device wrote each value, sorted by name with the last of duplicates kept, as
+/// serde_json's own map does (one vector per message, not a tree of nodes).
+struct Attrs<'a>(Vec<(Key<'a>, &'a RawValue)>);
+
+impl<'de> serde::Deserialize<'de> for Attrs<'de> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Attrs<'de>;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<M: MapAccess<'de>>(self, mut map: M) -> Result<Attrs<'de>, M::Error> {
+                let mut attrs = Vec::with_capacity(map.size_hint().unwrap_or(8));
+                while let Some(entry) = map.next_entry::<Key<'de>, &'de RawValue>()? {
+                    attrs.push(entry);
+                }
+                // A stable sort keeps duplicates in arrival order; the swap leaves the later value in the one kept.
+                attrs.sort_by(|a, b| a.0.cmp(&b.0));
+                attrs.dedup_by(|later, kept| {
+                    let duplicate = later.0 == kept.0;
+                    if duplicate {
+                        std::mem::swap(later, kept);
+                    }
+                    duplicate
+                });
+                Ok(Attrs(attrs))
+            }
+        }
+        deserializer.deserialize_map(Entries)
+    }
+}
 
 /// `text` as a JSON string, escaped where needed.
 fn write_string(out: &mut Vec<u8>, text: &str) {
@@ -168,15 +207,15 @@ fn write_string(out: &mut Vec<u8>, text: &str) {
 
 /// Moves a valid `timestamp` out of the attributes: epoch milliseconds (a non-negative integer) or an RFC 3339 string.
 /// An invalid one stays where it is (nothing the device sent is dropped) and the receive time is used.
-fn take_timestamp(attrs: &mut BTreeMap<Key<'_>, &RawValue>) -> Option<u64> {
-    let key = Key(Cow::Borrowed("timestamp"));
-    let raw = attrs.get(&key)?.get();
+fn take_timestamp(attrs: &mut Vec<(Key<'_>, &RawValue)>) -> Option<u64> {
+    let at = attrs.binary_search_by(|(key, _)| key.0.as_ref().cmp("timestamp")).ok()?;
+    let raw = attrs[at].1.get();
     let parsed = serde_json::from_str::<u64>(raw).ok().or_else(|| {
         let text = serde_json::from_str::<Cow<'_, str>>(raw).ok()?;
         let time = OffsetDateTime::parse(&text, &Rfc3339).ok()?;
         u64::try_from(time.unix_timestamp_nanos() / 1_000_000).ok()
     })?;
-    attrs.remove(&key);
+    attrs.remove(at);
     Some(parsed)
 }
 
@@ -273,6 +312,8 @@ mod tests {
             &br#"{"a\"b": 1, "\u00e9": "x\ny", "n": 1.50}"#[..],
             br#"{"z": [ 1 , {"k" : null} ], "y":{}}"#,
             br#"{"dup": 1, "dup": 2}"#,
+            br#"{"dup": 1, "a": 0, "dup": 2, "b": [], "dup": 3, "a": "last"}"#,
+            br#"{"timestamp": "not a time", "x": 1, "timestamp": 1700000000123}"#,
             br#" { "timestamp" : 1700000000123 , "t" : -0.0 } "#,
             br#"{"\ud83d\ude00": 1, "timestamp": "2024-11-25T13:06:41Z"}"#,
             br#"{}"#,

@@ -2,12 +2,14 @@
 //! wrong type is rejected (400), never guessed at. Fields we do not use are ignored, so newer VerneMQ versions that add
 //! fields (2.2's `listener_*`) keep working.
 
-use serde::de::{Deserialize, DeserializeOwned, Deserializer};
+use std::borrow::Cow;
+
+use serde::de::{Deserialize, Deserializer};
 
 use super::Reply;
 
 /// Parses a hook body, or the 400 reply that explains why it could not be.
-pub(super) fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, Reply> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Reply> {
     serde_json::from_slice(body).map_err(|e| Reply::BadRequest(format!("invalid request body: {e}")))
 }
 
@@ -38,19 +40,36 @@ pub(super) struct Register {
     pub client_cert: Option<String>,
 }
 
-/// `auth_on_publish(_m5)` and `on_publish(_m5)`.
+/// `auth_on_publish(_m5)` and `on_publish(_m5)`: the hot path, so the strings are borrowed from the body unless
+/// they hold escapes.
 #[derive(Debug, serde::Deserialize)]
-pub(super) struct Publish {
-    #[serde(deserialize_with = "nullable")]
-    pub username: Option<String>,
-    pub client_id: String,
+pub(super) struct Publish<'a> {
+    #[serde(borrow, deserialize_with = "nullable")]
+    pub username: Option<Text<'a>>,
+    #[serde(borrow)]
+    pub client_id: Cow<'a, str>,
     #[serde(deserialize_with = "qos")]
     pub qos: u8,
-    pub topic: String,
+    #[serde(borrow)]
+    pub topic: Cow<'a, str>,
     pub retain: bool,
     /// Base64; absent when the endpoint is registered with `no_payload = on`.
-    #[serde(default)]
-    pub payload: Option<String>,
+    #[serde(borrow, default)]
+    pub payload: Option<Text<'a>>,
+}
+
+/// A string borrowed from the body unless it holds escapes. (serde borrows a `Cow` field only when it is not wrapped,
+/// so an optional one needs this.)
+#[derive(Debug, serde::Deserialize)]
+#[serde(transparent)]
+pub(super) struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
+
+impl std::ops::Deref for Text<'_> {
+    type Target = str;
+
+    fn deref(&self) -> &str {
+        &self.0
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -87,7 +106,7 @@ pub(super) struct Gone {
 mod tests {
     use super::*;
 
-    fn bad<T: DeserializeOwned + std::fmt::Debug>(body: &str) -> String {
+    fn bad<'a, T: Deserialize<'a> + std::fmt::Debug>(body: &'a str) -> String {
         match parse::<T>(body.as_bytes()) {
             Err(Reply::BadRequest(m)) => m,
             other => panic!("expected a bad request for {body}, got {other:?}"),
@@ -116,6 +135,19 @@ mod tests {
         bad::<Gone>(r#"[]"#);
         bad::<Gone>(r#""#);
         bad::<Gone>(r#"{"mountpoint":"","client_id":"c""#);
+    }
+
+    #[test]
+    fn publish_strings_are_borrowed_unless_escaped() {
+        let body =
+            r#"{"username":"a:b","client_id":"c\u0031","qos":1,"topic":"a:b/attrs","retain":false,"payload":"eyJ9"}"#;
+        let p: Publish = parse(body.as_bytes()).unwrap();
+        let borrowed = |text: &str| body.as_bytes().as_ptr_range().contains(&text.as_ptr());
+        assert!(
+            borrowed(&p.topic) && borrowed(p.username.as_deref().unwrap()) && borrowed(p.payload.as_deref().unwrap())
+        );
+        assert_eq!(&*p.client_id, "c1", "an escaped string is decoded into its own copy");
+        assert!(!borrowed(&p.client_id));
     }
 
     #[test]
