@@ -115,7 +115,7 @@ pub fn instructions(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, St
     let dumps = tempfile::tempdir().expect("dump dir");
     let count = |name: &str, process: Callgrind, addr| {
         // Instrumented only once warm: the start-up and the first connections are not the cost per message.
-        rt.block_on(webhook_load(addr, "on_publish", Arc::new(AtomicU64::new(0)), load));
+        webhook_calls(rt, addr, load);
         process.instrument();
         let calls = webhook_calls(rt, addr, load);
         let per_call = process.instructions() / calls.max(1);
