@@ -114,7 +114,8 @@ pub fn instructions(rt: &tokio::runtime::Runtime, kafka_env: &[(&'static str, St
     let load = Load { connections: POOL, tenants: 1, payload_bytes: Some(PAYLOAD_BYTES), rate: None };
     let dumps = tempfile::tempdir().expect("dump dir");
     let count = |name: &str, process: Callgrind, addr| {
-        // Instrumented only once warm: the start-up and the first connections are not the cost per message.
+        // Instrumented only once warm: start-up is not the cost per message. (Each load opens its 100 connections,
+        // so the count includes them, for every build alike.)
         webhook_calls(rt, addr, load);
         process.instrument();
         let calls = webhook_calls(rt, addr, load);
@@ -159,8 +160,13 @@ impl Callgrind {
         valgrind.args(["--quiet", "--tool=callgrind", "--instr-atstart=no"]);
         valgrind.arg(format!("--callgrind-out-file={}/out.%p", dumps.display())).arg(program);
         let mut command = configure(valgrind);
-        // The service's command has a cleared environment: valgrind still needs to find its tools.
-        command.env("PATH", std::env::var("PATH").unwrap_or_default());
+        // The service's command has a cleared environment: valgrind still needs to find its tools, and to put its
+        // control pipes where `callgrind_control` looks for them.
+        for name in ["PATH", "TMPDIR"] {
+            if let Ok(value) = std::env::var(name) {
+                command.env(name, value);
+            }
+        }
         Callgrind { process: Proc(command.spawn().expect("valgrind")), dumps: dumps.to_path_buf() }
     }
 

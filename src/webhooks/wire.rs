@@ -151,6 +151,14 @@ mod tests {
     }
 
     #[test]
+    fn publish_accepts_a_null_username_and_requires_the_key() {
+        let p: Publish =
+            parse(br#"{"username":null,"client_id":"c","qos":0,"topic":"t","retain":false,"payload":null}"#).unwrap();
+        assert!(p.username.is_none() && p.payload.is_none());
+        bad::<Publish>(r#"{"client_id":"c","qos":0,"topic":"t","retain":false}"#);
+    }
+
+    #[test]
     fn unknown_fields_are_ignored() {
         let p: Publish = parse(
             br#"{"username":"a:b","mountpoint":"","client_id":"c","qos":1,"topic":"t","payload":"e30=","retain":false,"properties":{"p_user_property":[]},"listener_port":8883}"#,
