@@ -1,4 +1,4 @@
-//! LogKind and delivery-failure logs that no client or outage can turn into a flood: user-controlled strings clipped,
+//! Denial and delivery-failure logs that no client or outage can turn into a flood: user-controlled strings clipped,
 //! lines per identity sampled, every suppressed line counted.
 
 use std::fmt;
@@ -113,7 +113,7 @@ impl LogGuard {
             state: Mutex::new(State { slots: vec![empty; SLOTS], second_start: None, second_logged: 0 }),
             suppressed: metrics.counters(
                 "iotagent_log_lines_suppressed_total",
-                "LogKind and delivery-failure log lines left out by sampling (each is still counted by its own metric)",
+                "Denial and delivery-failure log lines left out by sampling (each is still counted by its own metric)",
                 &[],
                 ("kind", LogKind::name),
                 LogKind::ALL,
