@@ -6,6 +6,9 @@ use std::time::{Duration, Instant};
 
 use super::{DEVICES, http_get, payload, start_service, tenant};
 
+/// The rate of the paced row: the on_publish CPU rows' (`cpu::RATES`).
+const PACED_RATE: f64 = 5_000.0;
+
 /// What every subscription row shares.
 pub struct Rows {
     pub kafka_env: Vec<(&'static str, String)>,
@@ -26,30 +29,45 @@ impl Rows {
             ("MQTT_CLIENT_ID", format!("bench-{tenants}")),
             ("V2K_SHARE_GROUP", format!("bench{tenants}")),
             ("V2K_MAX_IN_FLIGHT", self.window.to_string()),
-            // A lease group per row: the previous row's holder is killed, and its membership would hold the lease
-            // until Kafka's session timeout.
-            ("V2K_LEASE_GROUP", format!("bench{tenants}-plain")),
         ]);
         // Each variant's session is removed afterwards, so that Mosquitto does not keep queueing for it. With one
         // tenant, the shared variant also runs with the whole window as the tenant's bound, to show what the default
-        // bound (V2K_TENANT_MAX_IN_FLIGHT 500 of the 1 000) costs a single tenant.
-        let shared = format!("bench-{tenants}-v2k");
-        let mut variants = vec![("shared", shared.clone(), None), ("plain", format!("bench{tenants}-plain-v2k"), None)];
+        // bound (V2K_TENANT_MAX_IN_FLIGHT 500 of the 1 000) costs a single tenant, and the plain variant also runs
+        // paced at the on_publish CPU rows' 5 000 msg/s, for a CPU per message comparable with theirs.
+        // A lease group per plain row: the previous row's holder is killed, and its membership would hold the lease
+        // until Kafka's session timeout.
+        let lease = |row: &str| Some(format!("bench{tenants}-{row}"));
+        let mut variants = vec![("shared", None, None, None), ("plain", lease("plain"), None, None)];
         if tenants == 1 {
-            variants.push(("shared", shared, Some(self.window)));
+            variants.push(("shared", None, Some(self.window), None));
+            variants.push(("plain", lease("paced"), None, Some(PACED_RATE)));
         }
-        for (kind, session, bound) in variants {
+        for (kind, lease_group, bound, rate) in variants {
             let mut env = env.clone();
             env.push(("V2K_SUBSCRIPTION", kind.to_string()));
+            // The session to remove afterwards: the shared subscriber's, or the lease's `<group>-v2k`.
+            let session = lease_group.as_ref().map_or(format!("bench-{tenants}-v2k"), |group| format!("{group}-v2k"));
+            if let Some(group) = lease_group {
+                env.push(("V2K_LEASE_GROUP", group));
+            }
             if let Some(bound) = bound {
                 env.push(("V2K_TENANT_MAX_IN_FLIGHT", bound.to_string()));
             }
             let (service, service_addr) = start_service(&env);
             rt.block_on(wait_subscribed(service_addr));
-            let per_second = rt.block_on(subscription_load(service_addr, self.device_port, kind, self.total, tenants));
-            let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"));
+            let cpu_before = service.cpu_seconds();
+            // Paced: about 6 s of messages.
+            let total = rate.map_or(self.total, |rate| (rate * 6.0) as u64);
+            let (produced, elapsed) =
+                rt.block_on(subscription_load(service_addr, self.device_port, kind, total, tenants, rate));
+            // The service's CPU over the whole load, per message Kafka acknowledged (comparable with the on_publish
+            // rows of `cpu`, where each message costs a webhook call).
+            let cpu_per_message = (service.cpu_seconds() - cpu_before) * 1e6 / produced.max(1) as f64;
+            let per_second = produced as f64 / elapsed.as_secs_f64();
+            let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"))
+                + &rate.map_or(String::new(), |r| format!(", paced {r:.0}/s"));
             println!(
-                "subscription {kind:<6}, {tenants:>3} tenant(s){bound} {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window",
+                "subscription {kind:<6}, {tenants:>3} tenant(s){bound} {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window, service CPU {cpu_per_message:.1} µs/msg",
                 per_second,
                 per_second / plain_window
             );
@@ -77,9 +95,16 @@ async fn wait_subscribed(addr: SocketAddr) {
     }
 }
 
-/// Devices publish `total` QoS 1 messages through Mosquitto as fast as they can; returns the rate at which the
-/// service got them acknowledged by Kafka.
-async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &str, total: u64, tenants: usize) -> f64 {
+/// Devices publish `total` QoS 1 messages through Mosquitto, as fast as they can or at `rate` messages/s in all;
+/// returns how many the service got acknowledged by Kafka, and in what time.
+async fn subscription_load(
+    service_addr: SocketAddr,
+    device_port: u16,
+    kind: &str,
+    total: u64,
+    tenants: usize,
+    rate: Option<f64>,
+) -> (u64, Duration) {
     let started = Instant::now();
     let per_device = total / DEVICES as u64;
     let mut clients = Vec::new();
@@ -100,21 +125,22 @@ async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &st
                 }
             }
         }));
-        for n in 0..per_device {
-            client
-                .publish(
-                    format!("{}:d{device}/attrs", tenant(device, tenants)),
-                    rumqttc::QoS::AtLeastOnce,
-                    false,
-                    payload(n),
-                )
-                .await
-                .ok();
-        }
+        let (publisher, topic) = (client.clone(), format!("{}:d{device}/attrs", tenant(device, tenants)));
+        // Unpaced, a device's messages are all queued at once (the client's queue holds them).
+        let period = rate.map(|rate| Duration::from_secs_f64(DEVICES as f64 / rate));
+        tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            for n in 0..per_device {
+                if let Some(period) = period {
+                    tokio::time::sleep_until(start + period.mul_f64(n as f64)).await;
+                }
+                publisher.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, payload(n)).await.ok();
+            }
+        });
         clients.push(client);
     }
     let sent = per_device * DEVICES as u64;
-    let rate = loop {
+    let outcome = loop {
         let text = http_get(service_addr, "/metrics").await;
         let produced: u64 = text
             .lines()
@@ -123,7 +149,7 @@ async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &st
             .unwrap_or(0);
         if produced >= sent || started.elapsed() > Duration::from_secs(120) {
             println!("subscription {kind}: {produced} of {sent} acknowledged by Kafka");
-            break produced as f64 / started.elapsed().as_secs_f64();
+            break (produced, started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
@@ -132,7 +158,7 @@ async fn subscription_load(service_addr: SocketAddr, device_port: u16, kind: &st
     for device in loops {
         device.abort();
     }
-    rate
+    outcome
 }
 
 /// Connects with a clean session under `client_id`, which removes the persistent session of that id.
