@@ -10,10 +10,10 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{Config, V2kParts};
-use crate::http::WebhookRuntime;
 use crate::kafka::producer::Producer;
 use crate::kafka::relay::ReportRelay;
 use crate::metrics::Metrics;
+use crate::own_runtime::OwnRuntime;
 use crate::policy::Policy;
 use crate::readiness::{Readiness, ReadyFlag};
 use crate::sessions::SessionRegistry;
@@ -74,8 +74,10 @@ const AFTER_K2V_RESERVE: Duration = Duration::from_secs(3);
 pub async fn run(config: Config, mut listeners: Listeners, shutdown: CancellationToken) -> anyhow::Result<()> {
     let mut settings = config.settings()?;
     warn_about_open_doors(&settings, &listeners)?;
+    // VerneMQ's calls are served apart from K2V, on few threads (one by default): a second worker woke to share each
+    // call's work, which cost about a third of the CPU per forwarded message (README, V2K bench).
     let webhook_runtime =
-        WebhookRuntime::new(settings.webhook_threads).context("cannot start the webhooks' runtime")?;
+        OwnRuntime::new("webhooks", settings.webhook_threads).context("cannot start the webhooks' runtime")?;
     let http = webhook_runtime.adopt(listeners.http).context("cannot serve IOTAGENT_LISTEN")?;
     let https = match (listeners.https, settings.tls) {
         (Some(listener), Some(tls)) => {
@@ -112,13 +114,14 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         follow_renewals([k2v, v2k], &renewed);
     }
 
-    let v2k = match settings.v2k {
+    // The subscription's runtime lives until the end: its task is awaited with the others before the producer's flush.
+    let (v2k, _subscription_runtime) = match settings.v2k {
         Some(parts) => {
-            let started =
+            let (v2k, subscription_runtime) =
                 start_v2k(parts, &webhook_runtime, &policy, &metrics, &mut readiness, &tasks, &shutdown, &budget)?;
-            Some(started)
+            (Some(v2k), subscription_runtime)
         }
-        None => None,
+        None => (None, None),
     };
     let hooks =
         HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics)
@@ -257,52 +260,59 @@ fn follow_renewals(clients: [Option<&mut crate::mqtt::MqttSettings>; 2], renewed
 #[expect(clippy::too_many_arguments, reason = "the start order's shared parts, each used once")]
 fn start_v2k(
     parts: V2kParts,
-    webhook_runtime: &WebhookRuntime,
+    webhook_runtime: &OwnRuntime,
     policy: &Arc<Policy>,
     metrics: &Metrics,
     readiness: &mut Readiness,
     tasks: &TaskTracker,
     shutdown: &CancellationToken,
     budget: &Budget,
-) -> anyhow::Result<Arc<V2k>> {
+) -> anyhow::Result<(Arc<V2k>, Option<OwnRuntime>)> {
     let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
-    // Reports are relayed where the publishes wait for them: in the webhooks, or in the subscription's tasks.
-    let relay = match parts.subscription {
-        None => webhook_runtime.within(ReportRelay::start),
-        Some(_) => ReportRelay::start(),
+    // The subscription gets a thread of its own, for the webhooks' reason: on the main runtime's two workers it cost
+    // 1.2–1.3× the CPU per message (README, V2K bench).
+    let subscription_runtime = match parts.subscription {
+        Some(_) => Some(OwnRuntime::new("v2k-subscriber", 1).context("cannot start the V2K subscription's runtime")?),
+        None => None,
     };
+    // Reports are relayed where the publishes wait for them: in the webhooks, or in the subscription's tasks.
+    let relay = subscription_runtime.as_ref().unwrap_or(webhook_runtime).within(ReportRelay::start);
     let v2k = Arc::new(V2k::new(producer, relay, parts.settings, metrics));
     tasks.spawn(watch_kafka(v2k.clone(), readiness.flag("kafka"), shutdown.clone()));
     if let Some(period) = v2k.tenant_refresh() {
         tasks.spawn(refresh_tenants(v2k.clone(), period, shutdown.clone()));
     }
-    match (parts.subscription, parts.plain) {
+    match (&subscription_runtime, parts.subscription, parts.plain) {
         // One instance of the cluster holds the plain subscription; the others stand by (ready).
-        (Some(subscription), Some(plain)) => {
-            tasks.spawn(crate::v2k::plain::run(
+        (Some(runtime), Some(subscription), Some(plain)) => {
+            let ready =
+                crate::v2k::plain::ReadyFlags { mqtt: readiness.flag("v2k_mqtt"), lease: readiness.flag("v2k_lease") };
+            let run = crate::v2k::plain::run(
                 subscription,
                 plain,
                 v2k.clone(),
                 policy.clone(),
-                crate::v2k::plain::ReadyFlags { mqtt: readiness.flag("v2k_mqtt"), lease: readiness.flag("v2k_lease") },
+                ready,
                 shutdown.clone(),
                 budget.total(),
-            ));
+            );
+            tasks.spawn_on(run, runtime.handle());
         }
         // The subscription counts its drain from the cancellation, as the budget's deadline does.
-        (Some(subscription), None) => {
-            tasks.spawn(crate::v2k::subscription::run(
+        (Some(runtime), Some(subscription), None) => {
+            let run = crate::v2k::subscription::run(
                 subscription,
                 v2k.clone(),
                 policy.clone(),
                 readiness.flag("v2k_mqtt"),
                 shutdown.clone(),
                 budget.total(),
-            ));
+            );
+            tasks.spawn_on(run, runtime.handle());
         }
-        (None, _) => {}
+        _ => {}
     }
-    Ok(v2k)
+    Ok((v2k, subscription_runtime))
 }
 
 /// Keeps the set of tenants with a data topic current (V2K_REQUIRE_TENANT_TOPIC).

@@ -32,6 +32,7 @@ mod log_guard;
 pub mod metrics;
 pub mod mqtt;
 mod ordered;
+mod own_runtime;
 pub mod pki;
 pub mod policy;
 pub mod readiness;

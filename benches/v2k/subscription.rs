@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::{DEVICES, http_get, payload, start_service, tenant};
+use super::{DEVICES, http_get, payload, start_service_binary, tenant};
 
 /// The rate of the paced row: the on_publish CPU rows' (`cpu::RATES`).
 const PACED_RATE: f64 = 5_000.0;
@@ -42,37 +42,46 @@ impl Rows {
             variants.push(("shared", None, Some(self.window), None));
             variants.push(("plain", lease("paced"), None, Some(PACED_RATE)));
         }
+        // Another build of the service (`V2K_BENCH_OTHER_BUILD`) runs each row right after this one's.
+        let mut builds = vec![("", env!("CARGO_BIN_EXE_iotagent-mqtt").to_string())];
+        builds.extend(std::env::var("V2K_BENCH_OTHER_BUILD").ok().map(|binary| (" (other build)", binary)));
         for (kind, lease_group, bound, rate) in variants {
-            let mut env = env.clone();
-            env.push(("V2K_SUBSCRIPTION", kind.to_string()));
-            // The session to remove afterwards: the shared subscriber's, or the lease's `<group>-v2k`.
-            let session = lease_group.as_ref().map_or(format!("bench-{tenants}-v2k"), |group| format!("{group}-v2k"));
-            if let Some(group) = lease_group {
-                env.push(("V2K_LEASE_GROUP", group));
+            for (build, binary) in &builds {
+                let mut env = env.clone();
+                env.push(("V2K_SUBSCRIPTION", kind.to_string()));
+                // The session to remove afterwards: the shared subscriber's, or the lease's `<group>-v2k`.
+                let lease_group = lease_group
+                    .as_ref()
+                    .map(|group| if build.is_empty() { group.clone() } else { format!("{group}-other") });
+                let session =
+                    lease_group.as_ref().map_or(format!("bench-{tenants}-v2k"), |group| format!("{group}-v2k"));
+                if let Some(group) = lease_group {
+                    env.push(("V2K_LEASE_GROUP", group));
+                }
+                if let Some(bound) = bound {
+                    env.push(("V2K_TENANT_MAX_IN_FLIGHT", bound.to_string()));
+                }
+                let (service, service_addr) = start_service_binary(binary, &env);
+                rt.block_on(wait_subscribed(service_addr));
+                let cpu_before = service.cpu_seconds();
+                // Paced: about 6 s of messages.
+                let total = rate.map_or(self.total, |rate| (rate * 6.0) as u64);
+                let (produced, elapsed) =
+                    rt.block_on(subscription_load(service_addr, self.device_port, kind, total, tenants, rate));
+                // The service's CPU over the whole load, per message Kafka acknowledged (comparable with the
+                // on_publish rows of `cpu`, where each message costs a webhook call).
+                let cpu_per_message = (service.cpu_seconds() - cpu_before) * 1e6 / produced.max(1) as f64;
+                let per_second = produced as f64 / elapsed.as_secs_f64();
+                let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"))
+                    + &rate.map_or(String::new(), |r| format!(", paced {r:.0}/s"));
+                println!(
+                    "subscription {kind:<6}, {tenants:>3} tenant(s){bound}{build} {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window, service CPU {cpu_per_message:.1} µs/msg",
+                    per_second,
+                    per_second / plain_window
+                );
+                drop(service);
+                rt.block_on(remove_session(self.mqtt_port, &session));
             }
-            if let Some(bound) = bound {
-                env.push(("V2K_TENANT_MAX_IN_FLIGHT", bound.to_string()));
-            }
-            let (service, service_addr) = start_service(&env);
-            rt.block_on(wait_subscribed(service_addr));
-            let cpu_before = service.cpu_seconds();
-            // Paced: about 6 s of messages.
-            let total = rate.map_or(self.total, |rate| (rate * 6.0) as u64);
-            let (produced, elapsed) =
-                rt.block_on(subscription_load(service_addr, self.device_port, kind, total, tenants, rate));
-            // The service's CPU over the whole load, per message Kafka acknowledged (comparable with the on_publish
-            // rows of `cpu`, where each message costs a webhook call).
-            let cpu_per_message = (service.cpu_seconds() - cpu_before) * 1e6 / produced.max(1) as f64;
-            let per_second = produced as f64 / elapsed.as_secs_f64();
-            let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"))
-                + &rate.map_or(String::new(), |r| format!(", paced {r:.0}/s"));
-            println!(
-                "subscription {kind:<6}, {tenants:>3} tenant(s){bound} {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window, service CPU {cpu_per_message:.1} µs/msg",
-                per_second,
-                per_second / plain_window
-            );
-            drop(service);
-            rt.block_on(remove_session(self.mqtt_port, &session));
         }
     }
 }

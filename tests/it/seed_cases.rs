@@ -306,20 +306,11 @@ async fn health_metrics_and_session_registry() {
     assert_eq!(call(&mut c, "on_client_gone", &gone).await, json!({}));
 }
 
-/// Threads of this process named like the webhooks' runtime.
-fn webhook_threads() -> usize {
-    std::fs::read_dir("/proc/self/task")
-        .unwrap()
-        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
-        .filter(|name| name.trim() == "webhooks")
-        .count()
-}
-
 #[tokio::test]
 async fn shutdown_returns_cleanly() {
     // The default (one thread, a current-thread runtime) and a multi-thread webhooks runtime.
     for threads in ["1", "3"] {
-        let before = webhook_threads();
+        let before = crate::common::threads_named("webhooks");
         let app = spawn_app(&flags(&[("WEBHOOK_THREADS", threads)])).await;
         let mut clients = Vec::new();
         for _ in 0..4 {
@@ -329,7 +320,7 @@ async fn shutdown_returns_cleanly() {
         }
         // The webhooks run on threads of their own, as many as asked for: counted as the threads this app added (the
         // previous round's are gone once it stopped; under `cargo test` other tests' apps could add more, never fewer).
-        let added = webhook_threads().saturating_sub(before);
+        let added = crate::common::threads_named("webhooks").saturating_sub(before);
         assert!(added >= threads.parse().unwrap(), "{added} webhooks threads for {threads}");
         drop(clients);
         app.stop().await.expect("clean stop");

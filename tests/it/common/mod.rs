@@ -233,6 +233,15 @@ impl RawClient {
 }
 
 /// Polls `check` until it returns true or `timeout` passes.
+/// Threads of this process with this name (the service's own runtimes name theirs).
+pub fn threads_named(name: &str) -> usize {
+    std::fs::read_dir("/proc/self/task")
+        .unwrap()
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("comm")).ok())
+        .filter(|comm| comm.trim() == name)
+        .count()
+}
+
 pub async fn wait_until(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {
