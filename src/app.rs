@@ -269,8 +269,8 @@ fn start_v2k(
     budget: &Budget,
 ) -> anyhow::Result<(Arc<V2k>, Option<OwnRuntime>)> {
     let producer = Producer::new(&parts.producer).context("cannot create the Kafka producer (KAFKA_BROKERS)")?;
-    // The subscription gets a thread of its own, for the webhooks' reason: on the main runtime's two workers it cost
-    // 1.2–1.3× the CPU per message (README, V2K bench).
+    // The subscription gets a thread of its own, for the webhooks' reason: on the main runtime, whose workers (one per
+    // core) woke each other to share its work, it cost more CPU per message (README, V2K bench).
     let subscription_runtime = match parts.subscription {
         Some(_) => Some(OwnRuntime::new("v2k-subscriber", 1).context("cannot start the V2K subscription's runtime")?),
         None => None,
@@ -282,35 +282,38 @@ fn start_v2k(
     if let Some(period) = v2k.tenant_refresh() {
         tasks.spawn(refresh_tenants(v2k.clone(), period, shutdown.clone()));
     }
-    match (&subscription_runtime, parts.subscription, parts.plain) {
-        // One instance of the cluster holds the plain subscription; the others stand by (ready).
-        (Some(runtime), Some(subscription), Some(plain)) => {
-            let ready =
-                crate::v2k::plain::ReadyFlags { mqtt: readiness.flag("v2k_mqtt"), lease: readiness.flag("v2k_lease") };
-            let run = crate::v2k::plain::run(
-                subscription,
-                plain,
-                v2k.clone(),
-                policy.clone(),
-                ready,
-                shutdown.clone(),
-                budget.total(),
-            );
-            tasks.spawn_on(run, runtime.handle());
+    if let (Some(runtime), Some(subscription)) = (&subscription_runtime, parts.subscription) {
+        match parts.plain {
+            // One instance of the cluster holds the plain subscription; the others stand by (ready).
+            Some(plain) => {
+                let ready = crate::v2k::plain::ReadyFlags {
+                    mqtt: readiness.flag("v2k_mqtt"),
+                    lease: readiness.flag("v2k_lease"),
+                };
+                let run = crate::v2k::plain::run(
+                    subscription,
+                    plain,
+                    v2k.clone(),
+                    policy.clone(),
+                    ready,
+                    shutdown.clone(),
+                    budget.total(),
+                );
+                tasks.spawn_on(run, runtime.handle());
+            }
+            // The subscription counts its drain from the cancellation, as the budget's deadline does.
+            None => {
+                let run = crate::v2k::subscription::run(
+                    subscription,
+                    v2k.clone(),
+                    policy.clone(),
+                    readiness.flag("v2k_mqtt"),
+                    shutdown.clone(),
+                    budget.total(),
+                );
+                tasks.spawn_on(run, runtime.handle());
+            }
         }
-        // The subscription counts its drain from the cancellation, as the budget's deadline does.
-        (Some(runtime), Some(subscription), None) => {
-            let run = crate::v2k::subscription::run(
-                subscription,
-                v2k.clone(),
-                policy.clone(),
-                readiness.flag("v2k_mqtt"),
-                shutdown.clone(),
-                budget.total(),
-            );
-            tasks.spawn_on(run, runtime.handle());
-        }
-        _ => {}
     }
     Ok((v2k, subscription_runtime))
 }

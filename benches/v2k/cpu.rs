@@ -18,10 +18,13 @@ use super::{
 
 /// VerneMQ's webhook connection pool towards one endpoint.
 const POOL: usize = 100;
-const PAYLOAD_BYTES: usize = 100;
+pub const PAYLOAD_BYTES: usize = 100;
 
 /// Paced at the rate the real node reached in on_publish mode (5 112 msg/s), and unpaced.
-const RATES: [Option<f64>; 2] = [Some(5_000.0), None];
+const RATES: [Option<f64>; 2] = [Some(PACED_RATE), None];
+
+/// The real node's rate in on_publish mode (5 112 msg/s), rounded; the subscription bench's paced row uses it too.
+pub const PACED_RATE: f64 = 5_000.0;
 
 /// Rounds per rate (`V2K_BENCH_ROUNDS` overrides); each row reports its median, so that one disturbed phase on a shared
 /// machine does not decide it.

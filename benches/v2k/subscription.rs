@@ -4,10 +4,8 @@
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use super::{DEVICES, http_get, payload, start_service_binary, tenant};
-
-/// The rate of the paced row: the on_publish CPU rows' (`cpu::RATES`).
-const PACED_RATE: f64 = 5_000.0;
+use super::cpu::{PACED_RATE, PAYLOAD_BYTES};
+use super::{DEVICES, http_get, padded_payload, payload, start_service_binary, tenant};
 
 /// What every subscription row shares.
 pub struct Rows {
@@ -42,7 +40,8 @@ impl Rows {
             variants.push(("shared", None, Some(self.window), None));
             variants.push(("plain", lease("paced"), None, Some(PACED_RATE)));
         }
-        // Another build of the service (`V2K_BENCH_OTHER_BUILD`) runs each row right after this one's.
+        // Another build of the service (`V2K_BENCH_OTHER_BUILD`) runs each row right after this one's, so that the two
+        // share that moment's noise.
         let mut builds = vec![("", env!("CARGO_BIN_EXE_iotagent-mqtt").to_string())];
         builds.extend(std::env::var("V2K_BENCH_OTHER_BUILD").ok().map(|binary| (" (other build)", binary)));
         for (kind, lease_group, bound, rate) in variants {
@@ -64,7 +63,7 @@ impl Rows {
                 let (service, service_addr) = start_service_binary(binary, &env);
                 rt.block_on(wait_subscribed(service_addr));
                 let cpu_before = service.cpu_seconds();
-                // Paced: about 6 s of messages.
+                // Paced: about 6 s of messages, a steady CPU reading (the unpaced rows' 100 000 would take 20 s).
                 let total = rate.map_or(self.total, |rate| (rate * 6.0) as u64);
                 let (produced, elapsed) =
                     rt.block_on(subscription_load(service_addr, self.device_port, kind, total, tenants, rate));
@@ -72,12 +71,16 @@ impl Rows {
                 // on_publish rows of `cpu`, where each message costs a webhook call).
                 let cpu_per_message = (service.cpu_seconds() - cpu_before) * 1e6 / produced.max(1) as f64;
                 let per_second = produced as f64 / elapsed.as_secs_f64();
-                let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"))
-                    + &rate.map_or(String::new(), |r| format!(", paced {r:.0}/s"));
+                let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"));
+                // A paced row's rate is the pace: no ratio to the plain producer's top rate.
+                let against = match rate {
+                    Some(rate) => format!(", paced {rate:.0}/s, {PAYLOAD_BYTES}-byte payloads"),
+                    None => {
+                        format!("  ratio {:.2} to the plain producer with the same window", per_second / plain_window)
+                    }
+                };
                 println!(
-                    "subscription {kind:<6}, {tenants:>3} tenant(s){bound}{build} {:>8.0} msg/s  ratio {:.2} to the plain producer with the same window, service CPU {cpu_per_message:.1} µs/msg",
-                    per_second,
-                    per_second / plain_window
+                    "subscription {kind:<6}, {tenants:>3} tenant(s){bound}{build} {per_second:>8.0} msg/s{against}, service CPU {cpu_per_message:.1} µs/msg"
                 );
                 drop(service);
                 rt.block_on(remove_session(self.mqtt_port, &session));
@@ -104,8 +107,9 @@ async fn wait_subscribed(addr: SocketAddr) {
     }
 }
 
-/// Devices publish `total` QoS 1 messages through Mosquitto, as fast as they can or at `rate` messages/s in all;
-/// returns how many the service got acknowledged by Kafka, and in what time.
+/// Devices publish `total` QoS 1 messages through Mosquitto, as fast as they can or at `rate` messages/s in all
+/// (then with `PAYLOAD_BYTES`-byte payloads, as the on_publish CPU rows); returns how many the service got
+/// acknowledged by Kafka, and in what time.
 async fn subscription_load(
     service_addr: SocketAddr,
     device_port: u16,
@@ -114,7 +118,10 @@ async fn subscription_load(
     tenants: usize,
     rate: Option<f64>,
 ) -> (u64, Duration) {
-    let started = Instant::now();
+    // One start for every paced device (each then adds its offset); 1 s ahead, to let them all connect. A paced
+    // row's rate counts from there.
+    let paced_start = tokio::time::Instant::now() + Duration::from_secs(1);
+    let started = if rate.is_some() { paced_start.into_std() } else { Instant::now() };
     let per_device = total / DEVICES as u64;
     let mut clients = Vec::new();
     let mut loops = Vec::new();
@@ -137,13 +144,19 @@ async fn subscription_load(
         let (publisher, topic) = (client.clone(), format!("{}:d{device}/attrs", tenant(device, tenants)));
         // Unpaced, a device's messages are all queued at once (the client's queue holds them).
         let period = rate.map(|rate| Duration::from_secs_f64(DEVICES as f64 / rate));
+        // Paced devices start a slice of the period apart: messages then arrive evenly, not in bursts of `DEVICES`.
+        let offset = period.map_or(Duration::ZERO, |period| period.mul_f64(device as f64 / DEVICES as f64));
         tokio::spawn(async move {
-            let start = tokio::time::Instant::now();
+            let start = paced_start + offset;
             for n in 0..per_device {
-                if let Some(period) = period {
-                    tokio::time::sleep_until(start + period.mul_f64(n as f64)).await;
-                }
-                publisher.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, payload(n)).await.ok();
+                let body = match period {
+                    Some(period) => {
+                        tokio::time::sleep_until(start + period.mul_f64(n as f64)).await;
+                        padded_payload(n, PAYLOAD_BYTES)
+                    }
+                    None => payload(n),
+                };
+                publisher.publish(topic.as_str(), rumqttc::QoS::AtLeastOnce, false, body).await.ok();
             }
         });
         clients.push(client);

@@ -232,7 +232,6 @@ impl RawClient {
     }
 }
 
-/// Polls `check` until it returns true or `timeout` passes.
 /// Threads of this process with this name (the service's own runtimes name theirs).
 pub fn threads_named(name: &str) -> usize {
     std::fs::read_dir("/proc/self/task")
@@ -242,6 +241,7 @@ pub fn threads_named(name: &str) -> usize {
         .count()
 }
 
+/// Polls `check` until it returns true or `timeout` passes.
 pub async fn wait_until(timeout: Duration, mut check: impl AsyncFnMut() -> bool) -> bool {
     let deadline = tokio::time::Instant::now() + timeout;
     loop {

