@@ -48,6 +48,13 @@ pub enum ProduceError {
     Final(KafkaError),
 }
 
+impl ProduceError {
+    /// A record whose report will never come (dropped with the producer, or before it was queued): as if expired.
+    pub fn unreported() -> Self {
+        ProduceError::Expired(KafkaError::Canceled)
+    }
+}
+
 /// Only errors that sending the same record again can never fix are final; everything else (including errors
 /// this code does not know, such as a broker's "unknown error" after a restart) is worth another attempt, because
 /// treating it as final would drop the record.
@@ -123,7 +130,7 @@ impl Delivery {
             },
         };
         // Err: the producer was dropped with the record still queued.
-        report.unwrap_or(Err(ProduceError::Expired(KafkaError::Canceled)))
+        report.unwrap_or(Err(ProduceError::unreported()))
     }
 }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
-use super::tenants::{Room, Slot};
+use super::tenants::Slot;
 use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, V2k, now_ms};
 use crate::kafka::producer::{Delivery, ProduceError};
 use crate::mqtt::MqttSettings;
@@ -53,6 +54,12 @@ pub(crate) async fn run(
     subscriber::run(settings.mqtt, "v2k", settings.filter, probe, handle, shutdown, drain).await;
 }
 
+/// A message's first record: queued at once, or waiting for room (its queueing is reported on the channel).
+enum First {
+    Queued(Result<Delivery, ProduceError>),
+    Waiting(oneshot::Receiver<Result<Delivery, ProduceError>>),
+}
+
 /// Who a message came from, for the error line of a lost one.
 struct Source {
     tenant: String,
@@ -74,24 +81,34 @@ impl V2k {
         let source =
             Source { tenant: device.tenant.to_owned(), device: device.device.to_owned(), topic: mqtt_topic.to_owned() };
         let this = self.clone();
-        let outcome = self.outcome(device, mqtt_topic, Payload::Raw(&payload));
-        // Queued here, synchronously, when there is room: the order of calls is the order in Kafka. The tenant
-        // check is not applied here: a message the broker already acknowledged is only given up after the delivery
-        // timeout, never on one metadata answer (a restarting Kafka may list no topics for a moment).
-        let start = match self.tenants.try_acquire(device.tenant) {
-            Room::Slot(slot) => Ok(self.enqueue(&outcome, slot)),
-            Room::Full(ticket) => Err(ticket),
+        let outcome = Arc::new(self.outcome(device, mqtt_topic, Payload::Raw(&payload)));
+        // Queued here, synchronously, when there is room: the order of calls is the order in Kafka. Otherwise queued
+        // behind the tenant's waiting messages, in that order, by whoever gives room back. The tenant check is not
+        // applied here: a message the broker already acknowledged is only given up after the delivery timeout, never
+        // on one metadata answer (a restarting Kafka may list no topics for a moment).
+        let first = match self.tenants.try_acquire(device.tenant) {
+            Some(slot) => First::Queued(self.enqueue(&outcome, slot)),
+            None => {
+                let (report, queued) = oneshot::channel();
+                // Weak: a waiting message does not keep the forwarder (and its producer) alive past a shutdown.
+                let (forwarder, record) = (Arc::downgrade(self), outcome.clone());
+                self.tenants.when_room(
+                    device.tenant,
+                    Box::new(move |slot| {
+                        if let Some(forwarder) = forwarder.upgrade() {
+                            // A waiter gone by now (shutdown) leaves its record queued: the broker still holds it.
+                            drop(report.send(forwarder.enqueue(&record, slot)));
+                        }
+                    }),
+                );
+                First::Waiting(queued)
+            }
         };
         async move {
-            let first = match start {
-                Ok(first) => first,
-                Err(ticket) => {
-                    let (turn, slot) = ticket.turn(this.tenants.bound()).await;
-                    let queued = this.enqueue(&outcome, slot);
-                    // The turn ends after the record is queued: order kept within the tenant.
-                    drop(turn);
-                    queued
-                }
+            let first = match first {
+                First::Queued(attempt) => attempt,
+                // Not sent only when the forwarder is gone: as a record dropped unreported.
+                First::Waiting(queued) => queued.await.unwrap_or(Err(ProduceError::unreported())),
             };
             let error = match this.until_acknowledged(&source.tenant, &outcome, first).await {
                 Ok(()) => return,
@@ -138,11 +155,19 @@ impl V2k {
         }
     }
 
-    /// A slot of the tenant, waiting behind its other waiting messages.
+    /// A slot of the tenant, behind its waiting messages.
     async fn slot(&self, tenant: &str) -> Slot {
-        match self.tenants.try_acquire(tenant) {
-            Room::Slot(slot) => slot,
-            Room::Full(ticket) => ticket.turn(self.tenants.bound()).await.1,
+        loop {
+            if let Some(slot) = self.tenants.try_acquire(tenant) {
+                return slot;
+            }
+            let (give, slot) = oneshot::channel();
+            // A waiter gone by then gives the slot straight back (the failed send drops it).
+            self.tenants.when_room(tenant, Box::new(move |slot| drop(give.send(slot))));
+            // Not sent only when the tenant's state was dropped with it queued, which a waiting message prevents.
+            if let Ok(slot) = slot.await {
+                return slot;
+            }
         }
     }
 

@@ -5,23 +5,59 @@ use std::collections::{HashMap, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 use std::sync::Arc;
 
-use parking_lot::{Mutex, RwLock};
+use parking_lot::{Mutex, MutexGuard, RwLock};
 
-use tokio::sync::Notify;
-
+/// Shards of the tenant map: tenants on different shards never contend for one lock.
 const SHARDS: usize = 16;
 
-#[derive(Debug, Default)]
+/// What a waiting message does once it has room: queue its record, or hand the slot to its task.
+pub(super) type OnRoom = Box<dyn FnOnce(Slot) + Send>;
+
+#[derive(Default)]
 struct State {
     in_flight: usize,
-    /// Messages waiting for room, in arrival order; the front one is the next allowed to take a slot. Only the front
-    /// is ever woken (one wake-up per freed slot, not one per waiter).
-    queue: VecDeque<Arc<Notify>>,
+    /// Messages waiting for room, in arrival order, run in that order as room is given back. Whoever gives room back
+    /// runs them there (librdkafka's polling thread, in a delivery report), so a waiting message costs no task
+    /// wake-up of its own before its record is queued.
+    queue: VecDeque<OnRoom>,
+    /// A dispatch is handing room to the queue (with the lock released while each runs): arrivals queue behind it
+    /// instead of overtaking, and room given back meanwhile is left to it.
+    dispatching: bool,
 }
 
-#[derive(Debug, Default)]
+impl std::fmt::Debug for State {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("State")
+            .field("in_flight", &self.in_flight)
+            .field("waiting", &self.queue.len())
+            .field("dispatching", &self.dispatching)
+            .finish()
+    }
+}
+
+#[derive(Debug)]
 struct Tenant {
+    bound: usize,
     state: Mutex<State>,
+}
+
+impl Tenant {
+    /// Hands the room there is to the waiting messages, in order, one dispatch at a time per tenant. Each runs with the
+    /// lock released: it queues a record, which may give its slot straight back (that drop then only counts).
+    fn dispatch<'a>(self: &'a Arc<Self>, mut state: MutexGuard<'a, State>) {
+        if state.dispatching {
+            return;
+        }
+        state.dispatching = true;
+        while state.in_flight < self.bound {
+            let Some(on_room) = state.queue.pop_front() else { break };
+            state.in_flight += 1;
+            drop(state);
+            on_room(Slot(self.clone()));
+            state = self.state.lock();
+        }
+        state.dispatching = false;
+    }
 }
 
 /// One record of a tenant waiting for Kafka; the room is given back when it is dropped.
@@ -32,62 +68,8 @@ impl Drop for Slot {
     fn drop(&mut self) {
         let mut state = self.0.state.lock();
         state.in_flight = state.in_flight.saturating_sub(1);
-        if let Some(front) = state.queue.front() {
-            front.notify_one();
-        }
+        self.0.dispatch(state);
     }
-}
-
-/// A place in a tenant's queue of waiting messages (subscription mode).
-#[derive(Debug)]
-pub(super) struct Ticket {
-    tenant: Arc<Tenant>,
-    wake: Arc<Notify>,
-}
-
-/// The turn of a waiting message: the next message waits until this is dropped, so that the caller queues its
-/// record before any later message of the tenant (per-device order in Kafka).
-#[derive(Debug)]
-pub(super) struct Turn {
-    tenant: Arc<Tenant>,
-}
-
-impl Drop for Turn {
-    fn drop(&mut self) {
-        let mut state = self.tenant.state.lock();
-        state.queue.pop_front();
-        if let Some(next) = state.queue.front() {
-            next.notify_one();
-        }
-    }
-}
-
-impl Ticket {
-    /// Waits until every earlier waiting message of the tenant had its turn and a slot is free. A ticket whose
-    /// wait is abandoned stalls the tenant's later messages: the subscription's tasks are never cancelled.
-    pub(super) async fn turn(self, bound: usize) -> (Turn, Slot) {
-        loop {
-            {
-                let mut state = self.tenant.state.lock();
-                let first = state.queue.front().is_some_and(|front| Arc::ptr_eq(front, &self.wake));
-                if first && state.in_flight < bound {
-                    state.in_flight += 1;
-                    drop(state);
-                    return (Turn { tenant: self.tenant.clone() }, Slot(self.tenant.clone()));
-                }
-            }
-            // notify_one keeps a permit when nobody waits yet: a wake-up between the check and here is not lost.
-            self.wake.notified().await;
-        }
-    }
-}
-
-/// Room for a tenant's record, or the reason there is none.
-#[derive(Debug)]
-pub(super) enum Room {
-    Slot(Slot),
-    /// The tenant is at its bound (or messages of it already wait): refuse, or wait with the ticket.
-    Full(Ticket),
 }
 
 /// Every tenant's state, sharded by tenant name.
@@ -103,10 +85,6 @@ impl Tenants {
         Self { bound: bound.max(1), hasher: RandomState::new(), shards: Default::default() }
     }
 
-    pub(super) fn bound(&self) -> usize {
-        self.bound
-    }
-
     /// A stable number for the tenant within this process (the subscription's acknowledgement lane).
     pub(super) fn lane(&self, tenant: &str) -> u64 {
         self.hasher.hash_one(tenant)
@@ -117,7 +95,12 @@ impl Tenants {
         if let Some(tenant) = shard.read().get(name) {
             return tenant.clone();
         }
-        shard.write().entry(Box::from(name)).or_default().clone()
+        let bound = self.bound;
+        shard
+            .write()
+            .entry(Box::from(name))
+            .or_insert_with(|| Arc::new(Tenant { bound, state: Mutex::default() }))
+            .clone()
     }
 
     /// Forgets tenants with nothing in flight and nothing waiting, so that the map holds the busy tenants only (with
@@ -127,8 +110,9 @@ impl Tenants {
             .iter()
             .map(|shard| {
                 let mut shard = shard.write();
-                // Under the write lock nobody can take a new reference from the map; a count of one means no slot,
-                // ticket or turn of the tenant exists, so its state is idle and a later message starts it afresh.
+                // Under the write lock nobody can take a new reference from the map; a count of one means no slot of
+                // the tenant exists, so nothing waits either (messages wait only while the tenant is at its bound, or
+                // while a dispatch, which holds a reference, runs): a later message starts it afresh.
                 shard.retain(|_, tenant| Arc::strong_count(tenant) > 1);
                 shard.len()
             })
@@ -147,20 +131,26 @@ impl Tenants {
         Some(Slot(tenant))
     }
 
-    /// Subscription mode: a slot if the tenant is below its bound and none of its messages waits; otherwise a
-    /// ticket, which must then wait for its turn (dropping it unused would stall the tenant's later messages).
-    pub(super) fn try_acquire(&self, name: &str) -> Room {
+    /// Subscription mode: a slot if the tenant is below its bound and none of its messages waits (otherwise the
+    /// message goes behind them with `when_room`).
+    pub(super) fn try_acquire(&self, name: &str) -> Option<Slot> {
         let tenant = self.tenant(name);
         let mut state = tenant.state.lock();
-        if state.queue.is_empty() && state.in_flight < self.bound {
-            state.in_flight += 1;
-            drop(state);
-            return Room::Slot(Slot(tenant));
+        if !state.queue.is_empty() || state.dispatching || state.in_flight >= self.bound {
+            return None;
         }
-        let wake = Arc::new(Notify::new());
-        state.queue.push_back(wake.clone());
+        state.in_flight += 1;
         drop(state);
-        Room::Full(Ticket { tenant, wake })
+        Some(Slot(tenant))
+    }
+
+    /// Subscription mode: runs `on_room` with a slot of the tenant once every message that waited before it had its
+    /// turn: here and now when there is room, else where room is given back.
+    pub(super) fn when_room(&self, name: &str, on_room: OnRoom) {
+        let tenant = self.tenant(name);
+        let mut state = tenant.state.lock();
+        state.queue.push_back(on_room);
+        tenant.dispatch(state);
     }
 
     /// Whether the tenant is below its bound (the gate of on_publish mode).
@@ -184,7 +174,8 @@ mod tests {
         let tenants = Tenants::new(2);
         let a1 = tenants.try_acquire("a");
         let a2 = tenants.try_acquire("a");
-        assert!(matches!((&a1, &a2), (Room::Slot(_), Room::Slot(_))));
+        assert!(a1.is_some() && a2.is_some());
+        assert!(tenants.try_acquire("a").is_none(), "a is full");
         assert!(tenants.try_slot("a").is_none(), "a is full");
         assert!(tenants.try_slot("b").is_some(), "b is not affected by a");
         assert!(!tenants.has_room("a"));
@@ -202,44 +193,153 @@ mod tests {
         for n in 0..100 {
             drop(tenants.try_slot(&format!("once{n}")));
         }
-        let Room::Slot(_first) = tenants.try_acquire("queued") else { panic!() };
-        let Room::Slot(_second) = tenants.try_acquire("queued") else { panic!() };
-        let Room::Full(_ticket) = tenants.try_acquire("queued") else { panic!() };
+        let first = tenants.try_acquire("queued").expect("room");
+        let _second = tenants.try_acquire("queued").expect("room");
+        let ran = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let flag = ran.clone();
+        tenants.when_room("queued", Box::new(move |_slot| flag.store(true, std::sync::atomic::Ordering::SeqCst)));
         assert_eq!(tenants.sweep(), 2, "busy and queued stay");
-        // The kept state is the live one: the bound still holds for both.
+        // The kept state is the live one: the bound still holds for both, and the waiting message still gets its turn.
         let _busy_second = tenants.try_slot("busy").expect("room for a second");
         assert!(tenants.try_slot("busy").is_none(), "busy is at its bound of 2");
         assert!(tenants.try_slot("queued").is_none());
         drop((busy, _busy_second));
         assert_eq!(tenants.sweep(), 1, "queued still holds two slots");
+        assert!(!ran.load(std::sync::atomic::Ordering::SeqCst));
+        drop(first);
+        assert!(ran.load(std::sync::atomic::Ordering::SeqCst), "the waiting message ran when room was given back");
     }
 
-    #[tokio::test]
-    async fn waiting_messages_take_their_turn_in_arrival_order() {
-        let tenants = Arc::new(Tenants::new(1));
-        let Room::Slot(first) = tenants.try_acquire("a") else { panic!() };
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
-        let mut tasks = Vec::new();
+    /// A waiting message that records `n` and keeps its slot in `slots` (or gives it straight back).
+    fn recorder(order: &Arc<Mutex<Vec<u64>>>, slots: Option<&Arc<Mutex<Vec<Slot>>>>, n: u64) -> OnRoom {
+        let (order, slots) = (order.clone(), slots.cloned());
+        Box::new(move |slot| {
+            order.lock().push(n);
+            if let Some(slots) = slots {
+                slots.lock().push(slot);
+            }
+        })
+    }
+
+    #[test]
+    fn waiting_messages_run_in_arrival_order_as_room_is_given_back() {
+        let tenants = Tenants::new(2);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let slots = Arc::new(Mutex::new(Vec::new()));
+        let held = [tenants.try_acquire("a").unwrap(), tenants.try_acquire("a").unwrap()];
         for n in 0..5 {
-            let Room::Full(ticket) = tenants.try_acquire("a") else { panic!("queued behind the first") };
-            let tx = tx.clone();
-            // Started in reverse order: the turns must still follow the tickets.
-            tasks.push(async move {
-                let (turn, slot) = ticket.turn(1).await;
-                tx.send(n).unwrap();
-                drop(turn);
-                tokio::task::yield_now().await;
-                drop(slot);
-            });
+            tenants.when_room("a", recorder(&order, Some(&slots), n));
         }
-        let handles: Vec<_> = tasks.into_iter().rev().map(tokio::spawn).collect();
-        tokio::task::yield_now().await;
+        assert!(order.lock().is_empty(), "no room yet");
+        assert!(tenants.try_acquire("a").is_none(), "an arrival goes behind the waiting ones");
+        let [first, second] = held;
         drop(first);
-        for h in handles {
-            h.await.unwrap();
+        assert_eq!(*order.lock(), vec![0], "one slot given back: one message runs");
+        drop(second);
+        assert_eq!(*order.lock(), vec![0, 1]);
+        // A message runs where room is given back: the slots are dropped with the test's lock released, as the
+        // message takes it.
+        let take = || std::mem::take(&mut *slots.lock());
+        let freed = take();
+        drop(freed);
+        assert_eq!(*order.lock(), vec![0, 1, 2, 3]);
+        let freed = take();
+        drop(freed);
+        assert_eq!(*order.lock(), vec![0, 1, 2, 3, 4]);
+        let freed = take();
+        drop(freed);
+        assert_eq!(tenants.in_flight("a"), 0);
+        assert!(tenants.try_acquire("a").is_some(), "nothing waits any more");
+    }
+
+    #[test]
+    fn a_message_that_gives_its_slot_straight_back_lets_the_next_one_run() {
+        let tenants = Tenants::new(1);
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let held = tenants.try_acquire("a").unwrap();
+        for n in 0..3 {
+            // As a record Kafka refuses at once: its slot is dropped inside the dispatch.
+            tenants.when_room("a", recorder(&order, None, n));
         }
-        let order: Vec<i32> = std::iter::from_fn(|| rx.try_recv().ok()).collect();
-        assert_eq!(order, vec![0, 1, 2, 3, 4]);
-        assert!(matches!(tenants.try_acquire("a"), Room::Slot(_)), "every turn advanced");
+        drop(held);
+        assert_eq!(*order.lock(), vec![0, 1, 2]);
+        assert_eq!(tenants.in_flight("a"), 0);
+    }
+
+    #[test]
+    fn arrivals_during_a_dispatch_go_behind_it() {
+        let tenants = Arc::new(Tenants::new(2));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (held, other) = (tenants.try_acquire("a").unwrap(), tenants.try_acquire("a").unwrap());
+        let (inner, log) = (tenants.clone(), order.clone());
+        tenants.when_room(
+            "a",
+            Box::new(move |slot| {
+                // Room given back while this message runs (its record not queued yet), and an arrival then: the
+                // arrival must not take that room and overtake this message.
+                drop(other);
+                assert!(inner.try_acquire("a").is_none(), "no room taken past a running dispatch");
+                inner.when_room("a", recorder(&log, None, 1));
+                log.lock().push(0);
+                drop(slot);
+            }),
+        );
+        drop(held);
+        assert_eq!(*order.lock(), vec![0, 1]);
+        assert_eq!(tenants.in_flight("a"), 0);
+    }
+
+    #[test]
+    fn order_holds_while_room_is_given_back_on_other_threads() {
+        // Arrivals on this thread, slots given back on two others at random moments, as delivery reports would.
+        let tenants = Arc::new(Tenants::new(4));
+        let order = Arc::new(Mutex::new(Vec::new()));
+        let (give_back, slots) = std::sync::mpsc::channel::<Slot>();
+        let slots = Arc::new(Mutex::new(slots));
+        let releasers: Vec<_> = (0..2)
+            .map(|_| {
+                let slots = slots.clone();
+                std::thread::spawn(move || {
+                    loop {
+                        let next = slots.lock().recv();
+                        let Ok(slot) = next else { break };
+                        std::thread::yield_now();
+                        drop(slot);
+                    }
+                })
+            })
+            .collect();
+        const MESSAGES: u64 = 20_000;
+        for n in 0..MESSAGES {
+            match tenants.try_acquire("a") {
+                Some(slot) => {
+                    order.lock().push(n);
+                    give_back.send(slot).unwrap();
+                }
+                None => {
+                    let (order, give_back) = (order.clone(), give_back.clone());
+                    tenants.when_room(
+                        "a",
+                        Box::new(move |slot| {
+                            order.lock().push(n);
+                            give_back.send(slot).unwrap();
+                        }),
+                    );
+                }
+            }
+        }
+        // Every message runs once the releasers have handed all room back.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        while order.lock().len() < MESSAGES as usize {
+            assert!(std::time::Instant::now() < deadline, "{} of {MESSAGES} ran", order.lock().len());
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        drop(give_back);
+        let order = std::mem::take(&mut *order.lock());
+        assert_eq!(order, (0..MESSAGES).collect::<Vec<_>>(), "the order of arrival");
+        // The releasers stop once the last sender is gone and every slot is given back.
+        for releaser in releasers {
+            let _ = releaser.join();
+        }
     }
 }
