@@ -90,14 +90,22 @@ impl V2k {
             Some(slot) => First::Queued(self.enqueue(&outcome, slot)),
             None => {
                 let (report, queued) = oneshot::channel();
-                // Weak: a waiting message does not keep the forwarder (and its producer) alive past a shutdown.
+                // Weak: the forwarder holds the tenants, which hold this closure; a strong reference would be a cycle.
                 let (forwarder, record) = (Arc::downgrade(self), outcome.clone());
                 self.tenants.when_room(
                     device.tenant,
                     Box::new(move |slot| {
-                        if let Some(forwarder) = forwarder.upgrade() {
-                            // A waiter gone by now (shutdown) leaves its record queued: the broker still holds it.
-                            drop(report.send(forwarder.enqueue(&record, slot)));
+                        // A message whose future is gone (a shutdown past its budget) was not acknowledged: the broker
+                        // sends it again, so its record is not queued now.
+                        if report.is_closed() {
+                            return;
+                        }
+                        let Some(forwarder) = forwarder.upgrade() else { return };
+                        drop(report.send(forwarder.enqueue(&record, slot)));
+                        // This runs on librdkafka's polling thread, which the producer joins when the forwarder is
+                        // dropped: if this was the last reference (the future went meanwhile), drop it elsewhere.
+                        if let Some(last) = Arc::into_inner(forwarder) {
+                            std::thread::spawn(move || drop(last));
                         }
                     }),
                 );
@@ -107,7 +115,7 @@ impl V2k {
         async move {
             let first = match first {
                 First::Queued(attempt) => attempt,
-                // Not sent only when the forwarder is gone: as a record dropped unreported.
+                // Always sent while this future waits (it holds the forwarder); if not, as a record dropped unreported.
                 First::Waiting(queued) => queued.await.unwrap_or(Err(ProduceError::unreported())),
             };
             let error = match this.until_acknowledged(&source.tenant, &outcome, first).await {
@@ -164,7 +172,7 @@ impl V2k {
             let (give, slot) = oneshot::channel();
             // A waiter gone by then gives the slot straight back (the failed send drops it).
             self.tenants.when_room(tenant, Box::new(move |slot| drop(give.send(slot))));
-            // Not sent only when the tenant's state was dropped with it queued, which a waiting message prevents.
+            // Always sent: the tenant's outstanding slots keep its state, and this closure, until room is given back.
             if let Ok(slot) = slot.await {
                 return slot;
             }

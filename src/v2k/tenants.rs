@@ -17,7 +17,7 @@ pub(super) type OnRoom = Box<dyn FnOnce(Slot) + Send>;
 struct State {
     in_flight: usize,
     /// Messages waiting for room, in arrival order, run in that order as room is given back. Whoever gives room back
-    /// runs them there (librdkafka's polling thread, in a delivery report), so a waiting message costs no task
+    /// runs them there (mostly librdkafka's polling thread, in a delivery report), so a waiting message costs no task
     /// wake-up of its own before its record is queued.
     queue: VecDeque<OnRoom>,
     /// A dispatch is handing room to the queue (with the lock released while each runs): arrivals queue behind it

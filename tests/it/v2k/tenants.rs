@@ -234,8 +234,8 @@ async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant
     drop(service);
 }
 
-/// A tenant at its bound waits in subscription mode without slowing to a crawl: only the next waiting message is
-/// woken per freed slot (waking every waiter made this 45 msg/s).
+/// A tenant at its bound waits in subscription mode without slowing to a crawl (waking every waiter per freed slot once
+/// made this 45 msg/s; waiting messages now run where room is given back).
 #[tokio::test]
 async fn subscription_mode_a_tenant_at_its_bound_keeps_flowing() {
     let kafka = Tansu::start(Storage::Memory);
