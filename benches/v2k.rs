@@ -68,6 +68,14 @@ impl Proc {
             + fields.get(12).and_then(|s| s.parse().ok()).unwrap_or(0.0);
         ticks / 100.0
     }
+
+    /// Runs `work`, which returns what it got and how many items (messages, calls) that was; with the process's CPU µs
+    /// per item over that time.
+    fn cpu_per_item<T>(&self, work: impl FnOnce() -> (T, u64)) -> (T, f64) {
+        let before = self.cpu_seconds();
+        let (done, items) = work();
+        (done, (self.cpu_seconds() - before) * 1e6 / items.max(1) as f64)
+    }
 }
 
 fn payload(n: u64) -> String {
@@ -347,9 +355,10 @@ fn main() {
         let (service, addr) = start_service(&kafka_env(mode));
         std::thread::sleep(Duration::from_secs(2));
         let calls = Arc::new(AtomicU64::new(0));
-        let cpu_before = service.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), Load::devices(tenants)));
-        let cpu = service.cpu_seconds() - cpu_before;
+        let (outcome, cpu_per_call) = service.cpu_per_item(|| {
+            let outcome = rt.block_on(webhook_load(addr, hook, calls.clone(), Load::devices(tenants)));
+            (outcome, calls.load(Ordering::Relaxed))
+        });
         let plain = if tenants == 1 { &plain_one } else { &plain_many };
         let mode = format!("{mode}, {tenants} tenant(s)");
         println!(
@@ -360,7 +369,7 @@ fn main() {
             outcome.per_second / plain.per_second,
             micros(&outcome.latency, 0.5).saturating_sub(micros(&plain.latency, 0.5)),
             micros(&outcome.latency, 0.99).saturating_sub(micros(&plain.latency, 0.99)),
-            cpu * 1e6 / calls.load(Ordering::Relaxed).max(1) as f64
+            cpu_per_call
         );
     }
 
@@ -371,14 +380,11 @@ fn main() {
         [("trivial axum responder", &trivial, trivial_addr), ("service auth_on_publish (ACL)", &acl, acl_addr)]
     {
         let calls = Arc::new(AtomicU64::new(0));
-        let before = proc_.cpu_seconds();
-        let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone(), Load::devices(1)));
-        let cpu = proc_.cpu_seconds() - before;
-        println!(
-            "{name:<28} {:>8.0} calls/s  CPU {:.1} µs/call",
-            outcome.per_second,
-            cpu * 1e6 / calls.load(Ordering::Relaxed).max(1) as f64
-        );
+        let (outcome, cpu_per_call) = proc_.cpu_per_item(|| {
+            let outcome = rt.block_on(webhook_load(addr, "auth_on_publish", calls.clone(), Load::devices(1)));
+            (outcome, calls.load(Ordering::Relaxed))
+        });
+        println!("{name:<28} {:>8.0} calls/s  CPU {:.1} µs/call", outcome.per_second, cpu_per_call);
     }
     drop(acl);
     drop(trivial);

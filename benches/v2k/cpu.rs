@@ -100,10 +100,11 @@ fn median(rounds: &mut [(f64, f64)]) -> (f64, f64) {
 /// message over that time.
 fn measured(process: &Proc, work: impl FnOnce() -> u64) -> (f64, f64) {
     let started = Instant::now();
-    let before = process.cpu_seconds();
-    let count = work().max(1) as f64;
-    let cpu = process.cpu_seconds() - before;
-    (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count)
+    let (count, cpu_per_message) = process.cpu_per_item(|| {
+        let count = work();
+        (count, count)
+    });
+    (count.max(1) as f64 / started.elapsed().as_secs_f64(), cpu_per_message)
 }
 
 /// User-space instructions per message, counted by callgrind (valgrind) for the load of the unpaced CPU row, this
@@ -238,15 +239,13 @@ fn producer_floor(brokers: &str, floor: Floor) -> (f64, f64) {
     let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
     let process = Proc(child);
     assert_eq!(lines.next().and_then(Result::ok).as_deref(), Some("start"));
-    let before = process.cpu_seconds();
-    let started = Instant::now();
-    let count: f64 = lines
-        .next()
-        .and_then(Result::ok)
-        .and_then(|line| line.strip_prefix("stop ").and_then(|n| n.parse().ok()))
-        .expect("stop line");
-    let cpu = process.cpu_seconds() - before;
-    (count / started.elapsed().as_secs_f64(), cpu * 1e6 / count.max(1.0))
+    measured(&process, || {
+        lines
+            .next()
+            .and_then(Result::ok)
+            .and_then(|line| line.strip_prefix("stop ").and_then(|n| n.parse().ok()))
+            .expect("stop line")
+    })
 }
 
 /// The child's side of `producer_floor`: the senders, warmed up for 2 s, then measured for `PHASE` between a `start`

@@ -62,14 +62,15 @@ impl Rows {
                 }
                 let (service, service_addr) = start_service_binary(binary, &env);
                 rt.block_on(wait_subscribed(service_addr));
-                let cpu_before = service.cpu_seconds();
                 // Paced: about 6 s of messages, a steady CPU reading (the unpaced rows' 100 000 would take 20 s).
                 let total = rate.map_or(self.total, |rate| (rate * 6.0) as u64);
-                let (produced, elapsed) =
-                    rt.block_on(subscription_load(service_addr, self.device_port, kind, total, tenants, rate));
                 // The service's CPU over the whole load, per message Kafka acknowledged (comparable with the
                 // on_publish rows of `cpu`, where each message costs a webhook call).
-                let cpu_per_message = (service.cpu_seconds() - cpu_before) * 1e6 / produced.max(1) as f64;
+                let ((produced, elapsed), cpu_per_message) = service.cpu_per_item(|| {
+                    let (produced, elapsed) =
+                        rt.block_on(subscription_load(service_addr, self.device_port, kind, total, tenants, rate));
+                    ((produced, elapsed), produced)
+                });
                 let per_second = produced as f64 / elapsed.as_secs_f64();
                 let bound = bound.map_or(String::new(), |b| format!(", tenant bound {b}"));
                 // A paced row's rate is the pace: no ratio to the plain producer's top rate.

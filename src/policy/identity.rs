@@ -12,6 +12,14 @@ pub struct DeviceId<'a> {
     pub device: &'a str,
 }
 
+impl DeviceId<'_> {
+    /// `tenant:device_id` as one string, joined without the formatting machinery (`to_string` goes through `fmt`): the
+    /// key of every record a device's publish becomes.
+    pub fn key(&self) -> String {
+        [self.tenant, ":", self.device].concat()
+    }
+}
+
 impl fmt::Display for DeviceId<'_> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}:{}", self.tenant, self.device)
@@ -177,6 +185,15 @@ mod tests {
         assert_eq!(id.device, "a1998e");
         assert_eq!(id.to_string(), "admin:a1998e");
         assert!(parse("Ten_ant-1x:Dev.ice_2-y").is_ok());
+    }
+
+    #[test]
+    fn the_record_key_is_the_identity_as_displayed() {
+        for username in ["admin:a1998e", "Ten_ant-1x:Dev.ice_2-y"] {
+            let id = parse(username).unwrap();
+            assert_eq!(id.key(), username);
+            assert_eq!(id.key(), id.to_string());
+        }
     }
 
     #[test]

@@ -83,7 +83,7 @@ impl Contract {
         match self.data_value(device, payload, received_ms) {
             Ok(value) => Outcome::Data(Record {
                 topic: self.data_topic(device.tenant),
-                key: record_key(device),
+                key: device.key(),
                 value,
                 headers: Vec::new(),
             }),
@@ -114,7 +114,7 @@ impl Contract {
         }
         let record = Record {
             topic: self.dead_letter_topic(device.tenant),
-            key: record_key(device),
+            key: device.key(),
             value: payload[..kept].to_vec(),
             headers,
         };
@@ -153,11 +153,6 @@ impl Contract {
         value.extend_from_slice(b"}}");
         Ok(value)
     }
-}
-
-/// The record's key: the device's identity, `tenant:device`.
-fn record_key(device: DeviceId<'_>) -> String {
-    [device.tenant, ":", device.device].concat()
 }
 
 /// An attribute name, borrowed from the payload unless it had escapes.
