@@ -231,6 +231,13 @@ mod tests {
     }
 
     #[test]
+    fn compression_is_off_by_default_and_one_of_librdkafkas() {
+        assert_eq!(parts(&[]).unwrap().producer.compression, "none");
+        assert_eq!(parts(&["--kafka-compression", "lz4"]).unwrap().producer.compression, "lz4");
+        assert!(parse(&["--kafka-compression", "brotli"]).is_err());
+    }
+
+    #[test]
     fn suffix_and_subscription_are_checked() {
         let err = parts(&["--v2k-topic-suffix", "a b"]).unwrap_err();
         assert_eq!(err.variable, "V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX");
