@@ -15,7 +15,9 @@ use tokio_util::task::AbortOnDropHandle;
 use counters::{DeadLetter, K2vMetrics};
 pub use event::{Action, EventRules, SkipReason};
 
-use crate::kafka::consumer::{ConsumeError, ConsumerSettings, K2vConsumer, Position, Received, TopicChecker};
+use crate::kafka::consumer::{
+    ConsumeError, ConsumerSettings, K2vConsumer, OriginalHeaders, Position, Received, TopicChecker,
+};
 use crate::kafka::producer::{Producer, ProducerSettings};
 use crate::metrics::Metrics;
 use crate::mqtt::MqttSettings;
@@ -131,7 +133,7 @@ struct Waiting {
     mqtt_topic: String,
     value: Vec<u8>,
     key: Option<Vec<u8>>,
-    headers: Vec<(String, Option<Vec<u8>>)>,
+    headers: OriginalHeaders,
 }
 
 struct Bridge {
@@ -410,10 +412,8 @@ async fn dead_letter(producer: &Producer, topics: &TopicChecker, waiting: Waitin
             return DeadLetter::Failed;
         }
     }
-    let mut headers = waiting.headers;
-    headers.push(("reason".into(), Some(refusal.name().as_bytes().to_vec())));
-    headers.push(("mqtt_reason_code".into(), Some(refusal.code().to_string().into_bytes())));
-    let sent = producer.send_bytes(&topic, waiting.key.as_deref(), Some(&waiting.value), &headers);
+    let added = [("reason", refusal.name()), ("mqtt_reason_code", &refusal.code().to_string())];
+    let sent = producer.send_bytes(&topic, waiting.key.as_deref(), Some(&waiting.value), waiting.headers, &added);
     match sent {
         Ok(delivery) => match delivery.wait(None).await {
             Ok(()) => DeadLetter::Written,

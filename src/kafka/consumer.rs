@@ -11,7 +11,7 @@ use rdkafka::client::ClientContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Headers as _, Message};
+use rdkafka::message::{BorrowedHeaders, Header, Message, OwnedHeaders};
 use rdkafka::statistics::Statistics;
 
 pub use super::offsets::Position;
@@ -53,7 +53,20 @@ pub struct Received {
     pub payload: Option<Vec<u8>>,
     /// Kept for a dead letter, which carries the original key and headers.
     pub key: Option<Vec<u8>>,
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub headers: OriginalHeaders,
+}
+
+/// A consumed message's headers as they came, only to be written again. Never read: rdkafka panics on a header name
+/// that is not UTF-8, and any producer may send one.
+#[derive(Debug, Clone, Default)]
+pub struct OriginalHeaders(Option<OwnedHeaders>);
+
+impl OriginalHeaders {
+    /// These headers followed by `added`.
+    pub(super) fn with(self, added: &[(&str, &str)]) -> OwnedHeaders {
+        let headers = self.0.unwrap_or_else(|| OwnedHeaders::new_with_capacity(added.len()));
+        added.iter().fold(headers, |all, (key, value)| all.insert(Header { key, value: Some(*value) }))
+    }
 }
 
 /// Hands moved commit points to librdkafka (the next commit sends them).
@@ -242,10 +255,7 @@ impl K2vConsumer {
         let message = self.consumer().recv().await.map_err(ConsumeError::Receive)?;
         let position = self.tracker.lock().begin(message.topic(), message.partition(), message.offset());
         self.consumer().context().probe.set(true);
-        let headers = message
-            .headers()
-            .map(|h| h.iter().map(|h| (h.key.to_string(), h.value.map(<[u8]>::to_vec))).collect())
-            .unwrap_or_default();
+        let headers = OriginalHeaders(message.headers().map(BorrowedHeaders::detach));
         Ok(Received {
             position,
             payload: message.payload().map(<[u8]>::to_vec),

@@ -12,6 +12,8 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer as _, ProducerContext, ThreadedProducer};
 use tokio::sync::oneshot;
 
+use super::consumer::OriginalHeaders;
+
 /// A record ready for the producer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
@@ -178,14 +180,24 @@ impl Producer {
     /// # Errors
     /// Queue full, or a record Kafka can never take (`on_delivery` is then dropped uncalled).
     pub fn send_then(&self, record: &Record, on_delivery: OnDelivery) -> Result<(), ProduceError> {
-        let headers = record.headers.iter().map(|(key, value)| (*key, Some(value.as_bytes())));
-        let base = BaseRecord::with_opaque_to(&record.topic, Box::new(on_delivery))
+        let mut base = BaseRecord::with_opaque_to(&record.topic, Box::new(on_delivery))
             .key(record.key.as_bytes())
             .payload(record.value.as_slice());
-        self.queue(base, headers)
+        // librdkafka allocates a header list even when it stays empty: only records with headers get one.
+        if !record.headers.is_empty() {
+            let headers = record
+                .headers
+                .iter()
+                .fold(OwnedHeaders::new_with_capacity(record.headers.len()), |all, (key, value)| {
+                    all.insert(Header { key, value: Some(value.as_bytes()) })
+                });
+            base = base.headers(headers);
+        }
+        self.queue(base)
     }
 
-    /// Queues a record given as bytes (a copy of a consumed message: key, value and headers as they were).
+    /// Queues a record given as bytes (a copy of a consumed message: key, value and headers as they were), with
+    /// `added` headers after the original ones.
     ///
     /// # Errors
     /// Queue full, or a record Kafka can never take.
@@ -194,33 +206,23 @@ impl Producer {
         topic: &str,
         key: Option<&[u8]>,
         value: Option<&[u8]>,
-        headers: &[(String, Option<Vec<u8>>)],
+        original: OriginalHeaders,
+        added: &[(&str, &str)],
     ) -> Result<Delivery, ProduceError> {
         let (on_delivery, delivery) = Delivery::channel();
-        let mut base = BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(on_delivery));
+        let mut base =
+            BaseRecord::<[u8], [u8], _>::with_opaque_to(topic, Box::new(on_delivery)).headers(original.with(added));
         if let Some(key) = key {
             base = base.key(key);
         }
         if let Some(value) = value {
             base = base.payload(value);
         }
-        self.queue(base, headers.iter().map(|(key, value)| (key.as_str(), value.as_deref())))?;
+        self.queue(base)?;
         Ok(delivery)
     }
 
-    fn queue<'a>(
-        &self,
-        mut base: BaseRecord<'a, [u8], [u8], Box<OnDelivery>>,
-        headers: impl ExactSizeIterator<Item = (&'a str, Option<&'a [u8]>)>,
-    ) -> Result<(), ProduceError> {
-        // librdkafka allocates a header list even when it stays empty: only records with headers get one.
-        if headers.len() > 0 {
-            let mut owned = OwnedHeaders::new_with_capacity(headers.len());
-            for (key, value) in headers {
-                owned = owned.insert(Header { key, value });
-            }
-            base = base.headers(owned);
-        }
+    fn queue(&self, base: BaseRecord<'_, [u8], [u8], Box<OnDelivery>>) -> Result<(), ProduceError> {
         self.inner.send(base).map_err(|(error, _)| classify(error))
     }
 

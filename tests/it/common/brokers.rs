@@ -10,7 +10,7 @@ use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use tempfile::TempDir;
 
 pub fn free_port() -> u16 {
@@ -147,17 +147,13 @@ impl Tansu {
                     value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
                     headers: m
                         .headers()
-                        .map(|h| {
-                            h.iter()
-                                .map(|h| {
-                                    (
-                                        h.key.to_string(),
-                                        String::from_utf8_lossy(h.value.unwrap_or_default()).to_string(),
-                                    )
-                                })
-                                .collect()
+                        .map(raw_headers::all)
+                        .unwrap_or_default()
+                        .into_iter()
+                        .map(|(k, v)| {
+                            (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned())
                         })
-                        .unwrap_or_default(),
+                        .collect(),
                 }),
             }
         }
@@ -294,5 +290,58 @@ impl Drop for Mosquitto {
             child.kill().ok();
             child.wait().ok();
         }
+    }
+}
+
+/// Kafka headers as bytes, for what rdkafka's safe API cannot do: send a header name that is not UTF-8, as any
+/// producer may, and read one back (rdkafka panics reading one).
+pub mod raw_headers {
+    use std::ffi::{CStr, c_void};
+
+    use rdkafka::bindings::{rd_kafka_header_add, rd_kafka_header_get_all, rd_kafka_headers_t, rd_kafka_resp_err_t};
+    use rdkafka::message::{BorrowedHeaders, Headers as _, OwnedHeaders};
+
+    /// `BorrowedHeaders` is librdkafka's header list itself: rdkafka casts between the two.
+    fn native(headers: &BorrowedHeaders) -> *mut rd_kafka_headers_t {
+        std::ptr::from_ref(headers).cast_mut().cast()
+    }
+
+    /// `headers` with one more, named by any bytes.
+    pub fn add(headers: OwnedHeaders, name: &[u8], value: &[u8]) -> OwnedHeaders {
+        let (name_len, value_len) = (isize::try_from(name.len()).unwrap(), isize::try_from(value.len()).unwrap());
+        // SAFETY: the list is owned and alive; librdkafka copies both buffers, whose lengths are passed.
+        let err = unsafe {
+            rd_kafka_header_add(
+                native(headers.as_borrowed()),
+                name.as_ptr().cast(),
+                name_len,
+                value.as_ptr().cast(),
+                value_len,
+            )
+        };
+        assert_eq!(err, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, "header added");
+        headers
+    }
+
+    /// Every header as (name, value) bytes; a header without a value has an empty one.
+    pub fn all(headers: &BorrowedHeaders) -> Vec<(Vec<u8>, Vec<u8>)> {
+        (0..headers.count())
+            .map(|index| {
+                let (mut name, mut value, mut size) = (std::ptr::null(), std::ptr::null::<c_void>(), 0);
+                // SAFETY: the list outlives this call; librdkafka hands out pointers into it, NUL-terminated for the name,
+                // copied before the list can go.
+                unsafe {
+                    let err =
+                        rd_kafka_header_get_all(native(headers), index, &raw mut name, &raw mut value, &raw mut size);
+                    assert_eq!(err, rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR, "header {index}");
+                    let value = if value.is_null() {
+                        Vec::new()
+                    } else {
+                        std::slice::from_raw_parts(value.cast::<u8>(), size).to_vec()
+                    };
+                    (CStr::from_ptr(name).to_bytes().to_vec(), value)
+                }
+            })
+            .collect()
     }
 }

@@ -3,6 +3,8 @@
 
 use rdkafka::message::{Header, OwnedHeaders};
 
+use crate::common::brokers::raw_headers;
+
 use super::*;
 
 const TENANT: &str = "acme";
@@ -34,17 +36,22 @@ fn publisher_connects(mqtt: &Mosquitto, group: &str) -> usize {
     mosquitto_log(mqtt).lines().filter(|l| l.contains("New client connected") && l.contains(&id)).count()
 }
 
+/// A header name that is not UTF-8: Kafka takes any bytes, and rdkafka panics reading one.
+const RAW_NAME: &[u8] = b"\xff";
+
 /// Produces `rounds` × (allowed 1, refused, allowed 2) to the tenant's single partition; the refused events carry
-/// a header the dead letter must keep. `pause` between rounds.
+/// headers the dead letter must keep, one of them named by bytes that are not UTF-8. `pause` between rounds.
 async fn produce_rounds(p: &FutureProducer, rounds: usize, pause: Duration) {
     let t = topic(TENANT);
     for n in 0..rounds {
         produce(p, &t, ALLOWED[0], &configure(TENANT, ALLOWED[0], json!({"n": n}))).await;
         let value = configure(TENANT, REFUSED, json!({"n": n}));
-        let record = FutureRecord::to(&t)
-            .key(REFUSED)
-            .payload(&value)
-            .headers(OwnedHeaders::new().insert(Header { key: "trace", value: Some(&format!("t-{n}")) }));
+        let headers = OwnedHeaders::new().insert(Header { key: "trace", value: Some(&format!("t-{n}")) });
+        let record = FutureRecord::to(&t).key(REFUSED).payload(&value).headers(raw_headers::add(
+            headers,
+            RAW_NAME,
+            format!("raw-{n}").as_bytes(),
+        ));
         p.send(record, Duration::from_secs(10)).await.map_err(|(e, _)| e).expect("produced");
         produce(p, &t, ALLOWED[1], &configure(TENANT, ALLOWED[1], json!({"n": n}))).await;
         if !pause.is_zero() {
@@ -103,6 +110,8 @@ async fn check_dead_letters(kafka: &Tansu, rounds: usize) {
         let n = letter.json()["data"]["attrs"]["n"].as_u64().expect("the original event");
         assert_eq!(letter.value, configure(TENANT, REFUSED, json!({"n": n})), "original bytes");
         assert_eq!(letter.header("trace"), Some(format!("t-{n}").as_str()), "original headers kept");
+        let raw = String::from_utf8_lossy(RAW_NAME);
+        assert_eq!(letter.header(&raw), Some(format!("raw-{n}").as_str()), "a header name that is not UTF-8 kept");
         seen.insert(n);
     }
     assert_eq!(seen, (0..rounds as u64).collect(), "every refused event dead-lettered");
