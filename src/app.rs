@@ -191,6 +191,15 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             None => plain.into_future().await,
         }
     });
+    let k2v_failed = async {
+        match &k2v {
+            Some(k2v) => k2v.failed().await,
+            None => std::future::pending().await,
+        }
+    };
+    // A component that failed stops the whole service, in order, with an error: a supervisor restarts it, where a
+    // process that runs on without it would look alive.
+    let mut failure = None;
     tokio::select! {
         result = &mut server => {
             return match result {
@@ -199,6 +208,10 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             };
         }
         () = shutdown.cancelled() => {}
+        () = k2v_failed => {
+            failure = Some(anyhow::anyhow!("K2V failed (see the error above); the service stopped so as to be restarted"));
+            shutdown.cancel();
+        }
     }
     // The one deadline of the whole shutdown is set here.
     budget.deadline();
@@ -227,7 +240,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         task.abort();
     }
     tracing::info!(took = ?budget.total().saturating_sub(budget.remaining()), "stopped");
-    Ok(())
+    failure.map_or(Ok(()), Err)
 }
 
 /// One warning line per door left open: devices that may connect without a certificate, webhooks that anyone who

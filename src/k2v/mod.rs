@@ -65,6 +65,7 @@ pub enum K2vError {
 pub struct K2v {
     stop: CancellationToken,
     task: AbortOnDropHandle<()>,
+    failed: CancellationToken,
 }
 
 impl std::fmt::Debug for K2v {
@@ -85,6 +86,7 @@ impl K2v {
         mqtt_probe: ReadyFlag,
         budget: Budget,
     ) -> Result<Self, K2vError> {
+        let probes = [kafka_probe.clone(), mqtt_probe.clone()];
         let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
         // Dead letters are rare: no compression or batching to configure.
         let dead_letters = ProducerSettings {
@@ -113,8 +115,16 @@ impl K2v {
             metrics: K2vMetrics::new(metrics),
         };
         tracing::info!(pattern = %settings.consumer.topic_pattern, group = %settings.consumer.group_id, "K2V started");
-        let task = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, dead_rx, stop.clone(), budget)));
-        Ok(Self { stop, task })
+        let bridge = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, dead_rx, stop.clone(), budget)));
+        let failed = CancellationToken::new();
+        let task = AbortOnDropHandle::new(tokio::spawn(supervise(bridge, probes, failed.clone())));
+        Ok(Self { stop, task, failed })
+    }
+
+    /// Completes if the bridge failed (it does not stop otherwise until asked): the process should stop and be
+    /// restarted rather than run on without K2V.
+    pub fn failed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
+        self.failed.cancelled()
     }
 
     /// Stops consuming, waits for in-flight publishes, commits what was acknowledged, then disconnects from the
@@ -124,6 +134,18 @@ impl K2v {
         if let Err(error) = self.task.await {
             tracing::error!(%error, "K2V task failed");
         }
+    }
+}
+
+/// Waits for the bridge. One that failed (a panic: it only ends otherwise when asked) takes K2V's probes down with
+/// the reason and says so at once, not at shutdown.
+async fn supervise(bridge: AbortOnDropHandle<()>, probes: [ReadyFlag; 2], failed: CancellationToken) {
+    if let Err(error) = bridge.await {
+        tracing::error!(%error, "K2V stopped: its task failed");
+        for probe in &probes {
+            probe.down(format!("K2V stopped: {error}"));
+        }
+        failed.cancel();
     }
 }
 
@@ -437,5 +459,33 @@ mod tests {
     fn tenant_and_device_of_a_config_topic() {
         assert_eq!(tenant_device("admin:a1998e/config"), ("admin", "a1998e"));
         assert_eq!(tenant_device("odd"), ("odd", ""));
+    }
+
+    #[tokio::test]
+    async fn a_failed_bridge_takes_the_probes_down_and_says_so() {
+        let probes = [ReadyFlag::default(), ReadyFlag::default()];
+        probes.iter().for_each(|p| p.set(true));
+        let failed = CancellationToken::new();
+        let bridge = AbortOnDropHandle::new(tokio::spawn(async { panic!("a bug") }));
+        supervise(bridge, probes.clone(), failed.clone()).await;
+        assert!(failed.is_cancelled());
+        for probe in &probes {
+            assert!(!probe.is_up());
+            assert!(
+                probe.reason().is_some_and(|r| r.contains("K2V stopped") && r.contains("a bug")),
+                "{:?}",
+                probe.reason()
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bridge_that_stopped_when_asked_leaves_the_probes_alone() {
+        let probes = [ReadyFlag::default(), ReadyFlag::default()];
+        probes.iter().for_each(|p| p.set(true));
+        let failed = CancellationToken::new();
+        supervise(AbortOnDropHandle::new(tokio::spawn(async {})), probes.clone(), failed.clone()).await;
+        assert!(!failed.is_cancelled());
+        assert!(probes.iter().all(ReadyFlag::is_up));
     }
 }
