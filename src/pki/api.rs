@@ -18,17 +18,23 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tower_http::timeout::TimeoutLayer;
 
 use super::users::{Tokens, Users};
 use super::{PkiError, Store};
+use crate::log_guard::clip;
 
 /// Largest request body: a CSR is a few KiB; anything near this is not one.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const JWT_SECRET_FILE: &str = "jwt.secret";
+/// Password checks at once. An argon2 check takes about 19 MiB and tens of milliseconds of CPU: run off the async
+/// threads (which K2V and session control share) and bounded, so that a flood of `/auth` requests costs neither the
+/// service's other work nor its memory, only the waiting requests' own time (they time out).
+const PASSWORD_CHECKS_AT_ONCE: usize = 2;
 
 /// What the API needs besides the store.
 #[derive(Debug, Clone)]
@@ -42,6 +48,7 @@ pub struct ApiSettings {
 struct Api {
     store: Arc<Store>,
     users: Arc<Users>,
+    password_checks: Arc<Semaphore>,
     tokens: Tokens,
 }
 
@@ -61,10 +68,14 @@ impl From<PkiError> for ApiError {
             PkiError::NotFound(what) => Self(StatusCode::NOT_FOUND, format!("{what} not found")),
             other => {
                 tracing::error!(error = %other, "PKI operation failed");
-                Self(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+                internal_error()
             }
         }
     }
+}
+
+fn internal_error() -> ApiError {
+    ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
 }
 
 fn bad_request(problem: impl Into<String>) -> ApiError {
@@ -96,7 +107,8 @@ pub async fn serve(
         tracing::warn!("PKI_USERS is empty: nobody can obtain a token");
     }
     let tokens = Tokens::new(&secret, settings.token_ttl).map_err(|e| PkiError::Token(e.to_string()))?;
-    let api = Api { store, users: Arc::new(settings.users), tokens };
+    let password_checks = Arc::new(Semaphore::new(PASSWORD_CHECKS_AT_ONCE));
+    let api = Api { store, users: Arc::new(settings.users), password_checks, tokens };
     let app = router(api);
     let address = listener.local_addr().ok();
     tracing::info!(?address, "PKI API listening");
@@ -170,14 +182,20 @@ struct AuthRequest {
 }
 
 async fn auth(State(api): State<Api>, body: Body) -> Result<Response, ApiError> {
-    let request: AuthRequest = json_body(body).await?;
-    if !api.users.check(&request.username, &request.passwd) {
-        tracing::info!(user = request.username, "PKI API: wrong credentials");
+    let AuthRequest { username, passwd } = json_body(body).await?;
+    let right = {
+        // Never closed: the semaphore lives as long as the API.
+        let _turn = api.password_checks.acquire().await.map_err(|_| internal_error())?;
+        let (users, name) = (api.users.clone(), username.clone());
+        tokio::task::spawn_blocking(move || users.check(&name, &passwd)).await.map_err(|_| internal_error())?
+    };
+    if !right {
+        tracing::info!(user = %clip(&username), "PKI API: wrong credentials");
         return Err(ApiError(StatusCode::UNAUTHORIZED, "wrong username or password".into()));
     }
-    let jwt = api.tokens.issue(&request.username).map_err(|e| {
+    let jwt = api.tokens.issue(&username).map_err(|e| {
         tracing::error!(error = %e, "cannot issue a token");
-        ApiError(StatusCode::INTERNAL_SERVER_ERROR, "internal error".into())
+        internal_error()
     })?;
     Ok(axum::Json(json!({ "jwt": jwt })).into_response())
 }

@@ -162,3 +162,45 @@ async fn expired_tokens_are_refused() {
     let (status, _) = send(reqwest::Method::GET, format!("{}/ca/{CA_NAME}", service.url), Some(&jwt), "").await;
     assert_eq!(status, 401);
 }
+
+/// A flood of `/auth` with a hashed user's name: each argon2 check takes long (far longer in this unoptimised build),
+/// and must not hold the service's async threads, here the test's own single thread.
+#[tokio::test]
+async fn password_checks_do_not_stall_the_service() {
+    use argon2::PasswordHasher as _;
+    use std::time::{Duration, Instant};
+    let hash = argon2::Argon2::default().hash_password(b"right").unwrap().to_string();
+    let pki = tempfile::tempdir().unwrap();
+    let service = PkiService::start(pki.path(), &[("PKI_USERS", &format!("ops:{hash}"))]).await;
+    let url = format!("{}/auth", service.url);
+    let auth = |passwd: &str| {
+        let body = json!({"username": "ops", "passwd": passwd}).to_string();
+        send(reqwest::Method::POST, url.clone(), None, body)
+    };
+    let started = Instant::now();
+    let mut flood = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        flood.spawn(auth("wrong"));
+    }
+    let (mut refused, mut latest) = (0, Duration::ZERO);
+    loop {
+        let asked = Instant::now();
+        tokio::select! {
+            answer = flood.join_next() => match answer {
+                Some(answer) => {
+                    assert_eq!(answer.unwrap().0, 401, "a wrong password refused");
+                    refused += 1;
+                }
+                None => break,
+            },
+            () = tokio::time::sleep(Duration::from_millis(10)) => latest = latest.max(asked.elapsed()),
+        }
+    }
+    assert_eq!(refused, 6);
+    assert!(
+        latest < Duration::from_millis(400),
+        "a 10 ms timer fired after {latest:?} while the checks ran ({:?} in all)",
+        started.elapsed()
+    );
+    assert_eq!(auth("right").await.0, 200, "the right password still works");
+}
