@@ -25,6 +25,7 @@ impl Rows {
             ("MQTT_URL", format!("mqtt://127.0.0.1:{}", self.mqtt_port)),
             ("MQTT_PASSWORD", "pw".to_string()),
             ("MQTT_CLIENT_ID", format!("bench-{tenants}")),
+            ("SERVICE_CLIENT_ID_PREFIX", "bench".to_string()),
             ("V2K_SHARE_GROUP", format!("bench{tenants}")),
             ("V2K_MAX_IN_FLIGHT", self.window.to_string()),
         ]);

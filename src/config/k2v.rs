@@ -138,11 +138,12 @@ mod tests {
 
     #[test]
     fn runs_only_with_both_brokers_and_not_disabled() {
-        let both = ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--mqtt-client-id", "gw1"];
+        let both =
+            ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--mqtt-client-id", "iotagent-mqtt-gw1"];
         let on = settings(&both).unwrap().expect("K2V on");
         assert_eq!(on.consumer.topic_pattern, r"^.+\.dojot\.device-manager\.device$");
         assert_eq!(on.consumer.group_id, "k2v-bridge-group-id");
-        assert_eq!(on.consumer.client_id, "gw1-k2v");
+        assert_eq!(on.consumer.client_id, "iotagent-mqtt-gw1-k2v");
         assert_eq!(on.rules.config_suffix, "config");
         assert!(!on.retain);
         assert_eq!(on.rules.max_message_size, Some(512 * 1024), "device sessions are bounded by default");

@@ -148,6 +148,8 @@ impl Config {
         let mut policy = self.policy.policy_config()?;
         // Every internal client's id starts with this base (`<base>-k2v`, `<base>-v2k`): never a device's.
         policy.service_client_id = Some(self.mqtt.client_id());
+        self.service_ids_are_reserved()?;
+        policy.reserved_client_id_prefix = Some(self.mqtt.service_client_id_prefix.clone());
         let mqtt = self.mqtt_settings()?;
         self.message_size_fits()?;
         let v2k = match &self.kafka_brokers {
@@ -159,6 +161,7 @@ impl Config {
             policy.service_max_inflight = Some(self.v2k.v2k_max_in_flight);
         }
         if let Some(plain) = v2k.as_ref().and_then(|v| v.plain.as_ref()) {
+            self.plain_session_is_reserved()?;
             policy.service_max_queued = Some(plain.max_queued);
             policy.service_plain_client_id = Some(format!("{}-v2k", self.v2k.v2k_lease_group));
         }
@@ -199,6 +202,36 @@ impl Config {
                 file: self.mqtt.mqtt_cert_file.clone(),
             },
         })
+    }
+
+    /// An instance refuses devices the ids of its own sessions only; the ids of the others' are refused because every
+    /// instance's start with the one prefix that all refuse.
+    fn service_ids_are_reserved(&self) -> Result<(), ConfigError> {
+        let prefix = &self.mqtt.service_client_id_prefix;
+        let client_id = self.mqtt.client_id();
+        if !client_id.starts_with(prefix.as_str()) {
+            return Err(invalid(
+                "MQTT_CLIENT_ID",
+                format!(
+                    "{client_id:?} does not start with SERVICE_CLIENT_ID_PREFIX ({prefix:?}): a device could take over \
+                     this instance's sessions through another instance"
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn plain_session_is_reserved(&self) -> Result<(), ConfigError> {
+        let (prefix, group) = (&self.mqtt.service_client_id_prefix, &self.v2k.v2k_lease_group);
+        if group.starts_with(prefix.as_str()) {
+            return Ok(());
+        }
+        Err(invalid(
+            "V2K_LEASE_GROUP",
+            format!(
+                "{group:?} (the plain subscription's client id) does not start with SERVICE_CLIENT_ID_PREFIX ({prefix:?})"
+            ),
+        ))
     }
 
     /// A device may not publish more than the service can receive: the payload travels base64-encoded in the
@@ -313,6 +346,26 @@ mod tests {
         for bad in ["", "a*b", "a b", "x$", "(a)", "a/b"] {
             assert_eq!(kafka_topic_part("X", bad).unwrap_err().variable, "X", "{bad:?}");
         }
+    }
+
+    #[test]
+    fn every_service_client_id_starts_with_the_reserved_prefix() {
+        let s = parse(&[]).unwrap().settings().unwrap();
+        assert_eq!(s.policy.reserved_client_id_prefix.as_deref(), Some("iotagent-mqtt"));
+        assert!(s.policy.service_client_id.is_some_and(|id| id.starts_with("iotagent-mqtt-")), "the default id");
+        let err = parse(&["--mqtt-client-id", "gw1"]).unwrap().settings().unwrap_err();
+        assert_eq!(err.variable, "MQTT_CLIENT_ID");
+        assert!(err.to_string().contains("SERVICE_CLIENT_ID_PREFIX"), "{err}");
+        let own = ["--mqtt-client-id", "gw1", "--service-client-id-prefix", "gw"];
+        assert_eq!(parse(&own).unwrap().settings().unwrap().policy.reserved_client_id_prefix.as_deref(), Some("gw"));
+        assert!(
+            parse(&["--service-client-id-prefix", ""]).unwrap_err().to_string().contains("SERVICE_CLIENT_ID_PREFIX")
+        );
+        let plain = ["--kafka-brokers", "k:9092", "--mqtt-url", "mqtt://v:1883", "--v2k-mode", "subscription"];
+        let plain = [&plain[..], &["--v2k-subscription", "plain", "--v2k-lease-group", "cluster"]].concat();
+        let err = parse(&plain).unwrap().settings().unwrap_err();
+        assert_eq!(err.variable, "V2K_LEASE_GROUP");
+        assert!(err.to_string().contains("SERVICE_CLIENT_ID_PREFIX"), "{err}");
     }
 
     #[test]

@@ -18,6 +18,12 @@ pub struct MqttArgs {
     #[arg(long, env = "MQTT_CLIENT_ID")]
     pub mqtt_client_id: Option<String>,
 
+    /// Client ids no device may use, on every instance: the same value cluster-wide, and every instance's
+    /// MQTT_CLIENT_ID (and V2K_LEASE_GROUP) starts with it, so that no device takes over another instance's sessions.
+    #[arg(long, env = "SERVICE_CLIENT_ID_PREFIX", default_value = "iotagent-mqtt",
+          value_parser = clap::builder::NonEmptyStringValueParser::new())]
+    pub service_client_id_prefix: String,
+
     /// CA certificate (PEM) that signed the broker's certificate, for mqtts://.
     #[arg(long, env = "MQTT_CA_FILE")]
     pub mqtt_ca_file: Option<std::path::PathBuf>,

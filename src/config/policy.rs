@@ -166,6 +166,7 @@ impl PolicyArgs {
             service_password: self.mqtt_password.clone(),
             service_client_id: None,
             service_plain_client_id: None,
+            reserved_client_id_prefix: None,
             service_subscription: None,
             service_max_inflight: None,
             service_max_queued: None,

@@ -74,6 +74,9 @@ pub struct PolicyConfig {
     /// The plain V2K subscription's session id (`<V2K_LEASE_GROUP>-v2k`, the same on every instance), reserved
     /// like the base: it carries every device's data.
     pub service_plain_client_id: Option<String>,
+    /// Reserved on every instance (`SERVICE_CLIENT_ID_PREFIX`): every instance's ids start with it, so that a device
+    /// cannot take over the sessions of an instance other than the one that answers its CONNECT.
+    pub reserved_client_id_prefix: Option<String>,
     /// The shared subscription the service holds in subscription mode (`$share/<group>/+/<attrs>`), if any.
     pub service_subscription: Option<String>,
     /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service (its default, 20,
@@ -99,6 +102,7 @@ impl Default for PolicyConfig {
             service_password: None,
             service_client_id: None,
             service_plain_client_id: None,
+            reserved_client_id_prefix: None,
             service_subscription: None,
             service_max_inflight: None,
             service_max_queued: None,
@@ -269,7 +273,7 @@ impl Policy {
 
     /// Whether `client_id` is the service's base id, with any suffix: the ids of its internal clients.
     fn is_service_client_id(&self, client_id: &str) -> bool {
-        [&self.config.service_client_id, &self.config.service_plain_client_id]
+        [&self.config.service_client_id, &self.config.service_plain_client_id, &self.config.reserved_client_id_prefix]
             .into_iter()
             .flatten()
             .any(|base| !base.is_empty() && client_id.starts_with(base.as_str()))

@@ -233,6 +233,26 @@ fn devices_never_get_the_services_client_ids() {
 }
 
 #[test]
+fn another_instances_sessions_are_reserved_through_the_shared_prefix() {
+    // Instance 1 answers the CONNECT; the ids tried are instance 2's sessions.
+    let p = policy_with(|c| {
+        c.client_id_policy = ClientIdPolicy::Any;
+        c.service_client_id = Some("iotagent-mqtt-1".into());
+        c.reserved_client_id_prefix = Some("iotagent-mqtt".into());
+    });
+    for id in ["iotagent-mqtt-2-v2k", "iotagent-mqtt-2-k2v", "iotagent-mqtt-plain-v2k", "iotagent-mqtt"] {
+        assert_eq!(denied(p.register(&register(Some(DEV), id), 0.5)), DenyReason::ServiceClientId, "{id}");
+    }
+    assert!(matches!(p.register(&register(Some(DEV), "iotagent-mq"), 0.5), RegisterDecision::Allow { .. }));
+    // Without the shared prefix, instance 2's ids were open to a device that instance 1 answers.
+    let p = policy_with(|c| {
+        c.client_id_policy = ClientIdPolicy::Any;
+        c.service_client_id = Some("iotagent-mqtt-1".into());
+    });
+    assert!(matches!(p.register(&register(Some(DEV), "iotagent-mqtt-2-v2k"), 0.5), RegisterDecision::Allow { .. }));
+}
+
+#[test]
 fn service_without_configured_password_needs_certificate() {
     let p = Policy::new(PolicyConfig::default());
     let mut req = register(Some("k2v-bridge"), "k");

@@ -86,6 +86,7 @@ pub fn k2v_env(kafka: &brokers::Tansu, mqtt_url: &str, group: &str) -> Vec<(&'st
         ("MQTT_URL", mqtt_url.to_string()),
         ("MQTT_PASSWORD", K2V_PASSWORD.into()),
         ("MQTT_CLIENT_ID", format!("it-{group}")),
+        ("SERVICE_CLIENT_ID_PREFIX", "it-".into()),
         ("K2V_KAFKA_GROUP_ID", group.into()),
         ("K2V_METADATA_REFRESH_MS", "500".into()),
         ("K2V_STATS_INTERVAL_MS", "500".into()),

@@ -111,7 +111,7 @@ async fn remove_disconnects_and_refuses_create_restores_and_a_fresh_instance_rep
 
     // A fresh process reads the whole history from the beginning: old1 stays removed, a1998e was re-created.
     let mut process_env = env.clone();
-    process_env.push(("MQTT_CLIENT_ID", "it-sessions-second".into()));
+    process_env.push(("MQTT_CLIENT_ID", "iotagent-mqtt-it-second".into()));
     let second = ServiceProcess::start(&process_env);
     second.wait_ready().await;
     let mut second_client = RawClient::connect(([127, 0, 0, 1], second.port).into()).await;

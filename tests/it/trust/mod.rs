@@ -80,7 +80,12 @@ async fn service_certificates_pinned_by_fingerprint() {
 #[tokio::test]
 async fn devices_never_use_the_services_client_ids() {
     for policy in ["any", "equal", "prefix", "scoped"] {
-        let app = spawn_app(&flags(&[("CLIENT_ID_POLICY", policy), ("MQTT_CLIENT_ID", "gw1")])).await;
+        let app = spawn_app(&flags(&[
+            ("CLIENT_ID_POLICY", policy),
+            ("MQTT_CLIENT_ID", "gw1"),
+            ("SERVICE_CLIENT_ID_PREFIX", "gw1"),
+        ]))
+        .await;
         let mut client = app.client().await;
         for id in ["gw1-v2k", "gw1-k2v", "gw1", "gw1-anything"] {
             let result = decision(&mut client, &register("admin:a1998e", id, None)).await;

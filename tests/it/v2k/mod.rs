@@ -56,6 +56,7 @@ fn subscription_env(kafka: &Tansu, mqtt: &Mosquitto, client_id: &str) -> Vec<(&'
         ("MQTT_URL", mqtt.url()),
         ("MQTT_PASSWORD", "svc-pass".to_string()),
         ("MQTT_CLIENT_ID", client_id.to_string()),
+        ("SERVICE_CLIENT_ID_PREFIX", "it-".to_string()),
     ]
 }
 

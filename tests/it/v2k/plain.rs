@@ -66,8 +66,10 @@ async fn plain_subscription_is_held_by_one_instance_and_handed_over_when_it_dies
     create_topics(&kafka, &["admin"]).await;
     kafka.create_topic(LEASE_TOPIC, 1).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
-    let nodes =
-        [ServiceProcess::start(&env(&kafka, &mqtt, "node-1")), ServiceProcess::start(&env(&kafka, &mqtt, "node-2"))];
+    let nodes = [
+        ServiceProcess::start(&env(&kafka, &mqtt, "it-node-1")),
+        ServiceProcess::start(&env(&kafka, &mqtt, "it-node-2")),
+    ];
     for node in &nodes {
         node.wait_ready().await;
     }
@@ -135,7 +137,7 @@ async fn a_missing_lease_topic_is_reported_not_ready() {
     let kafka = Tansu::start(Storage::Memory);
     create_topics(&kafka, &["admin"]).await;
     let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
-    let node = ServiceProcess::start(&env(&kafka, &mqtt, "node-1"));
+    let node = ServiceProcess::start(&env(&kafka, &mqtt, "it-node-1"));
     let reported = crate::common::wait_until(Duration::from_secs(20), async || {
         let Ok(response) = reqwest::get(node.url("/health/ready")).await else { return false };
         let text = response.text().await.unwrap_or_default();

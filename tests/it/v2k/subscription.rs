@@ -32,6 +32,7 @@ async fn subscription_mode_forwards_device_publishes_through_the_shared_subscrip
             ("MQTT_URL", &mqtt.url()),
             ("MQTT_PASSWORD", "svc-pass"),
             ("MQTT_CLIENT_ID", "it-sub"),
+            ("SERVICE_CLIENT_ID_PREFIX", "it-"),
         ],
     )
     .await;
@@ -187,7 +188,7 @@ async fn subscription_mode_instances_share_the_group() {
         env.push(("K2V_ENABLED", "false".to_string()));
         env
     };
-    let (one, two) = (ServiceProcess::start(&env("node-1")), ServiceProcess::start(&env("node-2")));
+    let (one, two) = (ServiceProcess::start(&env("it-node-1")), ServiceProcess::start(&env("it-node-2")));
     one.wait_ready().await;
     two.wait_ready().await;
     let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-share", true).await;
