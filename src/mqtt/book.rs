@@ -59,7 +59,7 @@ pub(super) enum Answer {
     /// Refused for good: the message is forgotten.
     Refused(u64, Refusal),
     /// Refused for now (0x97 quota exceeded, 0x91 packet id in use): kept, and sent again after a pause
-    /// ([`Book::take_retries`]) or with the rest after a reconnect.
+    /// ([`Book::release_retries`]) or with the rest after a reconnect.
     Retry(u64),
 }
 
@@ -86,16 +86,23 @@ pub(super) struct Message {
 /// The bookkeeping, shared by the submitting side and the event loop, and pure (rumqttc's events come in as data).
 /// Publishes are written to rumqttc's request queue under this lock, so `unmatched` has exactly the queue's order,
 /// which is the order of the `Outgoing::Publish(pkid)` events.
+///
+/// Messages sent again go through rumqttc's pending list instead, which rumqttc empties ahead of its request queue
+/// but without its flow control: it numbers each at once even with its window full, and one whose packet id is
+/// still taken replaces the publish it held back before on such a collision (it holds one), which is then never
+/// sent. So they wait here, in `resend`, and the event loop hands them over one at a time, when rumqttc can send one
+/// at once ([`Book::next_resend`]).
 #[derive(Debug, Default)]
 pub(super) struct Book {
     next_seq: u64,
     pub(super) closed: bool,
     /// Every message not yet acknowledged, by sequence number.
     pub(super) messages: HashMap<u64, Message>,
-    /// Messages given to rumqttc (or to be re-sent at the next CONNACK) whose packet id is not yet known, oldest
-    /// first. The first `resend` of them were lost with a connection and are queued again at the next CONNACK.
+    /// Messages given to rumqttc whose packet id is not yet known, in the order rumqttc numbers them.
     unmatched: VecDeque<u64>,
-    resend: usize,
+    /// Messages to send again (lost with a connection, answered "not now" once their pause is over, or dropped by
+    /// rumqttc), oldest first, not yet given to rumqttc: they go out ahead of its request queue.
+    resend: VecDeque<u64>,
     /// Sent on the current connection, awaiting PUBACK: packet id → sequence number.
     in_flight: HashMap<u16, u64>,
     /// A publish rumqttc holds back because its packet id is still in use (`Outgoing::AwaitAck`).
@@ -104,7 +111,7 @@ pub(super) struct Book {
     retry: Vec<u64>,
     /// The message of the last `Outgoing::Publish`: the one a write failure (packet too large) is about.
     last_sent: Option<u64>,
-    /// Publishes sent again after a connection loss, since start.
+    /// Publishes given to rumqttc again (lost with a connection, answered "not now", dropped by rumqttc), since start.
     pub(super) resent: u64,
 }
 
@@ -140,8 +147,16 @@ impl Book {
                 None
             }
             Event::Outgoing(Outgoing::AwaitAck(pkid)) => {
-                if let Some(seq) = self.unmatched.pop_front() {
-                    self.collided = Some((*pkid, seq));
+                if let Some(seq) = self.unmatched.pop_front()
+                    && let Some((_, dropped)) = self.collided.replace((*pkid, seq))
+                {
+                    // rumqttc holds one publish per collision and replaced the one it held with this one: that
+                    // message is nowhere in rumqttc any more, and would never be sent nor acknowledged.
+                    tracing::error!(
+                        seq = dropped,
+                        "MQTT publish dropped by rumqttc on a packet id collision; sent again"
+                    );
+                    self.queue_resend([dropped]);
                 }
                 None
             }
@@ -178,45 +193,50 @@ impl Book {
         !self.retry.is_empty()
     }
 
-    /// The messages answered [`Answer::Retry`], oldest first, to be appended to rumqttc's pending list, which holds
-    /// `queued` of our publishes: they go out after those and before anything in the request channel.
-    pub(super) fn take_retries(&mut self, queued: usize) -> Vec<Publish> {
-        let mut retry = std::mem::take(&mut self.retry);
-        retry.retain(|seq| self.messages.contains_key(seq));
-        retry.sort_unstable();
-        let at = queued.min(self.unmatched.len());
-        for (i, seq) in retry.iter().enumerate() {
-            self.unmatched.insert(at + i, *seq);
+    /// The pause after [`Answer::Retry`] is over: those messages are sent again, in order with any others waiting
+    /// for that.
+    pub(super) fn release_retries(&mut self) {
+        let retry = std::mem::take(&mut self.retry);
+        self.queue_resend(retry);
+    }
+
+    fn queue_resend(&mut self, seqs: impl IntoIterator<Item = u64>) {
+        self.resend.extend(seqs);
+        self.resend.make_contiguous().sort_unstable();
+    }
+
+    /// How many messages wait to be sent again.
+    pub(super) fn to_resend(&self) -> usize {
+        self.resend.len()
+    }
+
+    /// The oldest message waiting to be sent again, now given to rumqttc. Only when rumqttc holds none of our
+    /// publishes without a packet id: it numbers this one next, before anything in its request queue.
+    pub(super) fn next_resend(&mut self) -> Option<Publish> {
+        while let Some(seq) = self.resend.pop_front() {
+            // A message given up meanwhile (too large to write) is not sent again.
+            if let Some(message) = self.messages.get(&seq) {
+                self.unmatched.push_front(seq);
+                self.resent += 1;
+                return Some(message.publish());
+            }
         }
-        self.resent += retry.len() as u64;
-        retry.iter().filter_map(|seq| self.messages.get(seq)).map(Message::publish).collect()
+        None
     }
 
     /// After a connection error: nothing sent on that connection and un-acknowledged, nor anything rumqttc had
     /// queued, can be trusted to arrive (rumqttc drops its pending list when the session is not resumed, and
     /// resends it in packet-id order otherwise). `unnumbered` is how many of our publishes rumqttc had queued
-    /// without a packet id (taken back from it): they are the oldest entries of `unmatched` after those already
-    /// waiting to be re-sent. Everything lost goes back to the front, in submission order.
+    /// without a packet id (taken back from it): they are the oldest entries of `unmatched`. Everything lost joins
+    /// what already waited to be sent again, in submission order.
     pub(super) fn connection_lost(&mut self, unnumbered: usize) {
-        let start = self.resend;
-        let end = (start + unnumbered).min(self.unmatched.len());
+        let end = unnumbered.min(self.unmatched.len());
         let mut lost: Vec<u64> = self.unmatched.drain(..end).collect();
         lost.extend(self.in_flight.drain().map(|(_, seq)| seq));
         lost.extend(self.collided.take().map(|(_, seq)| seq));
         lost.append(&mut self.retry);
         lost.retain(|seq| self.messages.contains_key(seq));
-        lost.sort_unstable();
-        self.resend = lost.len();
-        for seq in lost.into_iter().rev() {
-            self.unmatched.push_front(seq);
-        }
-    }
-
-    /// At CONNACK: the lost messages, oldest first, to be sent before anything still in the request queue.
-    pub(super) fn requeue(&mut self) -> Vec<Publish> {
-        let count = std::mem::take(&mut self.resend);
-        self.resent += count as u64;
-        self.unmatched.iter().take(count).filter_map(|seq| self.messages.get(seq)).map(Message::publish).collect()
+        self.queue_resend(lost);
     }
 }
 
@@ -269,6 +289,19 @@ mod tests {
         assert!(book.messages.is_empty() && book.in_flight.is_empty() && book.unmatched.is_empty());
     }
 
+    /// The payloads waiting to be sent again, in the order they will be handed to rumqttc.
+    fn to_resend(book: &Book) -> Vec<String> {
+        book.resend.iter().map(|seq| String::from_utf8_lossy(&book.messages[seq].payload).into_owned()).collect()
+    }
+
+    /// Hands the next message to send again to rumqttc, which numbers it `pkid` at once, as the event loop does
+    /// when rumqttc's window has room; returns its payload.
+    fn resend_next(book: &mut Book, pkid: u16) -> String {
+        let publish = book.next_resend().expect("a message to send again");
+        book.on_event(&sent(pkid));
+        payloads(&[publish]).remove(0)
+    }
+
     #[test]
     fn everything_unacknowledged_is_sent_again_in_order_ahead_of_newer_messages() {
         let mut book = Book::default();
@@ -284,12 +317,13 @@ mod tests {
         // Reconnection attempts that fail change nothing.
         book.connection_lost(0);
         book.connection_lost(0);
-        let again = book.requeue();
-        assert_eq!(payloads(&again), ["1", "2", "3"]);
+        assert_eq!(to_resend(&book), ["1", "2", "3"]);
+        // Handed over one at a time, each numbered before anything in the channel; then the channel's.
+        let again: Vec<String> = (3..=5).map(|pkid| resend_next(&mut book, pkid)).collect();
+        assert_eq!(again, ["1", "2", "3"]);
+        assert!(book.next_resend().is_none(), "sent again once");
         assert_eq!(book.resent, 3);
-        assert!(book.requeue().is_empty(), "re-sent once per connection");
-        // rumqttc sends the re-queued ones first, then the channel's: packet ids map in that order.
-        for pkid in 3..=7 {
+        for pkid in 6..=7 {
             book.on_event(&sent(pkid));
         }
         let acks: Vec<Option<Answer>> = (3..=7).map(|pkid| book.on_event(&acked(pkid))).collect();
@@ -316,15 +350,16 @@ mod tests {
             book.on_event(&sent(pkid));
         }
         book.connection_lost(0);
-        assert_eq!(payloads(&book.requeue()), ["0", "1", "2", "3"]);
+        assert_eq!(to_resend(&book), ["0", "1", "2", "3"]);
         book.submitted(message(4));
-        // Only 0 and 1 went out again before the next error; 2 and 3 were still queued in rumqttc (taken back),
-        // 4 was drained from the channel with them.
-        book.on_event(&sent(5));
-        book.on_event(&sent(6));
+        // 0 and 1 went out again and 0 was acknowledged; 2 was in rumqttc's pending list and 4 in its channel (both
+        // taken back, unnumbered); 3 had not been handed over yet.
+        assert_eq!(resend_next(&mut book, 5), "0");
+        assert_eq!(resend_next(&mut book, 6), "1");
         assert_eq!(book.on_event(&acked(5)), Some(Answer::Delivered(0)));
-        book.connection_lost(3);
-        assert_eq!(payloads(&book.requeue()), ["1", "2", "3", "4"]);
+        assert!(book.next_resend().is_some());
+        book.connection_lost(2);
+        assert_eq!(to_resend(&book), ["1", "2", "3", "4"]);
     }
 
     #[test]
@@ -345,7 +380,38 @@ mod tests {
         book.submitted(message(3));
         book.on_event(&Event::Outgoing(Outgoing::AwaitAck(5)));
         book.connection_lost(0);
-        assert_eq!(payloads(&book.requeue()), ["3"]);
+        assert_eq!(to_resend(&book), ["3"]);
+    }
+
+    #[test]
+    fn a_held_publish_that_rumqttc_replaces_is_sent_again() {
+        let mut book = Book::default();
+        for n in 0..4 {
+            book.submitted(message(n));
+        }
+        book.on_event(&sent(1));
+        book.on_event(&sent(2));
+        // Window of two, both ids taken: rumqttc holds message 2 back on id 1, then message 3 on id 2, which
+        // replaces message 2 (it holds one): 2 is no longer anywhere in rumqttc.
+        book.on_event(&Event::Outgoing(Outgoing::AwaitAck(1)));
+        book.on_event(&Event::Outgoing(Outgoing::AwaitAck(2)));
+        assert_eq!(to_resend(&book), ["2"], "given to rumqttc again on this connection");
+        // The connection goes before that: every unacknowledged message comes back, in order.
+        book.connection_lost(0);
+        assert_eq!(to_resend(&book), ["0", "1", "2", "3"]);
+        let again: Vec<String> = (3..=6).map(|pkid| resend_next(&mut book, pkid)).collect();
+        assert_eq!(again, ["0", "1", "2", "3"]);
+        let acks: Vec<Option<Answer>> = (3..=6).map(|pkid| book.on_event(&acked(pkid))).collect();
+        assert_eq!(
+            acks,
+            [
+                Some(Answer::Delivered(0)),
+                Some(Answer::Delivered(1)),
+                Some(Answer::Delivered(2)),
+                Some(Answer::Delivered(3))
+            ]
+        );
+        assert!(book.messages.is_empty());
     }
 
     #[test]
@@ -374,13 +440,13 @@ mod tests {
             Some(Answer::Refused(3, Refusal::Unspecified))
         );
         book.connection_lost(0);
-        assert_eq!(payloads(&book.requeue()), ["4"]);
+        assert_eq!(to_resend(&book), ["4"]);
         assert_eq!(Refusal::NotAuthorized.code(), 0x87);
         assert_eq!(answer(9, PubAckReason::NoMatchingSubscribers), Answer::Delivered(9));
     }
 
     #[test]
-    fn a_quota_answer_is_sent_again_after_what_rumqttc_already_holds() {
+    fn a_quota_answer_is_sent_again_ahead_of_the_request_queue() {
         let mut book = Book::default();
         for n in 0..4 {
             book.submitted(message(n));
@@ -390,15 +456,16 @@ mod tests {
         assert_eq!(book.on_event(&answered(1, PubAckReason::QuotaExceeded)), Some(Answer::Retry(0)));
         assert_eq!(book.on_event(&acked(2)), Some(Answer::Delivered(1)));
         assert!(book.has_retries());
-        // Message 2 sits in rumqttc's pending list, 3 in the channel: the retry goes between them.
-        let again = book.take_retries(1);
-        assert_eq!(payloads(&again), ["0"]);
+        assert!(book.next_resend().is_none(), "not before its pause is over");
+        book.release_retries();
         assert!(!book.has_retries());
-        for pkid in 3..=5 {
+        // Messages 2 and 3 are still in rumqttc's channel: the retry goes before them.
+        assert_eq!(resend_next(&mut book, 3), "0");
+        for pkid in 4..=5 {
             book.on_event(&sent(pkid));
         }
         let acks: Vec<Option<Answer>> = (3..=5).map(|pkid| book.on_event(&acked(pkid))).collect();
-        assert_eq!(acks, [Some(Answer::Delivered(2)), Some(Answer::Delivered(0)), Some(Answer::Delivered(3))]);
+        assert_eq!(acks, [Some(Answer::Delivered(0)), Some(Answer::Delivered(2)), Some(Answer::Delivered(3))]);
         // Waiting for a retry when the connection goes: sent again with the others, in order.
         book.submitted(message(4));
         book.submitted(message(5));
@@ -406,7 +473,7 @@ mod tests {
         book.on_event(&sent(7));
         book.on_event(&answered(7, PubAckReason::QuotaExceeded));
         book.connection_lost(0);
-        assert_eq!(payloads(&book.requeue()), ["4", "5"]);
+        assert_eq!(to_resend(&book), ["4", "5"]);
     }
 
     #[test]
@@ -419,6 +486,6 @@ mod tests {
         assert_eq!(book.refuse_last_sent(), Some(1));
         assert_eq!(book.refuse_last_sent(), None);
         book.connection_lost(0);
-        assert_eq!(payloads(&book.requeue()), ["0"]);
+        assert_eq!(to_resend(&book), ["0"]);
     }
 }

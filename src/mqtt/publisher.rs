@@ -99,7 +99,8 @@ impl Publisher {
         let mut options = settings.options(role, true)?;
         // Packet ids cycle over the in-flight window (the broker's Receive Maximum may lower it); twice the
         // caller's bound keeps a slow ack from colliding.
-        options.set_outgoing_inflight_upper_limit(max_in_flight.saturating_mul(2).saturating_add(10));
+        let inflight_limit = max_in_flight.saturating_mul(2).saturating_add(10);
+        options.set_outgoing_inflight_upper_limit(inflight_limit);
         let (client, eventloop) = super::client(options, usize::from(max_in_flight) + 64);
         let book = Arc::new(Mutex::new(Book::default()));
         let (connected_tx, connected) = watch::channel(false);
@@ -116,6 +117,8 @@ impl Publisher {
             stop: stop.clone(),
             reload,
             cycling: false,
+            inflight_limit,
+            window: inflight_limit,
         };
         let task = AbortOnDropHandle::new(tokio::spawn(driver.run()));
         Ok((Self { client, book, connected, max_packet, stop, task: Mutex::new(Some(task)) }, acks))
@@ -203,6 +206,10 @@ struct Driver {
     reload: Option<Reload>,
     /// A DISCONNECT is on its way to reconnect with renewed TLS files.
     cycling: bool,
+    /// The in-flight limit set on rumqttc.
+    inflight_limit: u16,
+    /// rumqttc's window on the current connection: the in-flight limit, lowered to the broker's Receive Maximum.
+    window: u16,
 }
 
 impl Driver {
@@ -211,6 +218,7 @@ impl Driver {
         let mut quota = Backoff::new(MIN_RETRY, MAX_RETRY);
         let mut retry_at: Option<tokio::time::Instant> = None;
         loop {
+            self.feed_resend();
             let event = tokio::select! {
                 biased;
                 () = self.stop.cancelled() => break,
@@ -236,8 +244,19 @@ impl Driver {
                     let broker_max = ack.properties.as_ref().and_then(|p| p.max_packet_size);
                     let limit = broker_max.map_or(MAX_PACKET_BYTES, |m| (m as usize).min(MAX_PACKET_BYTES));
                     self.max_packet.store(limit, Ordering::Relaxed);
+                    // As rumqttc sets its own (`handle_incoming_connack`): a CONNACK without one keeps the last.
+                    if let Some(receive_max) = ack.properties.as_ref().and_then(|p| p.receive_max) {
+                        self.window = receive_max.min(self.inflight_limit);
+                    }
                     backoff.connected();
-                    self.requeue_lost();
+                    let to_resend = self.book.lock().to_resend();
+                    if to_resend > 0 {
+                        tracing::info!(
+                            count = to_resend,
+                            window = self.window,
+                            "re-sending MQTT publishes not acknowledged before the reconnect"
+                        );
+                    }
                     self.connected.send_replace(true);
                     self.probe.set(true);
                 }
@@ -289,7 +308,11 @@ impl Driver {
 
     /// Reports final answers.
     fn handle(&mut self, event: &Event) -> Option<Answer> {
-        let answer = self.book.lock().on_event(event)?;
+        let answer = self.book.lock().on_event(event);
+        if let Event::Incoming(Incoming::PubAck(ack)) = event {
+            self.release_held(ack.pkid);
+        }
+        let answer = answer?;
         match answer {
             Answer::Delivered(seq) => {
                 let _ = self.acks.send(Ack { seq, outcome: Outcome::Delivered });
@@ -326,38 +349,228 @@ impl Driver {
         self.book.lock().connection_lost(unnumbered);
     }
 
-    /// Puts the lost messages in front of everything still in the request queue, oldest first.
-    fn requeue_lost(&mut self) {
-        let publishes = self.book.lock().requeue();
-        if !publishes.is_empty() {
-            tracing::info!(count = publishes.len(), "re-sending MQTT publishes not acknowledged before the reconnect");
-        }
-        self.eventloop.pending.extend(publishes.into_iter().map(Request::Publish));
+    /// Sends the "quota exceeded" publishes again, with the other messages waiting for that.
+    fn retry_now(&mut self) {
+        self.book.lock().release_retries();
     }
 
-    /// Sends the "quota exceeded" publishes again, after what rumqttc already holds and before the request queue.
-    fn retry_now(&mut self) {
-        let queued = self.eventloop.pending.iter().filter(|r| matches!(r, Request::Publish(_))).count();
-        let publishes = self.book.lock().take_retries(queued);
-        self.eventloop.pending.extend(publishes.into_iter().map(Request::Publish));
+    /// Gives rumqttc the next message to send again, if it would send it at once. rumqttc takes its pending list
+    /// before its request queue but without its flow control (see [`Book`]), so a message goes there only when
+    /// rumqttc's window has room and no publish is held back on a packet id collision, one at a time. Newer
+    /// messages cannot overtake: rumqttc reads its request queue only when its pending list is empty and under
+    /// those same two conditions, in which the next message to send again is handed over first.
+    fn feed_resend(&mut self) {
+        let state = &self.eventloop.state;
+        let can_send_now = *self.connected.borrow()
+            // Every event rumqttc buffered has reached the bookkeeping: no publish it numbered is still unmatched,
+            // so the one given now is numbered next.
+            && state.events.is_empty()
+            && state.collision.is_none()
+            && state.inflight() < self.window
+            && !self.eventloop.pending.iter().any(|request| matches!(request, Request::Publish(_)));
+        if !can_send_now {
+            return;
+        }
+        if let Some(publish) = self.book.lock().next_resend() {
+            self.eventloop.pending.push_back(Request::Publish(publish));
+        }
+    }
+
+    /// After a PUBACK for `pkid`: rumqttc sends the publish it held back on that packet id only when the PUBACK
+    /// is a success, and after a refusal or "not now" would hold it (and the request queue behind it) until its
+    /// collision timeout drops the connection. The id is free either way: the held publish goes first, with its id.
+    fn release_held(&mut self, pkid: u16) {
+        let eventloop = &mut self.eventloop;
+        if eventloop.state.collision.as_ref().is_some_and(|held| held.pkid == pkid)
+            && let Some(held) = eventloop.state.collision.take()
+        {
+            eventloop.state.collision_ping_count = 0;
+            eventloop.pending.push_front(Request::Publish(held));
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use bytes::BytesMut;
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnAck, ConnAckProperties, ConnectReturnCode, Packet, PingResp, PubAck, PubAckReason,
+    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
     use super::*;
 
     fn settings() -> MqttSettings {
         // Nothing listens on port 1 of the loopback: the publisher stays disconnected.
+        settings_for(1)
+    }
+
+    fn settings_for(port: u16) -> MqttSettings {
         MqttSettings {
             host: "127.0.0.1".into(),
-            port: 1,
+            port,
             tls: None,
             username: "k2v-bridge".into(),
             password: None,
             client_id: "unit".into(),
             keep_alive: Duration::from_secs(30),
         }
+    }
+
+    /// The broker's side of one connection, played by the test: it decides when and how each publish is answered.
+    struct BrokerSide {
+        stream: TcpStream,
+        received: BytesMut,
+    }
+
+    impl BrokerSide {
+        /// Accepts the publisher's connection and answers its CONNECT, announcing `receive_max`.
+        async fn accept(listener: &TcpListener, receive_max: u16) -> Self {
+            let (stream, _) = listener.accept().await.expect("the publisher connects");
+            let mut side = Self { stream, received: BytesMut::new() };
+            assert!(matches!(side.next().await, Packet::Connect(..)));
+            let properties = ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(receive_max),
+                max_qos: None,
+                retain_available: None,
+                max_packet_size: None,
+                assigned_client_identifier: None,
+                topic_alias_max: None,
+                reason_string: None,
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: None,
+                shared_subscription_available: None,
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            };
+            let connack =
+                ConnAck { session_present: false, code: ConnectReturnCode::Success, properties: Some(properties) };
+            side.send(Packet::ConnAck(connack)).await;
+            side
+        }
+
+        async fn next(&mut self) -> Packet {
+            loop {
+                match Packet::read(&mut self.received, None) {
+                    Ok(packet) => return packet,
+                    Err(PacketError::InsufficientBytes(_)) => {}
+                    Err(error) => panic!("malformed packet from the publisher: {error}"),
+                }
+                let read = self.stream.read_buf(&mut self.received).await.expect("read from the publisher");
+                assert!(read > 0, "the publisher closed the connection");
+            }
+        }
+
+        /// The next PUBLISH: its packet id and payload.
+        async fn publish(&mut self) -> (u16, String) {
+            self.publish_within(Duration::from_secs(2)).await.expect("a publish within 2 s")
+        }
+
+        /// The next PUBLISH if one comes within `wait`.
+        async fn publish_within(&mut self, wait: Duration) -> Option<(u16, String)> {
+            tokio::time::timeout(wait, self.next_publish()).await.ok()
+        }
+
+        async fn next_publish(&mut self) -> (u16, String) {
+            loop {
+                match self.next().await {
+                    Packet::Publish(publish) => {
+                        return (publish.pkid, String::from_utf8_lossy(&publish.payload).into_owned());
+                    }
+                    Packet::PingReq(_) => self.send(Packet::PingResp(PingResp)).await,
+                    other => panic!("unexpected packet from the publisher: {other:?}"),
+                }
+            }
+        }
+
+        async fn answer(&mut self, pkid: u16, reason: PubAckReason) {
+            self.send(Packet::PubAck(PubAck { pkid, reason, properties: None })).await;
+        }
+
+        async fn send(&mut self, packet: Packet) {
+            let mut bytes = BytesMut::new();
+            packet.write(&mut bytes, None).expect("encode");
+            self.stream.write_all(&bytes).await.expect("write to the publisher");
+        }
+    }
+
+    async fn next_ack(acks: &mut mpsc::UnboundedReceiver<Ack>) -> Ack {
+        tokio::time::timeout(Duration::from_secs(2), acks.recv()).await.expect("an answer").expect("publisher alive")
+    }
+
+    #[tokio::test]
+    async fn publishes_lost_with_a_connection_go_out_again_in_order_within_the_broker_window() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = settings_for(listener.local_addr().unwrap().port());
+        let (publisher, mut acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
+        let mut broker = BrokerSide::accept(&listener, 2).await;
+        publisher.connected().wait_for(|up| *up).await.unwrap();
+        for n in 0..6 {
+            publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
+        }
+        // The broker lets two be unacknowledged: two go out, the rest wait; then the connection goes.
+        assert_eq!(broker.publish().await.1, "0");
+        assert_eq!(broker.publish().await.1, "1");
+        assert_eq!(broker.publish_within(Duration::from_millis(100)).await, None, "beyond the Receive Maximum");
+        drop(broker);
+        // All six are sent again, two at a time as the broker answers, in order: none is numbered while the
+        // window is full (rumqttc would hold it back on a packet id in use and replace it with the next one).
+        let mut broker = BrokerSide::accept(&listener, 2).await;
+        for pair in [["0", "1"], ["2", "3"], ["4", "5"]] {
+            let first = broker.publish().await;
+            let second = broker.publish().await;
+            assert_eq!([first.1.as_str(), second.1.as_str()], pair);
+            assert_eq!(broker.publish_within(Duration::from_millis(300)).await, None, "beyond the Receive Maximum");
+            broker.answer(first.0, PubAckReason::Success).await;
+            broker.answer(second.0, PubAckReason::Success).await;
+        }
+        let mut answered = Vec::new();
+        for _ in 0..6 {
+            let ack = next_ack(&mut acks).await;
+            assert_eq!(ack.outcome, Outcome::Delivered);
+            answered.push(ack.seq);
+        }
+        assert_eq!(answered, [0, 1, 2, 3, 4, 5]);
+        assert_eq!(publisher.resent(), 6);
+        assert_eq!(publisher.close(Duration::from_secs(1)).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_publish_held_on_a_refused_packet_id_goes_out_at_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = settings_for(listener.local_addr().unwrap().port());
+        let (publisher, mut acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
+        let mut broker = BrokerSide::accept(&listener, 2).await;
+        publisher.connected().wait_for(|up| *up).await.unwrap();
+        for n in 0..3 {
+            publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
+        }
+        assert_eq!(broker.publish().await, (1, "0".to_string()));
+        assert_eq!(broker.publish().await, (2, "1".to_string()));
+        // Answered out of order: rumqttc numbers the third 1 again, still taken, and holds it back.
+        broker.answer(2, PubAckReason::Success).await;
+        assert_eq!(broker.publish_within(Duration::from_millis(200)).await, None, "held back while 1 is taken");
+        // A refusal frees 1 too; rumqttc itself would keep the third until its collision timeout (two keep-alives)
+        // dropped the connection.
+        broker.answer(1, PubAckReason::NotAuthorized).await;
+        assert_eq!(broker.publish_within(Duration::from_secs(2)).await, Some((1, "2".to_string())));
+        broker.answer(1, PubAckReason::Success).await;
+        let answers = [next_ack(&mut acks).await, next_ack(&mut acks).await, next_ack(&mut acks).await];
+        assert_eq!(
+            answers,
+            [
+                Ack { seq: 1, outcome: Outcome::Delivered },
+                Ack { seq: 0, outcome: Outcome::Refused(Refusal::NotAuthorized) },
+                Ack { seq: 2, outcome: Outcome::Delivered }
+            ]
+        );
+        assert_eq!(publisher.close(Duration::from_secs(1)).await, 0);
     }
 
     #[tokio::test]

@@ -185,6 +185,10 @@ impl Record {
     }
 }
 
+/// The Receive Maximum the tests' Mosquitto announces to MQTT 5 clients: its `max_inflight_messages` is both (default
+/// 20, which would cap K2V's window); 1 000 is closer to VerneMQ, whose `receive_max_broker` defaults to 65 535.
+pub const RECEIVE_MAXIMUM: u16 = 1000;
+
 /// A Mosquitto broker with a plain listener protected by a password file, and a second, anonymous one for devices
 /// (Mosquitto's password file cannot hold `tenant:device` names: they contain its separator).
 pub struct Mosquitto {
@@ -207,6 +211,16 @@ impl Mosquitto {
 
     /// With an ACL file (Mosquitto's `user` / `topic` lines) on the password-protected listener.
     pub fn start_with_acl(users: &[(&str, &str)], acl: Option<&str>, extra: &str) -> Self {
+        Self::launch(users, acl, extra, RECEIVE_MAXIMUM)
+    }
+
+    /// Announcing `receive_maximum` (Mosquitto's `max_inflight_messages`) to MQTT 5 clients instead of
+    /// [`RECEIVE_MAXIMUM`]: 20 is Mosquitto's default, a window smaller than the service's.
+    pub fn start_with_receive_maximum(users: &[(&str, &str)], receive_maximum: u16) -> Self {
+        Self::launch(users, None, "", receive_maximum)
+    }
+
+    fn launch(users: &[(&str, &str)], acl: Option<&str>, extra: &str, receive_maximum: u16) -> Self {
         let dir = tempfile::tempdir().expect("mosquitto dir");
         let passwd = dir.path().join("passwd");
         std::fs::write(&passwd, "").expect("passwd file");
@@ -227,11 +241,9 @@ impl Mosquitto {
         };
         let port = free_port();
         let device_port = free_port();
-        // max_inflight_messages is also the Receive Maximum Mosquitto announces to MQTT 5 clients (default 20, which
-        // would cap K2V's window); 1 000 is closer to VerneMQ, whose receive_max_broker defaults to 65 535.
         let config = format!(
             "user root\nper_listener_settings true\npersistence true\npersistence_location {dir}/\n\
-             log_dest file {dir}/mosquitto.log\nmax_queued_messages 100000\nmax_inflight_messages 1000\n\
+             log_dest file {dir}/mosquitto.log\nmax_queued_messages 100000\nmax_inflight_messages {receive_maximum}\n\
              listener {port} 127.0.0.1\nallow_anonymous false\npassword_file {passwd}\n{acl_line}\
              listener {device_port} 127.0.0.1\nallow_anonymous true\n{extra}\n",
             dir = dir.path().display(),

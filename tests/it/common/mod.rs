@@ -5,6 +5,7 @@
 
 pub mod brokers;
 pub mod captures;
+pub mod link;
 pub mod pki;
 pub mod process;
 pub mod shape;

@@ -3,6 +3,8 @@
 
 use tokio::task::JoinHandle;
 
+use crate::common::link::DelayedLink;
+
 use super::*;
 
 const DEVICES: usize = 5;
@@ -200,6 +202,86 @@ async fn fault_mosquitto_restarts_mid_stream() {
     assert!(complete && outcome.lost == 0, "lost {}", outcome.lost);
     app.stop().await.expect("clean stop");
     assert_commits_only_cover_delivered(&kafka, "fault-mqtt", &stream, &devices).await;
+    for d in devices {
+        d.stop().await;
+    }
+}
+
+/// Mosquitto's default Receive Maximum (its `max_inflight_messages`): the broker lets the service have this many
+/// publishes unacknowledged on a connection.
+const SMALL_RECEIVE_MAXIMUM: u16 = 20;
+/// K2V's window (`K2V_MAX_IN_FLIGHT`), ten times the broker's.
+const LARGE_K2V_WINDOW: u16 = 200;
+/// Between the service and the broker, each way: a PUBACK comes back 50 ms after its publish, as from a broker on
+/// another host. Over the bare loopback PUBACKs come back faster than rumqttc takes publishes from its pending list
+/// (about one a millisecond), so publishes sent again would never find their packet ids still in use.
+const ONE_WAY_LATENCY: Duration = Duration::from_millis(25);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_mosquitto_restarts_with_a_receive_maximum_below_the_k2v_window() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic(&topic("admin"), PARTITIONS).await;
+    let mut mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", K2V_PASSWORD)], SMALL_RECEIVE_MAXIMUM);
+    let devices = devices(mqtt.device_port).await;
+    let link = DelayedLink::start(mqtt.port, ONE_WAY_LATENCY).await;
+    let group = "fault-receive-max";
+    let mut env = k2v_env(&kafka, &link.url(), group);
+    env.push(("K2V_MAX_IN_FLIGHT", LARGE_K2V_WINDOW.to_string()));
+    let app = start_app(&env).await;
+
+    let started = Instant::now();
+    let mut stream = stream(&kafka, 2000);
+    // Stopped once devices receive: the burst outgrows what 20 publishes per round trip carry, so K2V has its whole
+    // window unacknowledged, which the publisher keeps: the reconnect has ten times the broker's Receive Maximum to
+    // send again.
+    let total = async || devices.iter().map(Subscriber::count).sum::<usize>();
+    assert!(
+        wait_until(Duration::from_secs(10), async || total().await > 0).await,
+        "K2V publishes before the broker stops"
+    );
+    mqtt.stop();
+    let window_filled = wait_until(Duration::from_secs(10), async || {
+        metric(&app.metrics().await, "iotagent_k2v_in_flight") >= f64::from(LARGE_K2V_WINDOW)
+    })
+    .await;
+    assert!(window_filled, "K2V never had its whole window unacknowledged: the test would exercise nothing");
+    mqtt.restart();
+    // Restarted again while that backlog is being sent again, some of it acknowledged, some in flight and the rest
+    // still waiting (at most 20 per round trip of 50 ms: the 200 take half a second).
+    let publisher_connected = async || {
+        let ready: Value = reqwest::get(app.url("/health/ready")).await.unwrap().json().await.unwrap();
+        ready["checks"].as_array().is_some_and(|c| c.iter().any(|c| c["name"] == "k2v_mqtt" && c["up"] == true))
+    };
+    assert!(wait_until(Duration::from_secs(10), publisher_connected).await, "the publisher reconnected");
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    mqtt.restart();
+    (&mut stream.task).await.unwrap();
+    let complete = wait_all_delivered(&devices, Duration::from_secs(40)).await;
+    let outcome = check(&devices);
+    // The counter is refreshed every second.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let resent = metric(&app.metrics().await, "iotagent_k2v_resent_total");
+    println!(
+        "receive maximum {SMALL_RECEIVE_MAXIMUM}, K2V window {LARGE_K2V_WINDOW}, mosquitto restarted twice: {} events, \
+         lost {}, duplicates {}, re-sent {resent}, {:?}",
+        DEVICES as u64 * PER_DEVICE,
+        outcome.lost,
+        outcome.duplicates,
+        started.elapsed()
+    );
+    assert!(
+        resent > f64::from(SMALL_RECEIVE_MAXIMUM),
+        "re-sent {resent}: no more than the broker's window to send again, the test exercised nothing"
+    );
+    assert!(complete && outcome.lost == 0, "lost {}", outcome.lost);
+    app.stop().await.expect("clean stop");
+    // Every event was acknowledged, so the final commit reaches the end of every partition.
+    let mut ends = vec![-1_i64; PARTITIONS as usize];
+    for (partition, offset) in stream.produced.lock().unwrap().keys() {
+        let end = &mut ends[*partition as usize];
+        *end = (*end).max(offset + 1);
+    }
+    assert_eq!(committed(&kafka, group, &topic("admin"), PARTITIONS), ends, "committed offsets against the ends");
     for d in devices {
         d.stop().await;
     }
