@@ -9,7 +9,9 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::{Error as PacketError, QoS};
-use rumqttc::v5::{AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, Request, StateError};
+use rumqttc::v5::{
+    AsyncClient, ClientError, ConnectionError, Event, EventLoop, Incoming, MqttState, Request, StateError,
+};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -344,7 +346,12 @@ impl Driver {
             }
         }
         let taken = std::mem::take(&mut self.eventloop.pending);
-        self.eventloop.state.collision = None;
+        // A fresh state for the next connection, and the window back at the upper limit until its CONNACK says
+        // otherwise. rumqttc numbers packets on from where it stopped and wraps only at exactly its window: after a
+        // broker with a smaller Receive Maximum than the last one, ids would pass the window and every first publish
+        // fail (`Unsolicited`). What it held is in `taken` (or was held on a collision, which the Book keeps).
+        self.eventloop.state = MqttState::new(self.inflight_limit, self.eventloop.state.manual_acks);
+        self.window = self.inflight_limit;
         let unnumbered = taken.iter().filter(|r| matches!(r, Request::Publish(p) if p.pkid == 0)).count();
         self.book.lock().connection_lost(unnumbered);
     }
@@ -354,11 +361,13 @@ impl Driver {
         self.book.lock().release_retries();
     }
 
-    /// Gives rumqttc the next message to send again, if it would send it at once. rumqttc takes its pending list
-    /// before its request queue but without its flow control (see [`Book`]), so a message goes there only when
-    /// rumqttc's window has room and no publish is held back on a packet id collision, one at a time. Newer
-    /// messages cannot overtake: rumqttc reads its request queue only when its pending list is empty and under
-    /// those same two conditions, in which the next message to send again is handed over first.
+    /// Gives rumqttc the next message to send again, if it can send it now. rumqttc takes its pending list before its
+    /// request queue but without its flow control (see [`Book`]), so a message goes there only when rumqttc's window
+    /// has room and no publish is held back on a packet id collision, one at a time. (Its id may still be in use,
+    /// answered out of order: rumqttc then holds it, the one publish it can hold, and nothing more is handed over
+    /// until that is released.) Newer messages cannot overtake: rumqttc reads its request queue only when its
+    /// pending list is empty and under those same two conditions, in which the next message to send again is handed
+    /// over first.
     fn feed_resend(&mut self) {
         let state = &self.eventloop.state;
         let can_send_now = *self.connected.borrow()
@@ -538,6 +547,33 @@ mod tests {
         }
         assert_eq!(answered, [0, 1, 2, 3, 4, 5]);
         assert_eq!(publisher.resent(), 6);
+        assert_eq!(publisher.close(Duration::from_secs(1)).await, 0);
+    }
+
+    #[tokio::test]
+    async fn a_broker_with_a_smaller_receive_maximum_than_the_last_gets_ids_within_its_own() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = settings_for(listener.local_addr().unwrap().port());
+        let (publisher, mut acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
+        let mut broker = BrokerSide::accept(&listener, 30).await;
+        publisher.connected().wait_for(|up| *up).await.unwrap();
+        for n in 0..12 {
+            publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
+            let (pkid, _) = broker.publish().await;
+            broker.answer(pkid, PubAckReason::Success).await;
+            assert_eq!(next_ack(&mut acks).await.seq, n);
+        }
+        drop(broker);
+        // The next broker lets two be unacknowledged; rumqttc had numbered up to 12.
+        let mut broker = BrokerSide::accept(&listener, 2).await;
+        for n in 12..20 {
+            publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
+            let (pkid, payload) = broker.publish().await;
+            assert!((1..=2).contains(&pkid), "packet id {pkid} within the Receive Maximum");
+            assert_eq!(payload, n.to_string());
+            broker.answer(pkid, PubAckReason::Success).await;
+            assert_eq!(next_ack(&mut acks).await, Ack { seq: n, outcome: Outcome::Delivered });
+        }
         assert_eq!(publisher.close(Duration::from_secs(1)).await, 0);
     }
 
