@@ -17,7 +17,7 @@ use crate::own_runtime::OwnRuntime;
 use crate::policy::Policy;
 use crate::readiness::{Readiness, ReadyFlag};
 use crate::sessions::SessionRegistry;
-use crate::shutdown::Budget;
+use crate::shutdown::{Budget, Critical};
 use crate::v2k::V2k;
 use crate::webhooks::HookState;
 
@@ -98,16 +98,23 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     let mut session_tasks = crate::sessions::start(&sessions, &session_settings, &shutdown);
     let mut readiness = Readiness::default();
     let policy = Arc::new(Policy::new(settings.policy));
-    // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush.
+    // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush. The
+    // ones the service cannot run without are watched: one that fails stops the service with an error.
     let tasks = TaskTracker::new();
+    let critical = Critical::new(shutdown.clone());
     // The PKI (API and certificate upkeep) runs where PKI_LISTEN is set, before the internal MQTT clients start:
     // they follow its renewals of the service's certificate (and poll the files for renewals made elsewhere).
     if let (Some(pki), Some(listener)) = (settings.pki.take(), listeners.pki.take()) {
         let store = Arc::new(crate::pki::Store::new(pki.store));
         let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
-        tasks.spawn(async move {
-            let _ = server.await;
-        });
+        // Served on a task of its own: its panic is made this task's, for the watch to see.
+        tasks.spawn(critical.watch("the PKI API", async move {
+            if let Err(error) = server.await
+                && error.is_panic()
+            {
+                std::panic::resume_unwind(error.into_panic());
+            }
+        }));
         let renewed = crate::pki::start_upkeep(store, pki.upkeep, &tasks, shutdown.clone());
         let k2v = settings.k2v.as_mut().map(|k2v| &mut k2v.mqtt);
         let v2k = settings.v2k.as_mut().and_then(|v2k| v2k.subscription.as_mut()).map(|s| &mut s.mqtt);
@@ -117,8 +124,17 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     // The subscription's runtime lives until the end: its task is awaited with the others before the producer's flush.
     let (v2k, _subscription_runtime) = match settings.v2k {
         Some(parts) => {
-            let (v2k, subscription_runtime) =
-                start_v2k(parts, &webhook_runtime, &policy, &metrics, &mut readiness, &tasks, &shutdown, &budget)?;
+            let (v2k, subscription_runtime) = start_v2k(
+                parts,
+                &webhook_runtime,
+                &policy,
+                &metrics,
+                &mut readiness,
+                &tasks,
+                &critical,
+                &shutdown,
+                &budget,
+            )?;
             (Some(v2k), subscription_runtime)
         }
         None => (None, None),
@@ -144,7 +160,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         );
     }
 
-    tasks.spawn({
+    tasks.spawn(critical.watch("the metrics upkeep", {
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();
         let sessions_gauge = metrics.gauge("iotagent_sessions", "MQTT sessions connected to this VerneMQ node", &[]);
@@ -164,7 +180,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
                 }
             }
         }
-    });
+    }));
 
     let address = http.local_addr()?;
     tracing::info!(%address, "serving webhooks");
@@ -197,9 +213,8 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             None => std::future::pending().await,
         }
     };
-    // A component that failed stops the whole service, in order, with an error: a supervisor restarts it, where a
-    // process that runs on without it would look alive.
-    let mut failure = None;
+    // A part that failed stops the whole service, in order, with an error: a supervisor restarts it, where a process
+    // that runs on without it would look alive.
     tokio::select! {
         result = &mut server => {
             return match result {
@@ -208,10 +223,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             };
         }
         () = shutdown.cancelled() => {}
-        () = k2v_failed => {
-            failure = Some(anyhow::anyhow!("K2V failed (see the error above); the service stopped so as to be restarted"));
-            shutdown.cancel();
-        }
+        () = k2v_failed => critical.failed("K2V failed".into()),
     }
     // The one deadline of the whole shutdown is set here.
     budget.deadline();
@@ -240,7 +252,10 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         task.abort();
     }
     tracing::info!(took = ?budget.total().saturating_sub(budget.remaining()), "stopped");
-    failure.map_or(Ok(()), Err)
+    match critical.failure() {
+        Some(reason) => Err(anyhow::anyhow!("stopped because {reason}; restart the service")),
+        None => Ok(()),
+    }
 }
 
 /// One warning line per door left open: devices that may connect without a certificate, webhooks that anyone who
@@ -278,6 +293,7 @@ fn start_v2k(
     metrics: &Metrics,
     readiness: &mut Readiness,
     tasks: &TaskTracker,
+    critical: &Critical,
     shutdown: &CancellationToken,
     budget: &Budget,
 ) -> anyhow::Result<(Arc<V2k>, Option<OwnRuntime>)> {
@@ -291,9 +307,9 @@ fn start_v2k(
     // Reports are relayed where the publishes wait for them: in the webhooks, or in the subscription's tasks.
     let relay = subscription_runtime.as_ref().unwrap_or(webhook_runtime).within(ReportRelay::start);
     let v2k = Arc::new(V2k::new(producer, relay, parts.settings, metrics));
-    tasks.spawn(watch_kafka(v2k.clone(), readiness.flag("kafka"), shutdown.clone()));
+    tasks.spawn(critical.watch("the Kafka watch", watch_kafka(v2k.clone(), readiness.flag("kafka"), shutdown.clone())));
     if let Some(period) = v2k.tenant_refresh() {
-        tasks.spawn(refresh_tenants(v2k.clone(), period, shutdown.clone()));
+        tasks.spawn(critical.watch("the tenant refresh", refresh_tenants(v2k.clone(), period, shutdown.clone())));
     }
     if let (Some(runtime), Some(subscription)) = (&subscription_runtime, parts.subscription) {
         match parts.plain {
@@ -312,7 +328,7 @@ fn start_v2k(
                     shutdown.clone(),
                     budget.total(),
                 );
-                tasks.spawn_on(run, runtime.handle());
+                tasks.spawn_on(critical.watch("the V2K subscription", run), runtime.handle());
             }
             // The subscription counts its drain from the cancellation, as the budget's deadline does.
             None => {
@@ -324,7 +340,7 @@ fn start_v2k(
                     shutdown.clone(),
                     budget.total(),
                 );
-                tasks.spawn_on(run, runtime.handle());
+                tasks.spawn_on(critical.watch("the V2K subscription", run), runtime.handle());
             }
         }
     }

@@ -1,10 +1,55 @@
 //! The shutdown budget: one deadline for the whole stop (SHUTDOWN_TIMEOUT), fixed when shutdown starts and shared by
-//! every step, so that the steps together never take longer than the budget.
+//! every step, so that the steps together never take longer than the budget; and the failures that start a shutdown.
 
+use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+/// Watches the tasks the service cannot run without. One that fails (a panic: they end otherwise only when asked)
+/// starts the shutdown, and the service then stops with an error, so that its supervisor restarts it instead of it
+/// running on, alive to its probes, without that part.
+#[derive(Debug, Clone)]
+pub struct Critical {
+    shutdown: CancellationToken,
+    failure: Arc<OnceLock<String>>,
+}
+
+impl Critical {
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self { shutdown, failure: Arc::default() }
+    }
+
+    /// `task`, run as a task of its own on the runtime that runs the returned future, and watched.
+    pub fn watch(
+        &self,
+        name: &'static str,
+        task: impl Future<Output = ()> + Send + 'static,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        let critical = self.clone();
+        async move {
+            if let Err(error) = tokio::spawn(task).await
+                && error.is_panic()
+            {
+                critical.failed(format!("{name} failed: {error}"));
+            }
+        }
+    }
+
+    /// Starts the shutdown for `reason`; the first reason is the one kept.
+    pub fn failed(&self, reason: String) {
+        tracing::error!(%reason, "a part the service cannot run without failed; stopping");
+        let _ = self.failure.set(reason);
+        self.shutdown.cancel();
+    }
+
+    /// Why the service stopped, if a part failed.
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.get().map(String::as_str)
+    }
+}
 
 /// A budget whose deadline is fixed by the first call to [`Budget::deadline`]; clones share it.
 #[derive(Debug, Clone)]
@@ -81,5 +126,19 @@ mod tests {
         let greedy = Budget::new(Duration::from_secs(4)).holding_back(Duration::from_secs(60));
         assert_eq!(greedy.total() / 2, Duration::from_secs(2));
         assert!(greedy.remaining() <= Duration::from_secs(2), "holds back half the budget at most");
+    }
+
+    #[tokio::test]
+    async fn a_critical_task_that_fails_starts_the_shutdown_and_says_why() {
+        let shutdown = CancellationToken::new();
+        let critical = Critical::new(shutdown.clone());
+        critical.watch("ends when asked", async {}).await;
+        assert!(!shutdown.is_cancelled() && critical.failure().is_none());
+        critical.watch("the subscription", async { panic!("a bug") }).await;
+        assert!(shutdown.is_cancelled());
+        let failure = critical.failure().expect("a failure");
+        assert!(failure.contains("the subscription") && failure.contains("a bug"), "{failure}");
+        critical.failed("later".into());
+        assert_eq!(critical.failure(), Some(failure), "the first reason is kept");
     }
 }
