@@ -51,7 +51,7 @@ fn fill(n: usize) -> Registry {
         let client_id = format!("{device}|{device}");
         let serial = (i as u128).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C834).to_be_bytes();
         registry
-            .insert(NewSession {
+            .admit(NewSession {
                 mountpoint: "",
                 client_id: &client_id,
                 device: &device,

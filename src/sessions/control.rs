@@ -1,6 +1,7 @@
 //! The decisions of live session control, without I/O: who is refused at connect, which sessions must be closed,
 //! and the bookkeeping of the disconnects queued to the worker.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::time::Instant;
 
@@ -26,6 +27,8 @@ const UNCONFIRMED_TTL: Secs = 60;
 
 /// Revoked serials per issuer id.
 type Revoked = HashMap<u16, HashSet<Box<[u8]>>>;
+/// A session key: mountpoint, client id.
+type Key = (Box<str>, Box<str>);
 
 /// The node's sessions and the state that decides which of them must go. Shared by the hooks, the admin routes and
 /// the background tasks.
@@ -40,7 +43,7 @@ pub struct SessionRegistry {
     newly_removed: Mutex<Vec<String>>,
     pub(super) scan: Notify,
     /// Sessions queued or being disconnected: one job per session at a time.
-    in_flight: Mutex<HashSet<(Box<str>, Box<str>)>>,
+    in_flight: Mutex<HashSet<Key>>,
     pub(super) queue: Mutex<Option<mpsc::UnboundedSender<Target>>>,
     pub(super) metrics: SessionMetrics,
 }
@@ -138,23 +141,26 @@ impl SessionRegistry {
             None => now.saturating_add(UNCONFIRMED_TTL),
         };
         let session = NewSession { mountpoint, client_id, device, issuer, serial, expires };
-        if let Err(e) = self.registry.lock().insert(session) {
+        if let Err(e) = self.registry.lock().admit(session) {
             self.metrics.record_failed.increment(1);
             tracing::warn!(client_id, error = %e, "session not recorded; it cannot be force-disconnected");
         }
         Ok(())
     }
 
-    /// `on_register(_m5)`: with lifetimes off, the connection is confirmed and its entry kept until it goes.
+    /// `on_register(_m5)`: VerneMQ registered the connection admitted under this key, which takes the place of the
+    /// one registered before; with lifetimes off its entry is then kept until it goes.
     pub fn registered(&self, mountpoint: &str, client_id: &str) {
-        if !self.lifetimes {
-            self.registry.lock().set_expiry(mountpoint, client_id, NEVER);
-        }
+        let expires = (!self.lifetimes).then_some(NEVER);
+        let now = self.now();
+        self.registry.lock().registered(mountpoint, client_id, now, expires);
     }
 
-    /// `on_client_offline` / `on_client_gone`: no connection is left under this key.
+    /// `on_client_offline` / `on_client_gone`: the registered connection under this key went, or, after a takeover,
+    /// the one it took over did.
     pub fn gone(&self, mountpoint: &str, client_id: &str) {
-        self.registry.lock().remove(mountpoint, client_id);
+        let now = self.now();
+        self.registry.lock().gone(mountpoint, client_id, now);
     }
 
     /// Entries held (expired ones are swept every 30 s).
@@ -272,7 +278,26 @@ impl SessionRegistry {
         self.enqueue(targets)
     }
 
+    /// Queues one job per key. A key in a takeover holds two entries (the registered connection and one admitted
+    /// since), and a scan may select both: the job is for the newer. While that one is not registered its job still
+    /// closes the older (`Registry::get_for`); a job for the older would end as not needed once the newer registered,
+    /// leaving the new connection, admitted before the cause, connected.
     fn enqueue(&self, targets: Vec<Target>) -> usize {
+        let mut newest: HashMap<Key, Target> = HashMap::with_capacity(targets.len());
+        for target in targets {
+            match newest.entry(target.key()) {
+                Entry::Occupied(mut kept) => {
+                    // Generations wrap: "newer" is a wrapping distance in the lower half of the range.
+                    if (1..=i32::MAX as u32).contains(&target.generation.wrapping_sub(kept.get().generation)) {
+                        kept.insert(target);
+                    }
+                }
+                Entry::Vacant(slot) => {
+                    slot.insert(target);
+                }
+            }
+        }
+        let targets: Vec<Target> = newest.into_values().collect();
         let queue = self.queue.lock();
         let Some(queue) = queue.as_ref() else {
             if !targets.is_empty() {
@@ -293,19 +318,23 @@ impl SessionRegistry {
         queued
     }
 
-    /// Whether a queued disconnect is still wanted: the connection it was queued for is still here, and (but for an
-    /// operator's request) its device is still removed or its certificate still revoked.
+    /// Whether a queued disconnect is still wanted: the connection it was queued for, or the registered one it had
+    /// not yet taken over, is still here, and (but for an operator's request) its device is still removed or its
+    /// certificate still revoked.
     pub(super) fn still_to_close(&self, target: &Target) -> bool {
-        let now = self.now();
+        self.still_to_close_at(target, self.now())
+    }
+
+    pub(super) fn still_to_close_at(&self, target: &Target, now: Secs) -> bool {
         let registry = self.registry.lock();
-        let Some(session) = registry.get(&target.mountpoint, &target.client_id, now) else { return false };
-        if session.generation != target.generation {
-            // Reconnected under the same key since: admitted again, so not removed or revoked at that moment, and
-            // an operator's request named the connection of its time.
+        // Only a later connection under the key means a reconnect since: admitted again, so not removed or revoked at
+        // that moment, and an operator's request named the connections of its time.
+        let Some(session) = registry.get_for(&target.mountpoint, &target.client_id, target.generation, now) else {
             return false;
-        }
+        };
         match target.cause {
-            Cause::Operator => true,
+            // The older connection may be another device's (free client ids): the operator named this one.
+            Cause::Operator => session.recorded.device == &*target.device,
             Cause::Removed => self.is_removed(session.recorded.device),
             Cause::Revoked => self.is_revoked(session.recorded.issuer, session.recorded.serial),
         }

@@ -56,12 +56,13 @@ impl Outcome {
     }
 }
 
-/// One session to close: its key, and which connection under that key was meant.
+/// One session to close: its key, which connection under that key was meant, and whose it was.
 #[derive(Debug, Clone)]
 pub(super) struct Target {
     pub mountpoint: Box<str>,
     pub client_id: Box<str>,
     pub generation: u32,
+    pub device: Box<str>,
     pub cause: Cause,
 }
 
@@ -71,6 +72,7 @@ impl Target {
             mountpoint: session.recorded.mountpoint.into(),
             client_id: session.recorded.client_id.into(),
             generation: session.generation,
+            device: session.recorded.device.into(),
             cause,
         }
     }

@@ -1,5 +1,7 @@
 //! Notification hooks that keep the session registry exact where lifetimes do not: `on_register(_m5)` confirms a
-//! connection, `on_client_offline` and `on_client_gone` (no connection left under the key) forget it.
+//! connection (which replaces the one registered before under its key), `on_client_offline` and `on_client_gone`
+//! forget the registered connection — unless it took one over whose gone hook was still to come, which this is
+//! (`sessions::registry`).
 
 use super::{HookState, Reply, wire};
 

@@ -92,6 +92,11 @@ impl Recorder {
         self.calls.lock().clone()
     }
 
+    /// Forgets the calls recorded so far.
+    pub fn clear(&self) {
+        self.calls.lock().clear();
+    }
+
     /// Waits up to `timeout` for at least `n` calls, then returns them all.
     pub async fn wait_for(&self, n: usize, timeout: Duration) -> Vec<Call> {
         wait_until(timeout, async || self.calls.lock().len() >= n).await;
