@@ -509,17 +509,23 @@ mod tests {
         }
     }
 
+    /// A publisher (window 10) connected to a broker played by the test that announces `receive_max`.
+    async fn connected(receive_max: u16) -> (TcpListener, Publisher, mpsc::UnboundedReceiver<Ack>, BrokerSide) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = settings_for(listener.local_addr().unwrap().port());
+        let (publisher, acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
+        let broker = BrokerSide::accept(&listener, receive_max).await;
+        publisher.connected().wait_for(|up| *up).await.unwrap();
+        (listener, publisher, acks, broker)
+    }
+
     async fn next_ack(acks: &mut mpsc::UnboundedReceiver<Ack>) -> Ack {
         tokio::time::timeout(Duration::from_secs(2), acks.recv()).await.expect("an answer").expect("publisher alive")
     }
 
     #[tokio::test]
     async fn publishes_lost_with_a_connection_go_out_again_in_order_within_the_broker_window() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let settings = settings_for(listener.local_addr().unwrap().port());
-        let (publisher, mut acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
-        let mut broker = BrokerSide::accept(&listener, 2).await;
-        publisher.connected().wait_for(|up| *up).await.unwrap();
+        let (listener, publisher, mut acks, mut broker) = connected(2).await;
         for n in 0..6 {
             publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
         }
@@ -552,11 +558,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_broker_with_a_smaller_receive_maximum_than_the_last_gets_ids_within_its_own() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let settings = settings_for(listener.local_addr().unwrap().port());
-        let (publisher, mut acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
-        let mut broker = BrokerSide::accept(&listener, 30).await;
-        publisher.connected().wait_for(|up| *up).await.unwrap();
+        let (listener, publisher, mut acks, mut broker) = connected(30).await;
         for n in 0..12 {
             publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
             let (pkid, _) = broker.publish().await;
@@ -579,11 +581,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_publish_held_on_a_refused_packet_id_goes_out_at_once() {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let settings = settings_for(listener.local_addr().unwrap().port());
-        let (publisher, mut acks) = Publisher::start(&settings, "k2v", 10, ReadyFlag::default()).unwrap();
-        let mut broker = BrokerSide::accept(&listener, 2).await;
-        publisher.connected().wait_for(|up| *up).await.unwrap();
+        let (_listener, publisher, mut acks, mut broker) = connected(2).await;
         for n in 0..3 {
             publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
         }

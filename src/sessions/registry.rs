@@ -532,16 +532,21 @@ mod tests {
         assert!(r.is_empty());
     }
 
+    /// A connection registered under "k", then another one registered in its place, owing the first one's gone.
+    fn take_over(r: &mut Registry) {
+        admit(r, "k", 60);
+        registered(r, "k", 0);
+        admit(r, "k", 60);
+        assert_eq!(registered(r, "k", 0), Registration::TookOver);
+    }
+
     #[test]
     fn one_gone_is_owed_at_most() {
         // B took A over and A's gone was lost (VerneMQ's `--cleanup` sends none); C then takes B over. Only B's gone
         // is still to come (VerneMQ does not complete a registration before the previous hook call returned), then
         // C's own.
         let mut r = Registry::default();
-        admit(&mut r, "k", 60);
-        registered(&mut r, "k", 0);
-        admit(&mut r, "k", 60);
-        assert_eq!(registered(&mut r, "k", 0), Registration::TookOver);
+        take_over(&mut r);
         let c = admit(&mut r, "k", 60);
         assert_eq!(registered(&mut r, "k", 0), Registration::TookOver);
         assert_eq!(gone(&mut r, "k", 0), Gone::Settled);
@@ -554,10 +559,7 @@ mod tests {
         // Bounds what a lost gone hook costs without lifetimes: the entry of the connection that owes it would
         // otherwise survive its own gone hook.
         let mut r = Registry::default();
-        admit(&mut r, "k", 60);
-        registered(&mut r, "k", 0);
-        admit(&mut r, "k", 60);
-        assert_eq!(registered(&mut r, "k", 0), Registration::TookOver);
+        take_over(&mut r);
         r.sweep(30);
         let mut settled = Registry::default();
         admit(&mut settled, "k", 60);
