@@ -27,6 +27,10 @@ const UNCONFIRMED_TTL: Secs = 60;
 
 /// Revoked serials per issuer id.
 type Revoked = HashMap<u16, HashSet<Box<[u8]>>>;
+
+fn is_listed(revoked: &Revoked, issuer: u16, serial: &[u8]) -> bool {
+    issuer != NO_ISSUER && revoked.get(&issuer).is_some_and(|s| s.contains(serial))
+}
 /// A session key: mountpoint, client id.
 type Key = (Box<str>, Box<str>);
 
@@ -95,7 +99,7 @@ impl SessionRegistry {
     }
 
     fn is_revoked(&self, issuer: u16, serial: &[u8]) -> bool {
-        issuer != NO_ISSUER && self.revoked.read().get(&issuer).is_some_and(|s| s.contains(serial))
+        is_listed(&self.revoked.read(), issuer, serial)
     }
 
     pub fn is_removed(&self, device: &str) -> bool {
@@ -326,6 +330,9 @@ impl SessionRegistry {
     }
 
     pub(super) fn still_to_close_at(&self, target: &Target, now: Secs) -> bool {
+        // In the scans' order (the lists, then the registry): the other way round, a CRL install waiting for the
+        // write lock between a scan and this check would deadlock all three.
+        let (removed, revoked) = (self.removed.read(), self.revoked.read());
         let registry = self.registry.lock();
         // Only a later connection under the key means a reconnect since: admitted again, so not removed or revoked at
         // that moment, and an operator's request named the connections of its time.
@@ -335,8 +342,8 @@ impl SessionRegistry {
         match target.cause {
             // The older connection may be another device's (free client ids): the operator named this one.
             Cause::Operator => session.recorded.device == &*target.device,
-            Cause::Removed => self.is_removed(session.recorded.device),
-            Cause::Revoked => self.is_revoked(session.recorded.issuer, session.recorded.serial),
+            Cause::Removed => removed.contains(session.recorded.device),
+            Cause::Revoked => is_listed(&revoked, session.recorded.issuer, session.recorded.serial),
         }
     }
 
