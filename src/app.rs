@@ -95,13 +95,16 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     // Live session control (README): entries expire with the lifetime handed out, when there is one.
     let session_settings = settings.sessions;
     let sessions = Arc::new(SessionRegistry::new(&metrics, session_settings.lifetimes));
-    let mut session_tasks = crate::sessions::start(&sessions, &session_settings, &shutdown);
+    let critical = Critical::new(shutdown.clone());
+    let mut session_tasks: Vec<_> = crate::sessions::start(&sessions, &session_settings, &shutdown)
+        .into_iter()
+        .map(|task| critical.watch_spawned("live session control", task))
+        .collect();
     let mut readiness = Readiness::default();
     let policy = Arc::new(Policy::new(settings.policy));
     // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush. The
     // ones the service cannot run without are watched: one that fails stops the service with an error.
     let tasks = TaskTracker::new();
-    let critical = Critical::new(shutdown.clone());
     // The PKI (API and certificate upkeep) runs where PKI_LISTEN is set, before the internal MQTT clients start:
     // they follow its renewals of the service's certificate (and poll the files for renewals made elsewhere).
     if let (Some(pki), Some(listener)) = (settings.pki.take(), listeners.pki.take()) {
@@ -143,7 +146,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         HookState::new(policy, sessions.clone(), settings.cache, settings.max_body_bytes, v2k.clone(), &metrics)
             .with_service_certificates(service_certificates.clone());
     if let Some(watcher) = service_certificates.watch(shutdown.clone()) {
-        session_tasks.push(watcher);
+        session_tasks.push(critical.watch_spawned("the service certificates' watch", watcher));
     }
     let k2v_probes = settings.k2v.as_ref().map(|_| (readiness.flag("k2v_kafka"), readiness.flag("k2v_mqtt")));
     // Not ready until the removed devices Kafka held at start are read (README "Live session control").
@@ -154,10 +157,9 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             router.merge(crate::sessions::admin::routes(sessions.clone(), token, session_settings.id_charset.clone()));
     }
     if let (Some(reader), Some(probe)) = (settings.removed_reader, removed_probe) {
-        session_tasks.push(
-            crate::sessions::start_removed_reader(&sessions, &session_settings, reader, probe, &shutdown)
-                .context("cannot start the removed-device reader (KAFKA_BROKERS)")?,
-        );
+        let reader = crate::sessions::start_removed_reader(&sessions, &session_settings, reader, probe, &shutdown)
+            .context("cannot start the removed-device reader (KAFKA_BROKERS)")?;
+        session_tasks.push(critical.watch_spawned("the removed-device reader", reader));
     }
 
     tasks.spawn(critical.watch("the metrics upkeep", {

@@ -5,6 +5,7 @@ use std::future::Future;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use tokio::task::{AbortHandle, JoinHandle};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -29,12 +30,21 @@ impl Critical {
         task: impl Future<Output = ()> + Send + 'static,
     ) -> impl Future<Output = ()> + Send + 'static {
         let critical = self.clone();
-        async move {
-            if let Err(error) = tokio::spawn(task).await
-                && error.is_panic()
-            {
-                critical.failed(format!("{name} failed: {error}"));
-            }
+        async move { critical.report(name, tokio::spawn(task)).await }
+    }
+
+    /// Watches a task already spawned, which the caller stops with the handle returned (an abort is no failure).
+    pub fn watch_spawned(&self, name: &'static str, task: JoinHandle<()>) -> AbortHandle {
+        let abort = task.abort_handle();
+        tokio::spawn(self.clone().report(name, task));
+        abort
+    }
+
+    async fn report(self, name: &'static str, task: JoinHandle<()>) {
+        if let Err(error) = task.await
+            && error.is_panic()
+        {
+            self.failed(format!("{name} failed: {error}"));
         }
     }
 
@@ -140,5 +150,18 @@ mod tests {
         assert!(failure.contains("the subscription") && failure.contains("a bug"), "{failure}");
         critical.failed("later".into());
         assert_eq!(critical.failure(), Some(failure), "the first reason is kept");
+    }
+
+    #[tokio::test]
+    async fn a_spawned_task_is_watched_and_its_abort_is_no_failure() {
+        let shutdown = CancellationToken::new();
+        let critical = Critical::new(shutdown.clone());
+        let abort = critical.watch_spawned("session control", tokio::spawn(std::future::pending()));
+        abort.abort();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!shutdown.is_cancelled(), "stopped by its owner");
+        critical.watch_spawned("session control", tokio::spawn(async { panic!("a bug") }));
+        tokio::time::timeout(Duration::from_secs(5), shutdown.cancelled()).await.expect("the shutdown starts");
+        assert!(critical.failure().is_some_and(|f| f.contains("session control")));
     }
 }
