@@ -96,6 +96,19 @@ async fn devices_never_use_the_services_client_ids() {
     }
 }
 
+/// Attack 4b: a device answered by one instance asks for another instance's session ids (VerneMQ's takeover is
+/// cluster-wide), under the default prefix every instance's ids start with.
+#[tokio::test]
+async fn devices_never_use_another_instances_client_ids() {
+    let app = spawn_app(&flags(&[("CLIENT_ID_POLICY", "any"), ("MQTT_CLIENT_ID", "iotagent-mqtt-node-1")])).await;
+    let mut client = app.client().await;
+    for id in ["iotagent-mqtt-node-2-v2k", "iotagent-mqtt-node-2-k2v", "iotagent-mqtt-plain-v2k", "iotagent-mqtt"] {
+        let result = decision(&mut client, &register("admin:a1998e", id, None)).await;
+        assert!(denied(&result), "device with client id {id} got {result}");
+    }
+    assert_eq!(decision(&mut client, &register("admin:a1998e", "iotagent-mq", None)).await["ok"], Value::Null);
+}
+
 /// Attack 5: a tenant id with a dot would alias another tenant's Kafka topics.
 #[tokio::test]
 async fn tenant_ids_have_no_dots() {
