@@ -304,14 +304,9 @@ mod tests {
 
     #[test]
     fn everything_unacknowledged_is_sent_again_in_order_ahead_of_newer_messages() {
-        let mut book = Book::default();
-        for n in 0..6 {
-            book.submitted(message(n));
-        }
         // 0 and 1 went out, 0 was acknowledged; 2 and 3 were still in rumqttc's queue (taken back, unnumbered);
         // 4 and 5 were submitted after the error and are still in the request channel.
-        book.on_event(&sent(1));
-        book.on_event(&sent(2));
+        let mut book = first_two_sent_of(6);
         assert_eq!(book.on_event(&acked(1)), Some(Answer::Delivered(0)));
         book.connection_lost(2);
         // Reconnection attempts that fail change nothing.
@@ -362,14 +357,20 @@ mod tests {
         assert_eq!(to_resend(&book), ["1", "2", "3", "4"]);
     }
 
-    #[test]
-    fn a_collided_publish_keeps_its_place() {
+    /// A book with messages `0..count` submitted, the first two sent with packet ids 1 and 2.
+    fn first_two_sent_of(count: u64) -> Book {
         let mut book = Book::default();
-        for n in 0..3 {
+        for n in 0..count {
             book.submitted(message(n));
         }
         book.on_event(&sent(1));
         book.on_event(&sent(2));
+        book
+    }
+
+    #[test]
+    fn a_collided_publish_keeps_its_place() {
+        let mut book = first_two_sent_of(3);
         // rumqttc's next packet id (1) is still taken: it holds message 2 back until 1 is acknowledged.
         book.on_event(&Event::Outgoing(Outgoing::AwaitAck(1)));
         assert_eq!(book.on_event(&acked(1)), Some(Answer::Delivered(0)));
@@ -385,12 +386,7 @@ mod tests {
 
     #[test]
     fn a_held_publish_that_rumqttc_replaces_is_sent_again() {
-        let mut book = Book::default();
-        for n in 0..4 {
-            book.submitted(message(n));
-        }
-        book.on_event(&sent(1));
-        book.on_event(&sent(2));
+        let mut book = first_two_sent_of(4);
         // Window of two, both ids taken: rumqttc holds message 2 back on id 1, then message 3 on id 2, which
         // replaces message 2 (it holds one): 2 is no longer anywhere in rumqttc.
         book.on_event(&Event::Outgoing(Outgoing::AwaitAck(1)));
@@ -447,12 +443,7 @@ mod tests {
 
     #[test]
     fn a_quota_answer_is_sent_again_ahead_of_the_request_queue() {
-        let mut book = Book::default();
-        for n in 0..4 {
-            book.submitted(message(n));
-        }
-        book.on_event(&sent(1));
-        book.on_event(&sent(2));
+        let mut book = first_two_sent_of(4);
         assert_eq!(book.on_event(&answered(1, PubAckReason::QuotaExceeded)), Some(Answer::Retry(0)));
         assert_eq!(book.on_event(&acked(2)), Some(Answer::Delivered(1)));
         assert!(book.has_retries());

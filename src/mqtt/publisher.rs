@@ -519,6 +519,19 @@ mod tests {
         (listener, publisher, acks, broker)
     }
 
+    /// Publishes `n`, lets the broker take it and acknowledge it: its packet id and payload there, and the answer.
+    async fn round_trip(
+        publisher: &Publisher,
+        broker: &mut BrokerSide,
+        acks: &mut mpsc::UnboundedReceiver<Ack>,
+        n: u64,
+    ) -> (u16, String, Ack) {
+        publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
+        let (pkid, payload) = broker.publish().await;
+        broker.answer(pkid, PubAckReason::Success).await;
+        (pkid, payload, next_ack(acks).await)
+    }
+
     async fn next_ack(acks: &mut mpsc::UnboundedReceiver<Ack>) -> Ack {
         tokio::time::timeout(Duration::from_secs(2), acks.recv()).await.expect("an answer").expect("publisher alive")
     }
@@ -560,21 +573,17 @@ mod tests {
     async fn a_broker_with_a_smaller_receive_maximum_than_the_last_gets_ids_within_its_own() {
         let (listener, publisher, mut acks, mut broker) = connected(30).await;
         for n in 0..12 {
-            publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
-            let (pkid, _) = broker.publish().await;
-            broker.answer(pkid, PubAckReason::Success).await;
-            assert_eq!(next_ack(&mut acks).await.seq, n);
+            let (_, _, ack) = round_trip(&publisher, &mut broker, &mut acks, n).await;
+            assert_eq!(ack.seq, n);
         }
         drop(broker);
         // The next broker lets two be unacknowledged; rumqttc had numbered up to 12.
         let mut broker = BrokerSide::accept(&listener, 2).await;
         for n in 12..20 {
-            publisher.publish("t:d/config", Bytes::from(n.to_string()), false).unwrap();
-            let (pkid, payload) = broker.publish().await;
+            let (pkid, payload, ack) = round_trip(&publisher, &mut broker, &mut acks, n).await;
             assert!((1..=2).contains(&pkid), "packet id {pkid} within the Receive Maximum");
             assert_eq!(payload, n.to_string());
-            broker.answer(pkid, PubAckReason::Success).await;
-            assert_eq!(next_ack(&mut acks).await, Ack { seq: n, outcome: Outcome::Delivered });
+            assert_eq!(ack, Ack { seq: n, outcome: Outcome::Delivered });
         }
         assert_eq!(publisher.close(Duration::from_secs(1)).await, 0);
     }

@@ -493,9 +493,7 @@ mod tests {
     #[test]
     fn an_admitted_connection_that_never_registers_leaves_the_registered_one_in_place() {
         let mut r = Registry::default();
-        let a = admit(&mut r, "k", 60);
-        registered(&mut r, "k", 0);
-        let b = admit(&mut r, "k", 60);
+        let (a, b) = registered_then_admitted(&mut r);
         assert_eq!(generation(&r, "k", 10), Some(a), "A is what VerneMQ holds");
         let mut listed = r.select(10, |s| Some(s.generation));
         listed.sort_unstable();
@@ -532,11 +530,16 @@ mod tests {
         assert!(r.is_empty());
     }
 
+    /// A connection registered under "k" and another one admitted since: their generations.
+    fn registered_then_admitted(r: &mut Registry) -> (u32, u32) {
+        let registered_one = admit(r, "k", 60);
+        registered(r, "k", 0);
+        (registered_one, admit(r, "k", 60))
+    }
+
     /// A connection registered under "k", then another one registered in its place, owing the first one's gone.
     fn take_over(r: &mut Registry) {
-        admit(r, "k", 60);
-        registered(r, "k", 0);
-        admit(r, "k", 60);
+        registered_then_admitted(r);
         assert_eq!(registered(r, "k", 0), Registration::TookOver);
     }
 
@@ -602,9 +605,7 @@ mod tests {
     #[test]
     fn a_disconnect_concerns_its_connection_or_the_registered_one_before_it_never_a_later_one() {
         let mut r = Registry::default();
-        let a = admit(&mut r, "k", 60);
-        registered(&mut r, "k", 0);
-        let b = admit(&mut r, "k", 60);
+        let (a, b) = registered_then_admitted(&mut r);
         let for_target = |r: &Registry, target, now| r.get_for("", "k", target, now).map(|s| s.generation);
         assert_eq!(for_target(&r, a, 0), Some(a));
         assert_eq!(for_target(&r, b, 0), Some(b));
