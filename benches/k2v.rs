@@ -13,7 +13,7 @@ use iotagent_mqtt::mqtt::MqttSettings;
 use iotagent_mqtt::policy::IdCharset;
 use iotagent_mqtt::readiness::ReadyFlag;
 use iotagent_mqtt::secret::Secret;
-use iotagent_mqtt::shutdown::Budget;
+use iotagent_mqtt::shutdown::{Budget, Critical};
 use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
@@ -162,6 +162,7 @@ async fn drain(brokers: &str, mqtt_port: u16, events: usize) -> (Duration, Durat
         ReadyFlag::default(),
         ReadyFlag::default(),
         Budget::new(Duration::from_secs(10)),
+        &Critical::new(tokio_util::sync::CancellationToken::new()),
     )
     .expect("K2V starts");
     let mut first = None;

@@ -110,14 +110,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     if let (Some(pki), Some(listener)) = (settings.pki.take(), listeners.pki.take()) {
         let store = Arc::new(crate::pki::Store::new(pki.store));
         let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
-        // Served on a task of its own: its panic is made this task's, for the watch to see.
-        tasks.spawn(critical.watch("the PKI API", async move {
-            if let Err(error) = server.await
-                && error.is_panic()
-            {
-                std::panic::resume_unwind(error.into_panic());
-            }
-        }));
+        tasks.spawn(critical.watch_handle("the PKI API", server));
         let renewed = crate::pki::start_upkeep(store, pki.upkeep, &tasks, shutdown.clone());
         let k2v = settings.k2v.as_mut().map(|k2v| &mut k2v.mqtt);
         let v2k = settings.v2k.as_mut().and_then(|v2k| v2k.subscription.as_mut()).map(|s| &mut s.mqtt);
@@ -198,7 +191,10 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     let k2v = match (settings.k2v, k2v_probes) {
         (Some(settings), Some((kafka, mqtt))) => {
             let k2v_budget = budget.holding_back(AFTER_K2V_RESERVE);
-            Some(crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, k2v_budget).context("cannot start K2V")?)
+            Some(
+                crate::k2v::K2v::start(settings, &metrics, kafka, mqtt, k2v_budget, &critical)
+                    .context("cannot start K2V")?,
+            )
         }
         _ => None,
     };
@@ -209,14 +205,6 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             None => plain.into_future().await,
         }
     });
-    let k2v_failed = async {
-        match &k2v {
-            Some(k2v) => k2v.failed().await,
-            None => std::future::pending().await,
-        }
-    };
-    // A part that failed stops the whole service, in order, with an error: a supervisor restarts it, where a process
-    // that runs on without it would look alive.
     tokio::select! {
         result = &mut server => {
             return match result {
@@ -225,7 +213,6 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
             };
         }
         () = shutdown.cancelled() => {}
-        () = k2v_failed => critical.failed("K2V failed".into()),
     }
     // The one deadline of the whole shutdown is set here.
     budget.deadline();

@@ -33,10 +33,15 @@ impl Critical {
         async move { critical.report(name, tokio::spawn(task)).await }
     }
 
+    /// Waits for a task already spawned, and reports it if it failed.
+    pub fn watch_handle(&self, name: &'static str, task: JoinHandle<()>) -> impl Future<Output = ()> + Send + 'static {
+        self.clone().report(name, task)
+    }
+
     /// Watches a task already spawned, which the caller stops with the handle returned (an abort is no failure).
     pub fn watch_spawned(&self, name: &'static str, task: JoinHandle<()>) -> AbortHandle {
         let abort = task.abort_handle();
-        tokio::spawn(self.clone().report(name, task));
+        tokio::spawn(self.watch_handle(name, task));
         abort
     }
 

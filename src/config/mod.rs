@@ -207,31 +207,26 @@ impl Config {
     /// An instance refuses devices the ids of its own sessions only; the ids of the others' are refused because every
     /// instance's start with the one prefix that all refuse.
     fn service_ids_are_reserved(&self) -> Result<(), ConfigError> {
-        let prefix = &self.mqtt.service_client_id_prefix;
-        let client_id = self.mqtt.client_id();
-        if !client_id.starts_with(prefix.as_str()) {
-            return Err(invalid(
-                "MQTT_CLIENT_ID",
-                format!(
-                    "{client_id:?} does not start with SERVICE_CLIENT_ID_PREFIX ({prefix:?}): a device could take over \
-                     this instance's sessions through another instance"
-                ),
-            ));
-        }
-        Ok(())
+        let reason = "a device could take over this instance's sessions through another instance";
+        self.starts_with_reserved_prefix("MQTT_CLIENT_ID", &self.mqtt.client_id(), reason)
     }
 
     fn plain_session_is_reserved(&self) -> Result<(), ConfigError> {
-        let (prefix, group) = (&self.mqtt.service_client_id_prefix, &self.v2k.v2k_lease_group);
-        if group.starts_with(prefix.as_str()) {
+        let reason = "it is the client id of the plain subscription's one session, which no device may take";
+        self.starts_with_reserved_prefix("V2K_LEASE_GROUP", &self.v2k.v2k_lease_group, reason)
+    }
+
+    fn starts_with_reserved_prefix(
+        &self,
+        variable: &'static str,
+        value: &str,
+        reason: &str,
+    ) -> Result<(), ConfigError> {
+        let prefix = &self.mqtt.service_client_id_prefix;
+        if value.starts_with(prefix.as_str()) {
             return Ok(());
         }
-        Err(invalid(
-            "V2K_LEASE_GROUP",
-            format!(
-                "{group:?} (the plain subscription's client id) does not start with SERVICE_CLIENT_ID_PREFIX ({prefix:?})"
-            ),
-        ))
+        Err(invalid(variable, format!("{value:?} does not start with SERVICE_CLIENT_ID_PREFIX ({prefix:?}): {reason}")))
     }
 
     /// A device may not publish more than the service can receive: the payload travels base64-encoded in the

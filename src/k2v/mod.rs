@@ -23,7 +23,7 @@ use crate::metrics::Metrics;
 use crate::mqtt::MqttSettings;
 use crate::mqtt::publisher::{Ack, Outcome, PublishError, Publisher, Refusal};
 use crate::readiness::ReadyFlag;
-use crate::shutdown::Budget;
+use crate::shutdown::{Budget, Critical};
 
 /// Client id role of the K2V publisher and consumer (`<MQTT_CLIENT_ID>-k2v`).
 pub const ROLE: &str = "k2v";
@@ -65,7 +65,6 @@ pub enum K2vError {
 pub struct K2v {
     stop: CancellationToken,
     task: AbortOnDropHandle<()>,
-    failed: CancellationToken,
 }
 
 impl std::fmt::Debug for K2v {
@@ -85,6 +84,7 @@ impl K2v {
         kafka_probe: ReadyFlag,
         mqtt_probe: ReadyFlag,
         budget: Budget,
+        critical: &Critical,
     ) -> Result<Self, K2vError> {
         let probes = [kafka_probe.clone(), mqtt_probe.clone()];
         let consumer = K2vConsumer::new(&settings.consumer, kafka_probe)?;
@@ -116,36 +116,27 @@ impl K2v {
         };
         tracing::info!(pattern = %settings.consumer.topic_pattern, group = %settings.consumer.group_id, "K2V started");
         let bridge = AbortOnDropHandle::new(tokio::spawn(bridge.run(acks, dead_rx, stop.clone(), budget)));
-        let failed = CancellationToken::new();
-        let task = AbortOnDropHandle::new(tokio::spawn(supervise(bridge, probes, failed.clone())));
-        Ok(Self { stop, task, failed })
-    }
-
-    /// Completes if the bridge failed (it does not stop otherwise until asked): the process should stop and be
-    /// restarted rather than run on without K2V.
-    pub fn failed(&self) -> tokio_util::sync::WaitForCancellationFuture<'_> {
-        self.failed.cancelled()
+        let task = AbortOnDropHandle::new(tokio::spawn(supervise(bridge, probes, critical.clone())));
+        Ok(Self { stop, task })
     }
 
     /// Stops consuming, waits for in-flight publishes, commits what was acknowledged, then disconnects from the
     /// broker, all within the shutdown budget given at start.
     pub async fn shutdown(self) {
         self.stop.cancel();
-        if let Err(error) = self.task.await {
-            tracing::error!(%error, "K2V task failed");
-        }
+        // The supervisor reports a failed bridge itself.
+        let _ = self.task.await;
     }
 }
 
 /// Waits for the bridge. One that failed (a panic: it only ends otherwise when asked) takes K2V's probes down with
-/// the reason and says so at once, not at shutdown.
-async fn supervise(bridge: AbortOnDropHandle<()>, probes: [ReadyFlag; 2], failed: CancellationToken) {
+/// the reason and stops the service (`Critical`).
+async fn supervise(bridge: AbortOnDropHandle<()>, probes: [ReadyFlag; 2], critical: Critical) {
     if let Err(error) = bridge.await {
-        tracing::error!(%error, "K2V stopped: its task failed");
         for probe in &probes {
             probe.down(format!("K2V stopped: {error}"));
         }
-        failed.cancel();
+        critical.failed(format!("K2V failed: {error}"));
     }
 }
 
@@ -467,7 +458,7 @@ mod tests {
         probes.iter().for_each(|p| p.set(true));
         let failed = CancellationToken::new();
         let bridge = AbortOnDropHandle::new(tokio::spawn(async { panic!("a bug") }));
-        supervise(bridge, probes.clone(), failed.clone()).await;
+        supervise(bridge, probes.clone(), Critical::new(failed.clone())).await;
         assert!(failed.is_cancelled());
         for probe in &probes {
             assert!(!probe.is_up());
@@ -484,7 +475,8 @@ mod tests {
         let probes = [ReadyFlag::default(), ReadyFlag::default()];
         probes.iter().for_each(|p| p.set(true));
         let failed = CancellationToken::new();
-        supervise(AbortOnDropHandle::new(tokio::spawn(async {})), probes.clone(), failed.clone()).await;
+        let critical = Critical::new(failed.clone());
+        supervise(AbortOnDropHandle::new(tokio::spawn(async {})), probes.clone(), critical).await;
         assert!(!failed.is_cancelled());
         assert!(probes.iter().all(ReadyFlag::is_up));
     }

@@ -11,7 +11,7 @@ use tokio::sync::{Notify, mpsc};
 use super::crl::{self, CrlFailure};
 use super::disconnect::{Cause, Outcome, Target};
 use super::metrics::SessionMetrics;
-use super::registry::{Issuers, NEVER, NO_ISSUER, NewSession, Registry, Secs, Session};
+use super::registry::{Issuers, NEVER, NO_ISSUER, NewSession, Registry, Secs, Session, generations_apart};
 use super::removed::{Change, RemovedSet, SkipReason};
 use super::vernemq_api::ApiFailure;
 use crate::cert::ClientCertificate;
@@ -291,8 +291,7 @@ impl SessionRegistry {
         for target in targets {
             match newest.entry(target.key()) {
                 Entry::Occupied(mut kept) => {
-                    // Generations wrap: "newer" is a wrapping distance in the lower half of the range.
-                    if (1..=i32::MAX as u32).contains(&target.generation.wrapping_sub(kept.get().generation)) {
+                    if generations_apart(target.generation, kept.get().generation).is_some_and(|apart| apart > 0) {
                         kept.insert(target);
                     }
                 }

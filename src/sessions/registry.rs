@@ -185,6 +185,12 @@ pub enum Gone {
     Unknown,
 }
 
+/// How many generations `later` is after `earlier`, or `None` when it is before: generations wrap, so "after" is a
+/// wrapping distance in the lower half of the range.
+pub(super) fn generations_apart(later: u32, earlier: u32) -> Option<u32> {
+    Some(later.wrapping_sub(earlier)).filter(|&apart| apart <= i32::MAX as u32)
+}
+
 fn encode_key(mountpoint: &str, client_id: &str) -> Vec<u8> {
     let mut key = Vec::with_capacity(mountpoint.len() + 1 + client_id.len());
     key.extend_from_slice(mountpoint.as_bytes());
@@ -250,10 +256,15 @@ impl Registry {
             device_len,
             flags: if device_in_client_id { DEVICE_IN_CLIENT_ID } else { 0 },
         };
-        self.remove(entry.key(), false);
         let hash = self.hash(entry.key());
         let hasher = &self.hasher;
-        self.table.insert_unique(hash, entry, |e| hasher.hash_one(e.key()));
+        let admitted_before = |e: &Entry| e.key() == entry.key() && !e.has(REGISTERED);
+        match self.table.entry(hash, admitted_before, |e| hasher.hash_one(e.key())) {
+            hashbrown::hash_table::Entry::Occupied(mut occupied) => *occupied.get_mut() = entry,
+            hashbrown::hash_table::Entry::Vacant(vacant) => {
+                vacant.insert(entry);
+            }
+        }
         Ok(generation)
     }
 
@@ -328,14 +339,13 @@ impl Registry {
     /// would have taken over). A later one is a reconnect since, which is not what the disconnect was queued for.
     pub fn get_for(&self, mountpoint: &str, client_id: &str, generation: u32, now: Secs) -> Option<Session<'_>> {
         let key = encode_key(mountpoint, client_id);
-        // Generations wrap: "at or before" is a wrapping distance in the lower half of the range.
-        let age = |e: &&Entry| generation.wrapping_sub(e.generation);
         [true, false]
             .into_iter()
             .filter_map(|registered| self.find(&key, registered))
-            .filter(|e| e.expires > now && age(e) <= i32::MAX as u32)
-            .min_by_key(age)
-            .map(Entry::view)
+            .filter(|e| e.expires > now)
+            .filter_map(|e| Some((generations_apart(generation, e.generation)?, e)))
+            .min_by_key(|(age, _)| *age)
+            .map(|(_, e)| e.view())
     }
 
     /// Every live session `wanted` picks, in no particular order (a key in a takeover may give two). One pass over

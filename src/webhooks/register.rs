@@ -64,13 +64,13 @@ pub(super) fn auth_on_register(state: &HookState, body: &[u8]) -> Reply {
                 // Data of a tenant without a topic has nowhere to go: refuse the device before it publishes.
                 if state.v2k.as_ref().is_some_and(|v2k| !v2k.tenant_admitted(device.tenant)) {
                     // Sampled per tenant: a tenant's many devices are one story in the log.
-                    let name = device.to_string();
+                    let name = device.key();
                     return denied(state, device.tenant, &name, &req.client_id, DenyReason::UnknownTenant);
                 }
                 // The session key VerneMQ will use: the policy's rewrite if any (live session control).
                 let (mountpoint, client_id) =
                     modifiers.subscriber_id.as_ref().map_or((&req.mountpoint, &req.client_id), |(m, c)| (m, c));
-                let name = device.to_string();
+                let name = device.key();
                 let admitted = state.sessions.admit(
                     &name,
                     mountpoint,
