@@ -111,7 +111,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         let store = Arc::new(crate::pki::Store::new(pki.store));
         let server = crate::pki::serve(listener, store.clone(), pki.api, shutdown.clone()).await?;
         tasks.spawn(critical.watch_handle("the PKI API", server));
-        let renewed = crate::pki::start_upkeep(store, pki.upkeep, &tasks, shutdown.clone());
+        let renewed = crate::pki::start_upkeep(store, pki.upkeep, &tasks, &critical, shutdown.clone());
         let k2v = settings.k2v.as_mut().map(|k2v| &mut k2v.mqtt);
         let v2k = settings.v2k.as_mut().and_then(|v2k| v2k.subscription.as_mut()).map(|s| &mut s.mqtt);
         follow_renewals([k2v, v2k], &renewed);

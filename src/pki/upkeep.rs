@@ -9,6 +9,7 @@ use tokio_util::task::TaskTracker;
 
 use super::{Role, Store};
 use crate::schedule::Schedule;
+use crate::shutdown::Critical;
 
 /// `CRL_UPDATE_TIME`, `CHECK_EXPIRATION_TIME`, `CHECK_BROKER_CERT_REVOKED_TIME`.
 #[derive(Debug, Clone)]
@@ -25,13 +26,14 @@ enum Job {
     Revoked,
 }
 
-/// Starts the three upkeep loops on `tasks`; they stop when `shutdown` is cancelled. Returns the "service
-/// certificate renewed" notification: the value counts renewals, so a receiver's `changed()` fires after each one
-/// (the internal MQTT clients reconnect with the new files).
+/// Starts the three upkeep loops on `tasks`, watched by `critical`; they stop when `shutdown` is cancelled. Returns the
+/// "service certificate renewed" notification: the value counts renewals, so a receiver's `changed()` fires after
+/// each one (the internal MQTT clients reconnect with the new files).
 pub fn start(
     store: Arc<Store>,
     settings: UpkeepSettings,
     tasks: &TaskTracker,
+    critical: &Critical,
     shutdown: CancellationToken,
 ) -> watch::Receiver<u64> {
     let (renewed, service_renewed) = watch::channel(0);
@@ -41,7 +43,8 @@ pub fn start(
         (Job::Expiration, settings.check_expiration),
         (Job::Revoked, settings.check_revoked),
     ] {
-        tasks.spawn(run(job, schedule, store.clone(), renewed.clone(), shutdown.clone()));
+        let run = run(job, schedule, store.clone(), renewed.clone(), shutdown.clone());
+        tasks.spawn(critical.watch("the PKI certificate upkeep", run));
     }
     service_renewed
 }
@@ -115,7 +118,8 @@ mod tests {
         let settings =
             UpkeepSettings { crl_update: every("1s"), check_expiration: every("1h"), check_revoked: every("1s") };
         let tasks = TaskTracker::new();
-        let mut service_renewed = start(store.clone(), settings, &tasks, shutdown.clone());
+        let critical = Critical::new(shutdown.clone());
+        let mut service_renewed = start(store.clone(), settings, &tasks, &critical, shutdown.clone());
         tokio::time::timeout(Duration::from_secs(10), service_renewed.changed()).await.unwrap().unwrap();
         assert_eq!(*service_renewed.borrow(), 1);
         assert_ne!(service, std::fs::read(dir.path().join("service.crt")).unwrap());
@@ -123,5 +127,6 @@ mod tests {
         shutdown.cancel();
         tasks.close();
         tokio::time::timeout(Duration::from_secs(5), tasks.wait()).await.unwrap();
+        assert_eq!(critical.failure(), None);
     }
 }
