@@ -31,12 +31,20 @@ pub enum LogKind {
     BadRequest,
     /// A device record Kafka did not take: after a long outage every queued record expires at once.
     DeliveryFailure,
+    /// A publish refused because Kafka cannot take it now: while Kafka is down, every device publish is one.
+    Unavailable,
 }
 
 impl LogKind {
     /// Every variant, in declaration order (so `kind as usize` indexes it).
-    pub const ALL: [LogKind; 5] =
-        [LogKind::Register, LogKind::Publish, LogKind::Subscribe, LogKind::BadRequest, LogKind::DeliveryFailure];
+    pub const ALL: [LogKind; 6] = [
+        LogKind::Register,
+        LogKind::Publish,
+        LogKind::Subscribe,
+        LogKind::BadRequest,
+        LogKind::DeliveryFailure,
+        LogKind::Unavailable,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
@@ -45,6 +53,7 @@ impl LogKind {
             LogKind::Subscribe => "subscribe",
             LogKind::BadRequest => "bad_request",
             LogKind::DeliveryFailure => "delivery_failure",
+            LogKind::Unavailable => "unavailable",
         }
     }
 }

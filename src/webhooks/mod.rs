@@ -236,8 +236,12 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
     metrics.outcomes[reply.outcome() as usize].increment(1);
     match reply {
         Reply::Deny(reason) => state.denied[reason.index()].increment(1),
+        // Both follow Kafka's state, so an outage turns every device publish into one: sampled per reason and per
+        // hook (the message of an undelivered record names its device, and V2K logs that record, sampled, too).
         Reply::Unavailable(message) => {
-            tracing::warn!(hook = hook.name(), %message, "publish refused: Kafka cannot take it now");
+            if let Some(suppressed) = state.log_guard.admit(LogKind::Unavailable, message) {
+                tracing::warn!(hook = hook.name(), %message, suppressed, "publish refused: Kafka cannot take it now");
+            }
         }
         // Anyone who reaches the port can send these: sampled, and what they sent clipped.
         Reply::BadRequest(message) => {
@@ -246,7 +250,11 @@ fn record(hook: Hook, state: &HookState, reply: &Reply, started: Instant) {
                                "rejected malformed webhook request");
             }
         }
-        Reply::Internal(message) => tracing::error!(hook = hook.name(), %message, "webhook failed"),
+        Reply::Internal(message) => {
+            if let Some(suppressed) = state.log_guard.admit(LogKind::DeliveryFailure, hook.name()) {
+                tracing::error!(hook = hook.name(), %message, suppressed, "webhook failed");
+            }
+        }
         Reply::Allow { .. } | Reply::Notified => {}
     }
     metrics.latency.record(started.elapsed().as_secs_f64());

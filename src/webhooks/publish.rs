@@ -24,7 +24,9 @@ pub(super) async fn auth_on_publish(state: &HookState, body: &[u8]) -> Reply {
             return Reply::Deny(reason);
         }
     };
-    let cacheable = principal.publish_cacheable() && state.v2k.as_ref().is_none_or(|v2k| v2k.publish_cacheable());
+    let cacheable = principal.publish_cacheable()
+        && req.properties.is_empty()
+        && state.v2k.as_ref().is_none_or(|v2k| v2k.publish_cacheable());
     if let (Some(v2k), Principal::Device(device)) = (&state.v2k, principal) {
         match v2k.admit(device, &req.topic, req.payload.as_deref(), req.qos).await {
             Admission::Admit => {}

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 
-use serde::de::{Deserialize, Deserializer};
+use serde::de::{Deserialize, Deserializer, IgnoredAny, MapAccess, Visitor};
 
 use super::Reply;
 
@@ -58,6 +58,50 @@ pub(super) struct Publish<'a> {
     /// Base64; absent when the endpoint is registered with `no_payload = on`.
     #[serde(borrow, default)]
     pub payload: Option<Text<'a>>,
+    #[serde(default)]
+    pub properties: Properties,
+}
+
+/// A request's MQTT 5 properties, read only for whether there are any. VerneMQ's webhook cache keys a reply by the
+/// whole request (payload and port aside), properties included, and VerneMQ 2.1 removes an expired row only when the
+/// same key is looked up again: a reply cached for properties the client chose per message (a correlation id, a user
+/// property) would leave one row per message in the broker for good.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub(super) struct Properties {
+    any: bool,
+}
+
+impl Properties {
+    /// No properties, or none sent (MQTT 3.1.1 hooks).
+    pub(super) fn is_empty(self) -> bool {
+        !self.any
+    }
+}
+
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Entries;
+        impl<'de> Visitor<'de> for Entries {
+            type Value = Properties;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object of MQTT 5 properties")
+            }
+
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Properties, A::Error> {
+                let mut any = false;
+                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {
+                    any = true;
+                }
+                Ok(Properties { any })
+            }
+
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Properties, E> {
+                Ok(Properties { any: false })
+            }
+        }
+        d.deserialize_any(Entries)
+    }
 }
 
 /// A string borrowed from the body unless it holds escapes. (serde borrows a `Cow` field only when it is not wrapped,
@@ -88,6 +132,8 @@ pub(super) struct Subscribe {
     pub username: Option<String>,
     pub client_id: String,
     pub topics: Vec<Subscription>,
+    #[serde(default)]
+    pub properties: Properties,
 }
 
 /// `on_register(_m5)`.
@@ -187,5 +233,26 @@ mod tests {
         )
         .unwrap();
         assert_eq!(p.payload.as_deref(), Some("e30="));
+    }
+
+    #[test]
+    fn properties_tell_only_whether_there_are_any() {
+        let publish = |properties: &str| {
+            let body =
+                format!(r#"{{"username":"a:b","client_id":"c","qos":1,"topic":"t","retain":false{properties}}}"#);
+            parse::<Publish>(body.as_bytes()).map(|p| p.properties.is_empty())
+        };
+        assert_eq!(publish("").ok(), Some(true), "MQTT 3.1.1: none sent");
+        assert_eq!(publish(r#","properties":{}"#).ok(), Some(true));
+        assert_eq!(publish(r#","properties":null"#).ok(), Some(true));
+        assert_eq!(publish(r#","properties":{"p_correlation_data":"aWQ="}"#).ok(), Some(false));
+        assert_eq!(
+            publish(r#","properties":{"p_user_property":[{"key":"dA==","val":"MQ=="}],"p_message_expiry_interval":9}"#)
+                .ok(),
+            Some(false)
+        );
+        for not_properties in [r#","properties":[]"#, r#","properties":"x""#, r#","properties":1"#] {
+            assert!(publish(not_properties).is_err(), "{not_properties}");
+        }
     }
 }

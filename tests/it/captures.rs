@@ -25,10 +25,17 @@ fn is_device(username: &Value) -> bool {
         })
 }
 
+/// No MQTT 5 properties in the request (none sent, or an empty object).
+fn no_properties(request: &Value) -> bool {
+    request.get("properties").is_none_or(|p| p.is_null() || p.as_object().is_some_and(|o| o.is_empty()))
+}
+
 #[derive(Debug, Default)]
 struct Tally {
     allowed: usize,
     denied: usize,
+    /// Allowed replies VerneMQ may cache.
+    cached: usize,
 }
 
 #[tokio::test]
@@ -78,7 +85,11 @@ async fn every_captured_request_gets_the_designed_decision() {
                     && request["retain"] == false;
                 assert_eq!(allowed, own_attrs, "{context}: {reply}");
                 if allowed {
-                    assert_eq!(response.header("cache-control"), Some("max-age=300"), "{context}");
+                    // VerneMQ keys its cache by the request, properties included, and keeps a row until the same key
+                    // comes again: only property-free publishes may be cached.
+                    let cache = no_properties(&request).then_some("max-age=300");
+                    assert_eq!(response.header("cache-control"), cache, "{context}");
+                    entry.cached += usize::from(cache.is_some());
                 }
             }
             "auth_on_subscribe" | "auth_on_subscribe_m5" => {
@@ -91,6 +102,10 @@ async fn every_captured_request_gets_the_designed_decision() {
                     })
                     .collect();
                 let all = wanted.iter().all(|w| *w);
+                let cacheable = all && wanted.len() == 1 && no_properties(&request);
+                let cache = cacheable.then_some("max-age=300");
+                assert_eq!(response.header("cache-control"), cache, "{context}: {reply}");
+                entry.cached += usize::from(cacheable);
                 if c.hook == "auth_on_subscribe" && !all {
                     let got: Vec<bool> = reply["topics"]
                         .as_array()
@@ -125,6 +140,12 @@ async fn every_captured_request_gets_the_designed_decision() {
         let t = tally.get(*hook).unwrap_or_else(|| panic!("no capture for {hook}"));
         assert!(t.allowed > 0 && t.denied > 0, "{hook}: {t:?}");
     }
+    // Both sides of the caching rule are exercised: cached allows, and allows with properties that are not cached.
+    for hook in ["auth_on_publish", "auth_on_publish_m5", "auth_on_subscribe", "auth_on_subscribe_m5"] {
+        assert!(tally[hook].cached > 0, "{hook}: {:?}", tally[hook]);
+    }
+    let m5 = &tally["auth_on_publish_m5"];
+    assert!(m5.cached < m5.allowed, "a captured v5 publish with properties: {m5:?}");
     drop(client);
     app.stop().await.unwrap();
 }

@@ -38,3 +38,44 @@ async fn denied_publishes_do_not_flood_the_log() {
     let text = std::fs::read_to_string(&log).unwrap();
     assert!(text.contains("publish denied"), "a sample is logged: {text}");
 }
+
+/// Strict mode with Kafka unreachable refuses every device publish `unavailable`: the refusals are sampled like
+/// denials (an outage is not a flood of one line per publish), and every one is counted.
+#[tokio::test]
+async fn refusals_while_kafka_is_down_do_not_flood_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("service.log");
+    let service = ServiceProcess::start_logging_to(
+        &log,
+        &[
+            ("RUST_LOG", "info".into()),
+            ("KAFKA_BROKERS", "127.0.0.1:1".into()),
+            ("V2K_REQUIRE_TENANT_TOPIC", "false".into()),
+            ("V2K_ACK_TIMEOUT_MS", "1".into()),
+        ],
+    );
+    let up = crate::common::wait_until(Duration::from_secs(10), async || {
+        reqwest::get(service.url("/health/live")).await.is_ok_and(|r| r.status() == 200)
+    })
+    .await;
+    assert!(up, "service up");
+    let mut client = RawClient::connect(format!("127.0.0.1:{}", service.port).parse().unwrap()).await;
+    let body = json!({"username": "admin:a1998e", "mountpoint": "", "client_id": "admin:a1998e|c", "qos": 1,
+                      "topic": "admin:a1998e/attrs", "payload": "eyJ0IjoxfQ==", "retain": false})
+    .to_string();
+    let mut refused = 0;
+    for _ in 0..300 {
+        let reply = client.hook("auth_on_publish", body.as_bytes()).await;
+        if reply.json()["result"] == json!({"error": "unavailable"}) {
+            refused += 1;
+        }
+    }
+    assert!(refused > 250, "Kafka down: refused {refused} of 300");
+    let metrics = reqwest::get(service.url("/metrics")).await.unwrap().text().await.unwrap();
+    let counted =
+        format!(r#"iotagent_webhook_requests_total{{hook="auth_on_publish",outcome="unavailable"}} {refused}"#);
+    assert!(metrics.contains(&counted), "every refusal counted: {counted}");
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines = text.lines().filter(|l| l.contains("Kafka cannot take it now")).count();
+    assert!((1..=30).contains(&lines), "{lines} log lines for {refused} refusals");
+}
