@@ -155,6 +155,20 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         session_tasks.push(critical.watch_spawned("the removed-device reader", reader));
     }
 
+    match (session_settings.api.clone(), settings.cache.clear_every) {
+        (Some(api), Some(every)) => {
+            let (metrics, shutdown) = (metrics.clone(), shutdown.clone());
+            tasks.spawn(critical.watch("the webhook cache clearing", async move {
+                crate::webhooks::cache_clear::run(api, every, &metrics, shutdown).await;
+            }));
+        }
+        (None, Some(_)) => tracing::info!(
+            "VerneMQ's webhook cache is not cleared by this service (VERNEMQ_API_URL is unset); it keeps a row per \
+             client id until that client id comes back: clear it with `vmq-admin webhooks cache clear` (README \
+             \"Caching\")"
+        ),
+        _ => {}
+    }
     tasks.spawn(critical.watch("the metrics upkeep", {
         let metrics = metrics.clone();
         let shutdown = shutdown.clone();

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use super::{ConfigError, invalid};
 use crate::http_tls::TlsSettings;
@@ -18,6 +19,11 @@ pub struct WebhookArgs {
     /// VerneMQ's cache.
     #[arg(long, env = "REGISTER_CACHE_MAX_AGE", default_value_t = 0)]
     pub register_cache_max_age: u32,
+
+    /// Seconds between clears of VerneMQ's webhook cache through its API (VERNEMQ_API_URL), which VerneMQ 2.1 never
+    /// prunes by itself; 0 = never.
+    #[arg(long, env = "WEBHOOK_CACHE_CLEAR_INTERVAL", default_value_t = 3600)]
+    pub webhook_cache_clear_interval: u32,
 
     /// Threads that serve the webhooks (their own runtime, apart from K2V and the V2K subscription). One serves far
     /// more calls than a VerneMQ node makes, and a second one costs CPU per call in wake-ups between the two.
@@ -80,10 +86,14 @@ impl WebhookArgs {
     /// Which decisions VerneMQ may cache, and for how long.
     pub fn cache(&self) -> CachePolicy {
         let max_age = |seconds: u32| (seconds > 0).then_some(seconds);
+        let (register, publish) = (max_age(self.register_cache_max_age), max_age(self.webhook_cache_max_age));
+        let caching = register.is_some() || publish.is_some();
         CachePolicy {
-            register: max_age(self.register_cache_max_age),
-            publish: max_age(self.webhook_cache_max_age),
-            subscribe: max_age(self.webhook_cache_max_age),
+            register,
+            publish,
+            subscribe: publish,
+            clear_every: (caching && self.webhook_cache_clear_interval > 0)
+                .then(|| Duration::from_secs(u64::from(self.webhook_cache_clear_interval))),
         }
     }
 }
@@ -91,6 +101,16 @@ impl WebhookArgs {
 #[cfg(test)]
 mod tests {
     use super::super::parse;
+
+    #[test]
+    fn the_cache_is_cleared_hourly_only_while_anything_is_cached() {
+        let clear = |args: &[&str]| parse(args).unwrap().webhooks.cache().clear_every.map(|d| d.as_secs());
+        assert_eq!(clear(&[]), Some(3600));
+        assert_eq!(clear(&["--webhook-cache-clear-interval", "60"]), Some(60));
+        assert_eq!(clear(&["--webhook-cache-clear-interval", "0"]), None);
+        assert_eq!(clear(&["--webhook-cache-max-age", "0"]), None);
+        assert_eq!(clear(&["--webhook-cache-max-age", "0", "--register-cache-max-age", "5"]), Some(3600));
+    }
 
     #[test]
     fn tls_files_go_together() {

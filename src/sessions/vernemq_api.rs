@@ -51,11 +51,13 @@ impl ApiError {
     }
 }
 
-/// A client of one VerneMQ node's API (any node will do: the v1 disconnect is cluster-wide).
+/// A client of one VerneMQ node's API (any node will do for the v1 disconnect, which is cluster-wide; the webhook
+/// cache is the node's own).
 #[derive(Clone)]
 pub struct VernemqApi {
     client: reqwest::Client,
     disconnect_url: Url,
+    cache_clear_url: Url,
     key: Option<Secret>,
 }
 
@@ -83,14 +85,15 @@ impl VernemqApi {
         if url.scheme() != "http" || url.cannot_be_a_base() {
             return Err(ApiConfigError::Url(base.into(), "only http:// is supported".into()));
         }
-        let disconnect_url =
-            url.join("api/v1/session/disconnect").map_err(|e| ApiConfigError::Url(base.into(), e.to_string()))?;
+        let endpoint = |path: &str| url.join(path).map_err(|e| ApiConfigError::Url(base.into(), e.to_string()));
+        let (disconnect_url, cache_clear_url) =
+            (endpoint("api/v1/session/disconnect")?, endpoint("api/v1/webhooks/cache/clear")?);
         let client = reqwest::Client::builder()
             .timeout(CALL_TIMEOUT)
             .pool_max_idle_per_host(64)
             .build()
             .map_err(ApiConfigError::Client)?;
-        Ok(Self { client, disconnect_url, key })
+        Ok(Self { client, disconnect_url, cache_clear_url, key })
     }
 
     /// Disconnects one session. VerneMQ answers 200 whether or not it existed (NOTES.md scenario 4).
@@ -107,6 +110,18 @@ impl VernemqApi {
                 query.append_pair("--mountpoint", mountpoint);
             }
         }
+        self.call(url).await
+    }
+
+    /// Empties this node's webhook cache (`vmq-admin webhooks cache clear`).
+    ///
+    /// # Errors
+    /// Transport errors and non-2xx answers.
+    pub async fn clear_webhook_cache(&self) -> Result<(), ApiError> {
+        self.call(self.cache_clear_url.clone()).await
+    }
+
+    async fn call(&self, url: Url) -> Result<(), ApiError> {
         let mut request = self.client.get(url);
         if let Some(key) = &self.key {
             request = request.header("x-api-key", key.expose());

@@ -1,6 +1,7 @@
 //! VerneMQ `vmq_webhooks` endpoints: one route per hook under `/vmq/<hook>`, translating the wire format to the
 //! policy and back. Every reply is one VerneMQ accepts without crashing the session (ARCHITECTURE.md §2.3).
 
+pub mod cache_clear;
 mod publish;
 mod register;
 mod reply;
@@ -90,6 +91,8 @@ pub struct CachePolicy {
     pub register: Option<u32>,
     pub publish: Option<u32>,
     pub subscribe: Option<u32>,
+    /// How often VerneMQ's cache is emptied through its API (`cache_clear`); `None` when nothing is cached.
+    pub clear_every: Option<std::time::Duration>,
 }
 
 /// One hook's requests by outcome, and its latency.

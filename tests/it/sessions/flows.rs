@@ -247,3 +247,37 @@ async fn a_hostile_client_id_is_refused_and_a_hostile_mountpoint_stays_one_param
     assert_eq!(calls[0].params("client-id"), [format!("{DEVICE}|c1")]);
     assert!(calls[0].params("--cleanup").is_empty());
 }
+
+/// VerneMQ 2.1 never prunes its webhook cache: with its API configured the service empties the node's cache on
+/// `WEBHOOK_CACHE_CLEAR_INTERVAL`, with the API key, and counts it; with nothing cached it never calls.
+#[tokio::test]
+async fn vernemqs_webhook_cache_is_cleared_on_schedule_when_anything_is_cached() {
+    let recorder = Recorder::start().await;
+    let url = recorder.url.clone();
+    let app = spawn_app(&flags(&[
+        ("VERNEMQ_API_URL", &url),
+        ("VERNEMQ_API_KEY", API_KEY),
+        ("WEBHOOK_CACHE_CLEAR_INTERVAL", "1"),
+    ]))
+    .await;
+    let calls = recorder.wait_for(2, Duration::from_secs(5)).await;
+    assert!(calls.len() >= 2, "two clears within 5 s: {calls:?}");
+    for call in &calls {
+        assert_eq!((call.method.as_str(), call.path.as_str()), ("GET", "/api/v1/webhooks/cache/clear"), "{call:?}");
+        assert!(call.query.is_empty(), "{call:?}");
+        assert_eq!(call.api_key.as_deref(), Some(API_KEY));
+    }
+    let metrics = reqwest::get(app.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains(r#"iotagent_webhook_cache_clears_total{result="ok"}"#), "{metrics}");
+    app.stop().await.expect("clean stop");
+
+    let idle = Recorder::start().await;
+    let app = spawn_app(&flags(&[
+        ("VERNEMQ_API_URL", &idle.url),
+        ("WEBHOOK_CACHE_CLEAR_INTERVAL", "1"),
+        ("WEBHOOK_CACHE_MAX_AGE", "0"),
+    ]))
+    .await;
+    assert_eq!(idle.settled(Duration::from_millis(2500)).await, [], "nothing cached, nothing to clear");
+    app.stop().await.expect("clean stop");
+}
