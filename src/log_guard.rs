@@ -136,13 +136,24 @@ impl LogGuard {
         self.admit_at(kind, identity, Instant::now())
     }
 
+    fn key(&self, kind: LogKind, identity: &str) -> u64 {
+        self.hasher.hash_one((kind as u8, identity)) | 1
+    }
+
+    #[cfg(test)]
+    fn slot(&self, kind: LogKind, identity: &str) -> usize {
+        (self.key(kind, identity) as usize) % SLOTS
+    }
+
     fn admit_at(&self, kind: LogKind, identity: &str, now: Instant) -> Option<u64> {
-        let key = self.hasher.hash_one((kind as u8, identity)) | 1;
+        let key = self.key(kind, identity);
         let mut state = self.state.lock();
         let index = (key as usize) % SLOTS;
         let slot = &mut state.slots[index];
         let expired = slot.window_start.is_none_or(|start| now.duration_since(start) >= WINDOW);
-        if slot.key != key || expired {
+        // Within a window, an identity that collides with the slot's shares its budget: taking the slot over would
+        // give two alternating identities a fresh budget each time.
+        if expired {
             let carried = if slot.key == key { slot.suppressed } else { 0 };
             *slot = Slot { key, window_start: Some(now), logged: 0, suppressed: carried };
         }
@@ -189,17 +200,50 @@ mod tests {
 
     #[test]
     fn each_identity_gets_a_sample_per_window_and_learns_what_was_left_out() {
-        let metrics = Metrics::new();
-        let guard = LogGuard::new(&metrics);
+        // Slots are chosen by a random hash: one in 1 024 guards would put both kinds of admin:a1 in one slot.
+        let (metrics, guard) = std::iter::repeat_with(|| {
+            let metrics = Metrics::new();
+            let guard = LogGuard::new(&metrics);
+            (metrics, guard)
+        })
+        .find(|(_, g)| g.slot(LogKind::Publish, "admin:a1") != g.slot(LogKind::Subscribe, "admin:a1"))
+        .expect("an endless supply");
         let t0 = Instant::now();
         let logged = (0..100).filter(|_| guard.admit_at(LogKind::Publish, "admin:a1", t0).is_some()).count();
         assert_eq!(logged, BURST as usize);
         assert_eq!(guard.admit_at(LogKind::Subscribe, "admin:a1", t0), Some(0), "another kind, its own budget");
-        assert_eq!(guard.admit_at(LogKind::Publish, "admin:b2", t0), Some(0), "another identity, its own budget");
+        let other = (0..)
+            .map(|i| format!("admin:b{i}"))
+            .find(|b| guard.slot(LogKind::Publish, b) != guard.slot(LogKind::Publish, "admin:a1"));
+        assert_eq!(
+            guard.admit_at(LogKind::Publish, other.as_deref().unwrap_or_default(), t0),
+            Some(0),
+            "another identity, its own budget"
+        );
         assert_eq!(guard.admit_at(LogKind::Publish, "admin:a1", t0 + WINDOW), Some(100 - u64::from(BURST)));
         metrics.upkeep();
         let text = metrics.render();
         assert!(text.contains(r#"iotagent_log_lines_suppressed_total{kind="publish"} 97"#), "{text}");
+    }
+
+    #[test]
+    fn colliding_identities_share_a_budget_within_a_window() {
+        let guard = LogGuard::new(&Metrics::new());
+        let names: Vec<String> = (0..4096).map(|i| format!("t:d{i}")).collect();
+        let mut first_in_slot = std::collections::HashMap::new();
+        let (a, b) = names
+            .iter()
+            .find_map(|name| {
+                let slot = guard.slot(LogKind::Publish, name);
+                first_in_slot.insert(slot, name).map(|earlier| (earlier.clone(), name.clone()))
+            })
+            .expect("4 096 names in 1 024 slots collide");
+        let t0 = Instant::now();
+        let logged = (0..100)
+            .filter(|i| guard.admit_at(LogKind::Publish, if i % 2 == 0 { &a } else { &b }, t0).is_some())
+            .count();
+        assert_eq!(logged, BURST as usize, "{a} and {b} alternating");
+        assert!(guard.admit_at(LogKind::Publish, &b, t0 + WINDOW).is_some(), "the next window starts afresh");
     }
 
     #[test]
