@@ -198,7 +198,8 @@ async fn password_checks_do_not_stall_the_service() {
     }
     assert_eq!(refused, 6);
     assert!(
-        latest < Duration::from_millis(400),
+        // Inline checks held the thread 3.0–3.3 s; a busy 2-core CI machine may delay a timer by some 100 ms.
+        latest < Duration::from_millis(1000),
         "a 10 ms timer fired after {latest:?} while the checks ran ({:?} in all)",
         started.elapsed()
     );
