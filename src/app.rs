@@ -1,6 +1,5 @@
 //! Start and stop order of the whole service.
 
-use std::future::IntoFuture as _;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -212,19 +211,20 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         }
         _ => None,
     };
-    let plain = axum::serve(http, router).with_graceful_shutdown(webhooks_stop.clone().cancelled_owned());
+    let plain = crate::http::serve(http, router, webhooks_stop.clone());
     let mut server = webhook_runtime.spawn(async move {
         match https {
-            Some(https) => tokio::join!(plain.into_future(), https).0,
-            None => plain.into_future().await,
+            Some(https) => _ = tokio::join!(plain, https),
+            None => plain.await,
         }
     });
     tokio::select! {
         result = &mut server => {
-            return match result {
-                Ok(served) => served.context("webhook server failed"),
-                Err(e) => Err(anyhow::anyhow!("webhook server task failed: {e}")),
-            };
+            // The listeners only stop once `webhooks_stop` is cancelled, below: this is a panic.
+            return Err(match result {
+                Ok(()) => anyhow::anyhow!("webhook server stopped"),
+                Err(e) => anyhow::anyhow!("webhook server task failed: {e}"),
+            });
         }
         () = shutdown.cancelled() => {}
     }

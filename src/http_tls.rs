@@ -6,8 +6,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use hyper_util::rt::{TokioIo, TokioTimer};
-use hyper_util::service::TowerToHyperService;
 use openssl::ssl::{Ssl, SslAcceptor, SslFiletype, SslMethod, SslVerifyMode, SslVersion};
 use openssl::x509::X509Name;
 use tokio::net::TcpListener;
@@ -17,10 +15,9 @@ use tokio_util::task::TaskTracker;
 
 use crate::file_watch::FileWatch;
 
-/// A client that has not finished its handshake by then is dropped, so half-open connections cost little.
+/// A client that has not finished its handshake by then is dropped, so half-open connections cost little (a request
+/// head that trickles in has the same bound, in `http::serve_connection`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Same bound for a request head that trickles in.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the files are compared with what the acceptor was built from.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -117,7 +114,7 @@ impl TlsListener {
         let Self { listener, settings, acceptor: mut current, mut files } = self;
         let connections = TaskTracker::new();
         loop {
-            let (tcp, peer) = tokio::select! {
+            let accepted = tokio::select! {
                 () = shutdown.cancelled() => break,
                 // Renewed files are read here, between accepts: a new connection only takes the current acceptor.
                 rebuilt = files.changed(|| acceptor(&settings)) => {
@@ -132,17 +129,9 @@ impl TlsListener {
                     }
                     continue;
                 }
-                accepted = listener.accept() => match accepted {
-                    Ok(accepted) => accepted,
-                    Err(error) => {
-                        // Out of descriptors and the like: pause rather than spin.
-                        tracing::warn!(%error, "HTTPS accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
+                accepted = crate::http::accept(&listener, "HTTPS") => accepted,
             };
-            tcp.set_nodelay(true).ok();
+            let Some((tcp, peer)) = accepted else { continue };
             let acceptor = current.clone();
             let router = router.clone();
             let shutdown = shutdown.clone();
@@ -158,20 +147,10 @@ impl TlsListener {
                     }
                     Err(_) => return,
                 }
-                let connection = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(HEADER_READ_TIMEOUT)
-                    .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
-                tokio::pin!(connection);
-                tokio::select! {
-                    _ = connection.as_mut() => {}
-                    () = shutdown.cancelled() => {
-                        connection.as_mut().graceful_shutdown();
-                        let _ = connection.await;
-                    }
-                }
+                crate::http::serve_connection(stream, router, shutdown).await;
             });
         }
+        drop(listener);
         connections.close();
         connections.wait().await;
     }

@@ -1,9 +1,14 @@
 //! Mutated VerneMQ requests (bytes flipped, cut short, values swapped for other JSON types) never crash the service
-//! and always get an answer VerneMQ can read: a well-formed decision or a 400 with a JSON error.
+//! and always get an answer VerneMQ can read: a well-formed decision or a 400 with a JSON error. A client that stalls
+//! in a request head does not keep its connection.
+
+use std::time::Duration;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 use crate::common::captures;
 use crate::common::{shape, spawn_app};
@@ -76,4 +81,31 @@ async fn mutated_requests_never_crash_the_service_or_get_an_unreadable_reply() {
     // Still serving after all of it.
     let health = reqwest::get(app.url("/health/live")).await.unwrap();
     assert_eq!(health.status(), 200);
+}
+
+/// A client that sends half a request head and nothing more is dropped on the plain port, as on the HTTPS one, so
+/// idle sockets cannot pile up until the service runs out of descriptors. A keep-alive connection that pauses between
+/// requests (VerneMQ's pooled ones) is not cut meanwhile.
+#[tokio::test]
+async fn a_trickling_request_head_is_dropped_on_the_plain_port() {
+    let app = spawn_app(&[]).await;
+    let mut pooled = app.client().await;
+    let body = captures::load().into_iter().find(|c| c.hook == "auth_on_register").expect("a capture").body_raw;
+    assert_eq!(pooled.hook("auth_on_register", body.as_bytes()).await.status, 200);
+    let mut stream = TcpStream::connect(app.addr).await.unwrap();
+    stream.write_all(b"POST /vmq/auth_on_register HTTP/1.1\r\nHo").await.unwrap();
+    let trickling = async {
+        let mut buf = [0u8; 256];
+        tokio::time::timeout(Duration::from_secs(15), stream.read(&mut buf)).await
+    };
+    let paused = async {
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        pooled.hook("auth_on_register", body.as_bytes()).await.status
+    };
+    let (read, status) = tokio::join!(trickling, paused);
+    assert!(
+        matches!(read, Ok(Ok(_)) | Ok(Err(_))),
+        "still open after 15 s with half a request head (HTTPS drops it after 10 s)"
+    );
+    assert_eq!(status, 200, "a keep-alive connection idle for 5 s still serves");
 }
