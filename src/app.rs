@@ -99,7 +99,8 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         .into_iter()
         .map(|task| critical.watch_spawned("live session control", task))
         .collect();
-    let mut readiness = Readiness::default();
+    // Down once the stop starts (signal or failed part), while K2V and the webhooks drain.
+    let mut readiness = Readiness::new(shutdown.clone());
     let policy = Arc::new(Policy::new(settings.policy));
     // Background tasks, all stopped by `shutdown` and awaited (within the budget) before the producer's flush. The
     // ones the service cannot run without are watched: one that fails stops the service with an error.

@@ -1,10 +1,12 @@
-//! Liveness and readiness: live while the process serves HTTP; ready when every configured dependency is up.
+//! Liveness and readiness: live while the process serves HTTP; ready when every configured dependency is up and the
+//! service is not stopping.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use parking_lot::Mutex;
 use serde::Serialize;
+use tokio_util::sync::CancellationToken;
 
 /// One dependency's up/down flag, and why it is down when its owner knows, set by the component that owns the
 /// connection.
@@ -59,11 +61,16 @@ impl ReadyFlag {
     }
 }
 
-/// The probes of the dependencies this instance was configured with.
+/// The probes of the dependencies this instance was configured with, and whether it is stopping.
 #[derive(Debug, Clone, Default)]
 pub struct Readiness {
     probes: Vec<(&'static str, ReadyFlag)>,
+    stopping: CancellationToken,
 }
+
+/// The check a stopping service reports, down with the reason [`SHUTTING_DOWN`].
+pub const SHUTDOWN_CHECK: &str = "shutdown";
+pub const SHUTTING_DOWN: &str = "shutting_down";
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -82,6 +89,12 @@ pub struct Check {
 }
 
 impl Readiness {
+    /// Not ready from the moment `shutdown` is cancelled, whatever the probes say: whoever routes work by readiness
+    /// stops sending it while the service drains (the webhooks still answer meanwhile).
+    pub fn new(shutdown: CancellationToken) -> Self {
+        Self { probes: Vec::new(), stopping: shutdown }
+    }
+
     /// Registers a dependency, down until its owner says otherwise.
     pub fn flag(&mut self, name: &'static str) -> ReadyFlag {
         let probe = ReadyFlag::default();
@@ -90,11 +103,14 @@ impl Readiness {
     }
 
     pub fn report(&self) -> Report {
-        let checks: Vec<Check> = self
+        let mut checks: Vec<Check> = self
             .probes
             .iter()
             .map(|(name, p)| Check { name, up: p.is_up(), reason: p.reason(), note: p.note() })
             .collect();
+        if self.stopping.is_cancelled() {
+            checks.push(Check { name: SHUTDOWN_CHECK, up: false, reason: Some(SHUTTING_DOWN.into()), note: None });
+        }
         Report { ready: checks.iter().all(|c| c.up), checks }
     }
 }
@@ -132,5 +148,24 @@ mod tests {
         mqtt.down("connecting");
         mqtt.set(true);
         assert_eq!(r.report().checks[1].note, None, "a change clears the note");
+    }
+
+    #[test]
+    fn not_ready_once_shutdown_starts() {
+        let shutdown = CancellationToken::new();
+        let mut r = Readiness::new(shutdown.clone());
+        r.flag("kafka").set(true);
+        let report = serde_json::to_value(r.report()).unwrap();
+        assert_eq!(report, serde_json::json!({"ready": true, "checks": [{"name": "kafka", "up": true}]}));
+        shutdown.cancel();
+        let report = serde_json::to_value(r.report()).unwrap();
+        assert_eq!(
+            report,
+            serde_json::json!({"ready": false, "checks": [
+                {"name": "kafka", "up": true},
+                {"name": "shutdown", "up": false, "reason": "shutting_down"},
+            ]}),
+            "every dependency up, and still not ready"
+        );
     }
 }

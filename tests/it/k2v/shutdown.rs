@@ -123,7 +123,8 @@ async fn sigterm_with_kafka_gone_exits_within_the_budget() {
 
 /// K2V stops first: while it waits for the broker's PUBACKs of its in-flight configurations, VerneMQ still has to
 /// authorise those publishes (and every device's) through the webhooks, so the listener keeps serving until K2V is
-/// done. Had the webhooks stopped first, a real VerneMQ would refuse the in-flight configurations.
+/// done. Had the webhooks stopped first, a real VerneMQ would refuse the in-flight configurations. Meanwhile
+/// `/health/ready` says the service is shutting down, and `/health/live` that it is alive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn webhooks_keep_serving_while_k2v_drains() {
     let kafka = Tansu::start(Storage::Memory);
@@ -151,6 +152,13 @@ async fn webhooks_keep_serving_while_k2v_drains() {
         .expect("the webhooks still answer while K2V drains");
     assert_eq!(reply.status(), 200);
     assert_eq!(reply.json::<Value>().await.unwrap()["result"], "ok", "the service's config publish is authorised");
+    let ready = reqwest::get(process.url("/health/ready")).await.expect("readiness answers while K2V drains");
+    assert_eq!(ready.status(), 503);
+    let report: Value = ready.json().await.unwrap();
+    let checks = report["checks"].as_array().expect("checks");
+    assert!(checks.contains(&json!({"name": "shutdown", "up": false, "reason": "shutting_down"})), "{report}");
+    let live = reqwest::get(process.url("/health/live")).await.expect("liveness answers while K2V drains");
+    assert_eq!(live.status(), 200);
     stream.task.abort();
     let (status, took) = process.terminate_within(Duration::from_secs(20)).await;
     println!("stopped {took:?} after the webhook call");
