@@ -61,14 +61,9 @@ async fn serve(config: Config) -> anyhow::Result<()> {
 }
 
 async fn stop_on_signal(shutdown: CancellationToken) {
-    use tokio::signal::unix::{SignalKind, signal};
-    let (Ok(mut term), Ok(mut int)) = (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) else {
-        tracing::error!("cannot install signal handlers; stop with SIGKILL");
-        return;
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-        _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+    match iotagent_mqtt::shutdown::on_signals(shutdown).await {
+        // A second signal during the ordered stop: whatever it has not finished is given up.
+        Ok(status) => std::process::exit(status.into()),
+        Err(error) => tracing::error!(%error, "cannot install signal handlers; stop with SIGKILL"),
     }
-    shutdown.cancel();
 }

@@ -1,5 +1,6 @@
 //! The shutdown budget: one deadline for the whole stop (SHUTDOWN_TIMEOUT), fixed when shutdown starts and shared by
-//! every step, so that the steps together never take longer than the budget; and the failures that start a shutdown.
+//! every step, so that the steps together never take longer than the budget; and what starts a shutdown: the failures
+//! of parts the service cannot run without, and signals.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -108,6 +109,30 @@ impl Budget {
         let reserve = reserve.min(self.total / 2);
         self.deadline().checked_sub(reserve).unwrap_or_else(Instant::now).max(Instant::now())
     }
+}
+
+/// Cancels `shutdown` at the first SIGTERM or SIGINT, which starts the ordered stop; returns at the second one, with
+/// the status the process should exit with at once: 128 + the signal's number, as a shell reports a process that
+/// signal ended (143 for SIGTERM, 130 for SIGINT). An operator who signals again (Ctrl-C twice) wants out now, not at
+/// the end of SHUTDOWN_TIMEOUT.
+///
+/// # Errors
+/// The signal handlers cannot be installed.
+pub async fn on_signals(shutdown: CancellationToken) -> std::io::Result<u8> {
+    use tokio::signal::unix::{Signal, SignalKind, signal};
+    async fn next(term: &mut Signal, int: &mut Signal) -> (&'static str, u8) {
+        tokio::select! {
+            _ = term.recv() => ("SIGTERM", 128 + 15),
+            _ = int.recv() => ("SIGINT", 128 + 2),
+        }
+    }
+    let (mut term, mut int) = (signal(SignalKind::terminate())?, signal(SignalKind::interrupt())?);
+    let (name, _) = next(&mut term, &mut int).await;
+    tracing::info!("{name}: shutting down (a second signal exits at once)");
+    shutdown.cancel();
+    let (name, status) = next(&mut term, &mut int).await;
+    tracing::warn!(status, "{name} again: exiting at once, without finishing the ordered stop");
+    Ok(status)
 }
 
 #[cfg(test)]

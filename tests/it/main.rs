@@ -5,6 +5,7 @@ mod common;
 mod deployment;
 mod examples;
 mod k2v;
+mod operations;
 mod pki;
 mod robustness;
 mod seed_cases;

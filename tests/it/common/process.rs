@@ -59,18 +59,33 @@ impl ServiceProcess {
 
     /// SIGTERM, without waiting for the exit.
     pub fn signal_term(&self) {
-        let _ = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status();
+        self.signal("TERM");
+    }
+
+    /// Sends the signal of this name (`TERM`, `INT`, …), without waiting for the exit.
+    pub fn signal(&self, name: &str) {
+        let _ = Command::new("kill").args([&format!("-{name}"), &self.child.id().to_string()]).status();
+    }
+
+    /// Whether the process has not exited yet.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait for the service").is_none()
     }
 
     /// SIGTERM; the exit status and how long the exit took, failing past `limit`.
     pub async fn terminate_within(&mut self, limit: Duration) -> (ExitStatus, Duration) {
-        let signalled = Instant::now();
         self.signal_term();
+        self.exit_within(limit).await
+    }
+
+    /// The exit status and how long, from now, the exit took; failing past `limit`.
+    pub async fn exit_within(&mut self, limit: Duration) -> (ExitStatus, Duration) {
+        let since = Instant::now();
         loop {
             if let Some(status) = self.child.try_wait().expect("wait for the service") {
-                return (status, signalled.elapsed());
+                return (status, since.elapsed());
             }
-            assert!(signalled.elapsed() < limit, "no exit within {limit:?} of SIGTERM");
+            assert!(since.elapsed() < limit, "no exit within {limit:?}");
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
