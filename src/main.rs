@@ -43,7 +43,11 @@ async fn serve_until_stopped() -> ExitCode {
             return if e.use_stderr() { ExitCode::from(2) } else { ExitCode::SUCCESS };
         }
     };
-    telemetry::init(&config.log_format);
+    // Refused like the configuration above (no logger yet to report it through).
+    if let Err(e) = telemetry::init(&config.log_format) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     match serve(config).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

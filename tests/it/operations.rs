@@ -1,4 +1,4 @@
-//! The binary as operators run it: how it answers signals.
+//! The binary as operators run it: how it answers signals, what it refuses to start with.
 
 use std::time::Duration;
 
@@ -37,4 +37,17 @@ async fn a_second_signal_exits_at_once(signal: &str, status: i32) {
     assert_eq!(exit.code(), Some(status), "{exit}");
     let logged = std::fs::read_to_string(log.path()).unwrap();
     assert!(logged.contains(&format!("SIG{signal} again: exiting at once")), "{logged}");
+}
+
+/// A RUST_LOG that does not parse stops the start, as any invalid configuration does, naming the variable and the
+/// fault (it used to fall back to `info` silently, dropping the operator's other directives).
+#[tokio::test]
+async fn an_invalid_rust_log_is_refused_at_start() {
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let mut service = ServiceProcess::start_logging_to(log.path(), &[("RUST_LOG", "info,rdkafka=verbose".into())]);
+    let (exit, _) = service.exit_within(Duration::from_secs(10)).await;
+    assert_eq!(exit.code(), Some(2), "{exit}");
+    let logged = std::fs::read_to_string(log.path()).unwrap();
+    assert!(logged.contains("RUST_LOG") && logged.contains("info,rdkafka=verbose"), "{logged}");
+    assert!(logged.contains("level"), "the parse error says what is wrong: {logged}");
 }
