@@ -195,11 +195,12 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
     tracing::info!(%address, "serving webhooks");
     // Both webhook listeners stop together, after K2V (see below).
     let webhooks_stop = CancellationToken::new();
+    let idle_timeout = settings.webhook_idle_timeout;
     let https = https.map(|listener| {
         if let Ok(address) = listener.local_addr() {
             tracing::info!(%address, "serving webhooks over HTTPS, client certificates required");
         }
-        listener.serve(router.clone(), webhooks_stop.clone())
+        listener.serve(router.clone(), idle_timeout, webhooks_stop.clone())
     });
     // K2V starts once the webhook listener is up: the broker authorises the service's connection through it.
     let k2v = match (settings.k2v, k2v_probes) {
@@ -212,7 +213,7 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         }
         _ => None,
     };
-    let plain = crate::http::serve(http, router, webhooks_stop.clone());
+    let plain = crate::http::serve(http, router, idle_timeout, webhooks_stop.clone());
     let mut server = webhook_runtime.spawn(async move {
         match https {
             Some(https) => _ = tokio::join!(plain, https),

@@ -24,10 +24,6 @@ use crate::webhooks::{self, HookState};
 
 /// Longer than VerneMQ's 5 s response timeout: past that our answer is useless anyway.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(6);
-/// A request head still incomplete after this drops its connection, so that clients which stall cannot hold
-/// descriptors until none are left for VerneMQ. Hyper runs this clock from the end of each reply too, so a keep-alive
-/// connection idle for this long is closed as well; VerneMQ's pool (hackney) notices and opens a new one.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// Pause after a failed accept (out of descriptors and the like), rather than spinning on it.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
 
@@ -60,7 +56,7 @@ async fn render_metrics(State(ops): State<OpsState>) -> Response {
 
 /// Serves the plain webhook listener until `shutdown`, then lets open requests finish (connections close after their
 /// reply).
-pub(crate) async fn serve(listener: TcpListener, router: Router, shutdown: CancellationToken) {
+pub(crate) async fn serve(listener: TcpListener, router: Router, idle: Duration, shutdown: CancellationToken) {
     let connections = TaskTracker::new();
     loop {
         let accepted = tokio::select! {
@@ -68,7 +64,7 @@ pub(crate) async fn serve(listener: TcpListener, router: Router, shutdown: Cance
             accepted = accept(&listener, "HTTP") => accepted,
         };
         if let Some((tcp, _)) = accepted {
-            connections.spawn(serve_connection(tcp, router.clone(), shutdown.clone()));
+            connections.spawn(serve_connection(tcp, router.clone(), idle, shutdown.clone()));
         }
     }
     // Refused from now on rather than left waiting in the backlog.
@@ -93,16 +89,18 @@ pub(crate) async fn accept(listener: &TcpListener, which: &'static str) -> Optio
     }
 }
 
-/// Serves one accepted connection, plain or TLS, until the client closes it or stalls in a request head; once
-/// `shutdown` is cancelled, the request in flight is answered and the connection closed.
-pub(crate) async fn serve_connection<S>(stream: S, router: Router, shutdown: CancellationToken)
+/// Serves one accepted connection, plain or TLS, until the client closes it, or leaves it idle or in a request head
+/// for `idle` (WEBHOOK_IDLE_TIMEOUT: clients that stall cannot hold descriptors until none are left for VerneMQ);
+/// once `shutdown` is cancelled, the request in flight is answered and the connection closed.
+pub(crate) async fn serve_connection<S>(stream: S, router: Router, idle: Duration, shutdown: CancellationToken)
 where
     S: AsyncRead + AsyncWrite + Send + Unpin + 'static,
 {
     // axum::serve builds its connections without a timer, which leaves hyper's header read timeout off.
     let connection = hyper::server::conn::http1::Builder::new()
         .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
+        // Hyper runs this clock from the end of each reply too: it is the idle timeout as well.
+        .header_read_timeout(idle)
         .serve_connection(TokioIo::new(stream), TowerToHyperService::new(router));
     tokio::pin!(connection);
     tokio::select! {

@@ -16,7 +16,7 @@ use tokio_util::task::TaskTracker;
 use crate::file_watch::FileWatch;
 
 /// A client that has not finished its handshake by then is dropped, so half-open connections cost little (a request
-/// head that trickles in has the same bound, in `http::serve_connection`).
+/// head that trickles in is bounded by WEBHOOK_IDLE_TIMEOUT, in `http::serve_connection`).
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How often the files are compared with what the acceptor was built from.
 const CHECK_INTERVAL: Duration = Duration::from_secs(1);
@@ -109,8 +109,9 @@ impl TlsListener {
         self.listener.local_addr()
     }
 
-    /// Serves `router` until `shutdown`, then lets open requests finish (connections close after their reply).
-    pub(crate) async fn serve(self, router: Router, shutdown: CancellationToken) {
+    /// Serves `router` until `shutdown`, then lets open requests finish (connections close after their reply);
+    /// connections idle for `idle` are closed.
+    pub(crate) async fn serve(self, router: Router, idle: Duration, shutdown: CancellationToken) {
         let Self { listener, settings, acceptor: mut current, mut files } = self;
         let connections = TaskTracker::new();
         loop {
@@ -147,7 +148,7 @@ impl TlsListener {
                     }
                     Err(_) => return,
                 }
-                crate::http::serve_connection(stream, router, shutdown).await;
+                crate::http::serve_connection(stream, router, idle, shutdown).await;
             });
         }
         drop(listener);

@@ -107,6 +107,8 @@ pub struct Settings {
     pub policy: PolicyConfig,
     pub cache: CachePolicy,
     pub max_body_bytes: usize,
+    /// Idle (or unfinished request head) time after which a webhook connection is closed.
+    pub webhook_idle_timeout: std::time::Duration,
     /// Worker threads of the webhooks' runtime.
     pub webhook_threads: usize,
     /// V2K, when KAFKA_BROKERS is set.
@@ -191,6 +193,7 @@ impl Config {
             cache: self.webhooks.cache(),
             pki,
             max_body_bytes: self.webhooks.webhook_max_body_bytes,
+            webhook_idle_timeout: std::time::Duration::from_secs(u64::from(self.webhooks.webhook_idle_timeout)),
             webhook_threads: usize::from(self.webhooks.webhook_threads),
             policy,
             v2k,

@@ -20,6 +20,12 @@ pub struct WebhookArgs {
     #[arg(long, env = "REGISTER_CACHE_MAX_AGE", default_value_t = 0)]
     pub register_cache_max_age: u32,
 
+    /// Seconds a webhook connection may stay idle, or in an unfinished request head, before it is closed. Above
+    /// VerneMQ's `vmq_webhooks.pool_timeout` (60 s) so that VerneMQ closes its idle pooled connections first: a call
+    /// sent just as the service closed the connection would fail, and VerneMQ counts a failed call as a denial.
+    #[arg(long, env = "WEBHOOK_IDLE_TIMEOUT", default_value_t = 65, value_parser = clap::value_parser!(u32).range(1..=3600))]
+    pub webhook_idle_timeout: u32,
+
     /// Seconds between clears of VerneMQ's webhook cache through its API (VERNEMQ_API_URL), which VerneMQ 2.1 never
     /// prunes by itself; 0 = never.
     #[arg(long, env = "WEBHOOK_CACHE_CLEAR_INTERVAL", default_value_t = 3600)]
