@@ -30,6 +30,8 @@ use crate::log_guard::clip;
 /// Largest request body: a CSR is a few KiB; anything near this is not one.
 const MAX_BODY_BYTES: usize = 64 * 1024;
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection idle, or stalled in a request head, this long is closed (an operator's or script's calls, not a pool's).
+const API_IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 const JWT_SECRET_FILE: &str = "jwt.secret";
 /// Password checks at once. An argon2 check takes about 19 MiB and tens of milliseconds of CPU: run off the async
 /// threads (which K2V and session control share) and bounded, so that a flood of `/auth` requests costs neither the
@@ -112,12 +114,8 @@ pub async fn serve(
     let app = router(api);
     let address = listener.local_addr().ok();
     tracing::info!(?address, "PKI API listening");
-    Ok(tokio::spawn(async move {
-        let result = axum::serve(listener, app).with_graceful_shutdown(shutdown.cancelled_owned()).await;
-        if let Err(e) = result {
-            tracing::error!(error = %e, "PKI API stopped");
-        }
-    }))
+    // Served like the webhooks, so that a client stalling in a request head does not keep its connection.
+    Ok(tokio::spawn(crate::http::serve(listener, app, API_IDLE_TIMEOUT, shutdown)))
 }
 
 fn router(api: Api) -> Router {
