@@ -59,10 +59,10 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000)]
     pub v2k_delivery_timeout_ms: u64,
 
-    /// Subscription mode: unacknowledged messages VerneMQ may hand the service at once (`max_inflight_messages`
-    /// modifier on the service's session).
-    #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000)]
-    pub v2k_max_in_flight: u32,
+    /// Subscription mode: unacknowledged messages the broker may hand the service at once (the Receive Maximum of
+    /// the subscription's MQTT 5 CONNECT, 1 to 65535).
+    #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub v2k_max_in_flight: u16,
 
     /// Records of one tenant that may wait for Kafka at once. Beyond it the tenant's QoS 1/2 publishes are refused
     /// (strict mode, gate) or wait (subscription mode: only that tenant's), and its QoS 0 publishes are dropped.
@@ -149,11 +149,13 @@ impl V2kArgs {
                 SubscriptionKind::Shared => SubscriptionSettings {
                     mqtt: mqtt.clone(),
                     filter: format!("$share/{}/+/{attrs_suffix}", self.v2k_share_group),
+                    window: self.v2k_max_in_flight,
                 },
                 // One session for the cluster: the same client id on every instance (`<group>-v2k`).
                 SubscriptionKind::Plain => SubscriptionSettings {
                     mqtt: MqttSettings { client_id: self.v2k_lease_group.clone(), ..mqtt.clone() },
                     filter: format!("+/{attrs_suffix}"),
+                    window: self.v2k_max_in_flight,
                 },
             }),
             _ => None,
@@ -245,6 +247,18 @@ mod tests {
         let p = parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v", "--v2k-share-group", "g"]).unwrap();
         assert_eq!(p.subscription.unwrap().filter, "$share/g/+/attrs");
         assert_eq!(parts(&["--v2k-gate", "on"]).unwrap().settings.gate_max_queue, Some(10_000));
+    }
+
+    #[test]
+    fn the_subscription_window_fits_a_receive_maximum() {
+        let sub = ["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v"];
+        assert_eq!(parts(&sub).unwrap().subscription.unwrap().window, 1000);
+        let widest = parts(&[&sub[..], &["--v2k-max-in-flight", "65535"]].concat()).unwrap();
+        assert_eq!(widest.subscription.unwrap().window, 65535);
+        for bad in ["0", "65536"] {
+            let err = parse(&[&sub[..], &["--v2k-max-in-flight", bad]].concat()).unwrap_err().to_string();
+            assert!(err.contains("V2K_MAX_IN_FLIGHT"), "{bad}: {err}");
+        }
     }
 
     #[test]

@@ -10,13 +10,13 @@ use bytes::Bytes;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Publish, SubscribeReasonCode};
-use rumqttc::v5::{Event, Incoming};
+use rumqttc::v5::{Event, Incoming, MqttOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::MqttSettings;
 use super::backoff::Backoff;
 use super::reload::{self, Reload};
+use super::{MqttConfigError, MqttSettings};
 use crate::ordered::InOrder;
 use crate::readiness::ReadyFlag;
 
@@ -29,6 +29,28 @@ pub struct Message {
 
 /// Room in the client's request queue; acknowledgements are small and the broker bounds what it sends unacked.
 const REQUEST_CAPACITY: usize = 10_000;
+
+/// What the client subscribes to, and how much the broker may send it unacknowledged.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Subscribed at QoS 1.
+    pub filter: String,
+    /// QoS 1 messages the broker may send before an acknowledgement: the CONNECT's Receive Maximum. An MQTT 5 broker
+    /// takes its window from it alone (VerneMQ's MQTT 5 session ignores the `max_inflight_messages` modifier and,
+    /// without a Receive Maximum, sends up to 65 535).
+    pub window: u16,
+}
+
+/// The connection options of a subscription: a persistent session, manual acknowledgements and its window.
+///
+/// # Errors
+/// Unreadable or invalid TLS files.
+fn options(settings: &MqttSettings, role: &str, window: u16) -> Result<MqttOptions, MqttConfigError> {
+    let mut options = settings.options(role, true)?;
+    options.set_manual_acks(true);
+    options.set_receive_maximum(Some(window));
+    Ok(options)
+}
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A connection lost sooner than this after the CONNACK counts as dropped at once: the reconnect delay keeps growing.
@@ -143,7 +165,7 @@ struct Done {
     seq: u64,
 }
 
-/// Runs until `shutdown`: connects (persistent session), subscribes `filter` at QoS 1, hands every message to
+/// Runs until `shutdown`: connects (persistent session), subscribes at QoS 1, hands every message to
 /// `handle` and acknowledges it once the returned future completes and every earlier message of the same lane was
 /// acknowledged. `handle` runs when the message arrives (so its synchronous part sees messages in order); the future
 /// may finish in any order. At shutdown, messages still
@@ -151,7 +173,7 @@ struct Done {
 pub async fn run<H, F>(
     settings: MqttSettings,
     role: &str,
-    filter: String,
+    subscription: Subscription,
     probe: ReadyFlag,
     handle: H,
     shutdown: CancellationToken,
@@ -161,14 +183,14 @@ pub async fn run<H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let mut reload = Reload::new(settings.tls.as_ref(), reload::POLL_EVERY);
-    let mut options = match settings.options(role, true) {
+    let Subscription { filter, window } = subscription;
+    let options = match options(&settings, role, window) {
         Ok(options) => options,
         Err(e) => {
             tracing::error!(error = %e, "MQTT subscription cannot start");
             return;
         }
     };
-    options.set_manual_acks(true);
     let (client, mut eventloop) = super::client(options, REQUEST_CAPACITY);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut acks = InOrderAcks::new();
@@ -337,6 +359,25 @@ mod tests {
         assert!(acks.handled(old).is_empty());
         let new = acks.received(0, publish(1));
         assert_eq!(acks.handled(new).len(), 1);
+    }
+
+    /// VerneMQ's MQTT 5 session takes its window from the CONNECT's Receive Maximum only (`max_inflight_messages` is
+    /// a v3 modifier): without one it sends up to 65 535 unacknowledged messages, whatever V2K_MAX_IN_FLIGHT says.
+    #[test]
+    fn the_connect_announces_the_window_as_its_receive_maximum() {
+        let settings = MqttSettings {
+            host: "localhost".into(),
+            port: 1883,
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: Some(crate::secret::Secret::new("pw")),
+            client_id: "iotagent-mqtt-node1".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let options = options(&settings, "v2k", 1000).unwrap();
+        assert_eq!(options.receive_maximum(), Some(1000));
+        assert!(options.manual_acks());
+        assert!(!options.clean_start(), "a persistent session");
     }
 
     #[test]

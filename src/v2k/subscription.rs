@@ -15,7 +15,7 @@ use super::tenants::Slot;
 use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, V2k, now_ms};
 use crate::kafka::producer::{Delivery, ProduceError};
 use crate::mqtt::MqttSettings;
-use crate::mqtt::subscriber::{self, Message};
+use crate::mqtt::subscriber::{self, Message, Subscription};
 use crate::policy::{DeviceId, Policy};
 use crate::readiness::ReadyFlag;
 
@@ -23,8 +23,10 @@ use crate::readiness::ReadyFlag;
 #[derive(Debug, Clone)]
 pub struct SubscriptionSettings {
     pub mqtt: MqttSettings,
-    /// `$share/<group>/+/<attrs>`.
+    /// `$share/<group>/+/<attrs>`, or `+/<attrs>` for the plain subscription.
     pub filter: String,
+    /// Unacknowledged messages the broker may hand the service at once (V2K_MAX_IN_FLIGHT).
+    pub window: u16,
 }
 
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -51,7 +53,8 @@ pub(crate) async fn run(
             }
         }
     };
-    subscriber::run(settings.mqtt, "v2k", settings.filter, probe, handle, shutdown, drain).await;
+    let subscription = Subscription { filter: settings.filter, window: settings.window };
+    subscriber::run(settings.mqtt, "v2k", subscription, probe, handle, shutdown, drain).await;
 }
 
 /// A message's first record: queued at once, or waiting for room (its queueing is reported on the channel).

@@ -203,3 +203,32 @@ async fn subscription_mode_instances_share_the_group() {
         assert!(produced > 0.0, "both members of the group take a share");
     }
 }
+
+/// The subscription's window is V2K_MAX_IN_FLIGHT even where the broker would send more: MQTT 5 brokers take it from
+/// the CONNECT's Receive Maximum (VerneMQ's MQTT 5 session ignores the `max_inflight_messages` modifier and defaults to
+/// 65 535, as this Mosquitto does). One message whose dead letter has nowhere to go holds its tenant's
+/// acknowledgements, so the broker may send no more than the window minus that one.
+#[tokio::test]
+async fn the_window_is_v2k_max_in_flight_where_the_broker_would_send_more() {
+    let kafka = Tansu::start(Storage::Memory);
+    // The data topic only: the dead letter of a payload that is not JSON waits for its delivery timeout.
+    kafka.create_topic("admin.device-data", 3).await;
+    let mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", "svc-pass")], 65535);
+    let mut env = subscription_env(&kafka, &mqtt, "it-window");
+    env.extend([
+        ("K2V_ENABLED", "false".to_string()),
+        ("V2K_MAX_IN_FLIGHT", "50".to_string()),
+        ("V2K_DELIVERY_TIMEOUT_MS", "30000".to_string()),
+    ]);
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-window", true).await;
+    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, "not json").await.unwrap();
+    publish_numbered(&device, 0..500, Duration::ZERO).await;
+    let metrics = service.url("/metrics");
+    let produced = async || super::tenants::metric(&metrics, r#"iotagent_v2k_produced_total{kind="data"}"#).await;
+    let filled = crate::common::wait_until(Duration::from_secs(20), async || produced().await >= 49).await;
+    assert!(filled, "the window's worth of messages reached Kafka");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(produced().await, 49, "the broker sent more than V2K_MAX_IN_FLIGHT unacknowledged messages");
+}

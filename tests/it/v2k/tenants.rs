@@ -184,9 +184,9 @@ async fn subscription_mode_an_unknown_tenant_and_an_oversized_payload_never_bloc
 async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant() {
     let kafka = Tansu::start(Storage::Sqlite);
     create_topics(&kafka, &["admin"]).await;
-    // The service's window as VerneMQ gets it from the max_inflight_messages modifier (Mosquitto's default is 20):
-    // the unknown tenant's messages, each waiting for its delivery timeout, must leave room for the others.
-    let mqtt = Mosquitto::start_with(&[("k2v-bridge", "svc-pass")], "max_inflight_messages 1000\n");
+    // The service's window (V2K_MAX_IN_FLIGHT, 1000, its Receive Maximum): the unknown tenant's messages, each waiting
+    // for its delivery timeout, must leave room for the others.
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
     // A delivery timeout long enough that the normal tenant's records do not expire on a loaded test machine.
     let env = tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "20"), ("V2K_DELIVERY_TIMEOUT_MS", "10000")]);
     let service = ServiceProcess::start(&env);
@@ -240,7 +240,7 @@ async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant
 async fn subscription_mode_a_tenant_at_its_bound_keeps_flowing() {
     let kafka = Tansu::start(Storage::Memory);
     create_topics(&kafka, &["admin"]).await;
-    let mqtt = Mosquitto::start_with(&[("k2v-bridge", "svc-pass")], "max_inflight_messages 1000\n");
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
     let service = ServiceProcess::start(&tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "50")]));
     service.wait_ready().await;
     let mut clients = Vec::new();
