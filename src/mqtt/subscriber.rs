@@ -25,6 +25,8 @@ use crate::readiness::ReadyFlag;
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
+    /// 0 or 1 (the subscription's QoS caps it): a QoS 0 message is neither acknowledged nor kept by the broker.
+    pub qos: u8,
 }
 
 /// Room in the client's request queue; acknowledgements are small and the broker bounds what it sends unacked.
@@ -261,7 +263,7 @@ pub async fn run<H, F>(
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     // MQTT topics are UTF-8; a broker that breaks that gets U+FFFD, not a panic.
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                    let message = Message { topic, payload: publish.payload.clone() };
+                    let message = Message { topic, payload: publish.payload.clone(), qos: publish.qos as u8 };
                     let (lane, work) = handle(message);
                     let done = acks.received(lane, publish);
                     let done_tx = done_tx.clone();

@@ -44,6 +44,10 @@ pub(crate) async fn run(
         match policy.attrs_topic_device(&message.topic) {
             Some(device) => {
                 let lane = v2k.tenants.lane(device.tenant);
+                if message.qos == 0 {
+                    v2k.forward_at_most_once(device, &message.topic, &message.payload);
+                    return (lane, Box::pin(std::future::ready(())));
+                }
                 (lane, Box::pin(v2k.forward_until_delivered(device, &message.topic, message.payload.clone())))
             }
             None => {
@@ -71,7 +75,21 @@ struct Source {
 }
 
 impl V2k {
-    /// Subscription mode: queues the record now when its tenant has room (so records keep the order of the calls),
+    /// Subscription mode, QoS 0: nothing to acknowledge and nothing the broker keeps, so one attempt, as in the webhook
+    /// modes. Queued only when the tenant has a slot free now (none of its messages waits): otherwise dropped and
+    /// counted (`tenant_full`), so a flood holds at most the tenant's bound in memory. A record Kafka does not take
+    /// is counted where that is seen (queue full here, expired or refused in its report).
+    pub fn forward_at_most_once(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: &[u8]) {
+        let Some(slot) = self.tenants.try_acquire(device.tenant) else {
+            self.metrics.failed(Failure::TenantFull).increment(1);
+            return;
+        };
+        let outcome = self.outcome(device, mqtt_topic, Payload::Raw(payload));
+        // Its report holds the slot; nobody waits for it.
+        drop(self.enqueue(&outcome, slot));
+    }
+
+    /// Subscription mode, QoS 1: queues the record now when its tenant has room (so records keep the order of the calls),
     /// otherwise waits behind the tenant's earlier messages; returns a future that completes when acknowledging is
     /// safe: Kafka took the record or its dead letter, or the message is counted lost. While Kafka as a whole is
     /// unreachable nothing is given up: the broker keeps the message and every tenant waits alike.

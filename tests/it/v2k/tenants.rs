@@ -264,3 +264,45 @@ async fn subscription_mode_a_tenant_at_its_bound_keeps_flowing() {
         assert_eq!(numbers, (0..200).collect::<Vec<_>>(), "{device}: in order, once each");
     }
 }
+
+/// Resident memory of a process, in KiB (0 when it cannot be read).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// In subscription mode too, a tenant's QoS 0 messages beyond V2K_TENANT_MAX_IN_FLIGHT are dropped and counted: the
+/// broker sends QoS 0 outside the window, so a stalled tenant's would otherwise all wait in the service's memory.
+#[tokio::test]
+async fn subscription_mode_qos0_over_the_tenant_bound_is_dropped_and_memory_stays_bounded() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    // A tenant without a topic: its records wait for their delivery timeout.
+    let env = tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "20"), ("V2K_DELIVERY_TIMEOUT_MS", "60000")]);
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let before = rss_kib(service.pid());
+    let ghost = crate::common::mqtt_client(&mqtt, GHOST, "", "dev-ghost-q0", true).await;
+    let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(100 * 1024));
+    let total = 2000u64;
+    for _ in 0..total {
+        ghost.publish("ghost:g1/attrs", rumqttc::QoS::AtMostOnce, false, payload.clone()).await.unwrap();
+    }
+    let metrics = service.url("/metrics");
+    let full = r#"iotagent_v2k_failed_total{class="tenant_full"}"#;
+    let dropped = wait_until(Duration::from_secs(20), async || metric(&metrics, full).await >= total - 100).await;
+    let after = rss_kib(service.pid());
+    let counted = metric(&metrics, full).await;
+    println!("QoS 0 flood of {total} x 100 KiB: tenant_full={counted}, service RSS {before} KiB -> {after} KiB");
+    assert!(dropped, "QoS 0 over the tenant's bound is dropped and counted (tenant_full={counted})");
+    assert!(
+        after < before + 64 * 1024,
+        "service memory grew by {} MiB for one stalled tenant",
+        (after - before) / 1024
+    );
+}
