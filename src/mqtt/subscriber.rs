@@ -2,7 +2,7 @@
 //! handler finished, in the order the messages arrived within their lane, so the broker keeps every message not yet
 //! handled and a slow lane never holds the others' acknowledgements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
@@ -10,7 +10,7 @@ use bytes::Bytes;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{Publish, SubscribeReasonCode};
-use rumqttc::v5::{Event, Incoming, MqttOptions};
+use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
@@ -29,7 +29,8 @@ pub struct Message {
     pub qos: u8,
 }
 
-/// Room in the client's request queue; acknowledgements are small and the broker bounds what it sends unacked.
+/// Room in the client's request queue. Acknowledgements that find it full wait in [`InOrderAcks`] for the event loop
+/// to take some (a lane may release up to the whole window, 65 535, at once).
 const REQUEST_CAPACITY: usize = 10_000;
 
 /// What the client subscribes to, and how much the broker may send it unacknowledged.
@@ -112,23 +113,29 @@ impl ShortLived {
 /// Which messages must be acknowledged in order among themselves (V2K: one lane per tenant).
 pub type Lane = u64;
 
-/// Messages received on the current connection, oldest first per lane, until acknowledged.
+/// Messages received on the current connection, oldest first per lane, until their acknowledgement is in the client's
+/// request queue.
 struct InOrderAcks {
     connection: u64,
     next: u64,
     waiting: HashMap<Lane, InOrder<u64, Publish>>,
+    /// Released, in order, and not yet taken by the client's request queue (it was full). None is ever dropped: an
+    /// MQTT 5 broker sends an unacknowledged message again only on the next connection, so a lost acknowledgement
+    /// would hold a place of the window until then and bring the message back as a duplicate.
+    unsent: VecDeque<Publish>,
 }
 
 impl InOrderAcks {
     fn new() -> Self {
-        Self { connection: 0, next: 0, waiting: HashMap::new() }
+        Self { connection: 0, next: 0, waiting: HashMap::new(), unsent: VecDeque::new() }
     }
 
     /// A new connection: acknowledgements for messages of the old one would hit unrelated packet ids, and the
-    /// broker redelivers those messages anyway (persistent session).
+    /// broker redelivers those messages anyway (persistent session). rumqttc drops those still in its queue too.
     fn reconnected(&mut self) {
         self.connection += 1;
         self.waiting.clear();
+        self.unsent.clear();
     }
 
     fn received(&mut self, lane: Lane, publish: Publish) -> Done {
@@ -138,24 +145,35 @@ impl InOrderAcks {
         Done { connection: self.connection, lane, seq }
     }
 
-    /// Marks a message handled and returns those of its lane that can now be acknowledged, in order.
-    fn handled(&mut self, done: Done) -> Vec<Publish> {
+    /// Marks a message handled; those of its lane that can now be acknowledged join the ones to send, in order.
+    fn handled(&mut self, done: Done) {
         if done.connection != self.connection {
-            return Vec::new();
+            return;
         }
-        let Some(lane) = self.waiting.get_mut(&done.lane) else { return Vec::new() };
+        let Some(lane) = self.waiting.get_mut(&done.lane) else { return };
         if !lane.complete(done.seq) {
-            return Vec::new();
+            return;
         }
-        let ready = lane.release().map(|(_, publish)| publish).collect();
+        self.unsent.extend(lane.release().map(|(_, publish)| publish));
         if lane.is_empty() {
             self.waiting.remove(&done.lane);
         }
-        ready
+    }
+
+    /// Queues the released acknowledgements, oldest first, as far as the client's request queue has room; the rest
+    /// wait for the next call (after the event loop took some).
+    fn send(&mut self, client: &AsyncClient) {
+        while let Some(publish) = self.unsent.front() {
+            // Full (the only error while the event loop lives).
+            if client.try_ack(publish).is_err() {
+                return;
+            }
+            self.unsent.pop_front();
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
+        self.waiting.is_empty() && self.unsent.is_empty()
     }
 }
 
@@ -204,6 +222,7 @@ pub async fn run<H, F>(
     let (mut connected, mut cycling) = (false, false);
 
     loop {
+        acks.send(&client);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
@@ -213,13 +232,7 @@ pub async fn run<H, F>(
                     tracing::error!(error = %e, "cannot subscribe");
                 }
             }
-            Some(done) = done_rx.recv() => {
-                for publish in acks.handled(done) {
-                    if let Err(e) = client.try_ack(&publish) {
-                        tracing::warn!(error = %e, "cannot queue an MQTT ack; the broker will redeliver");
-                    }
-                }
-            }
+            Some(done) = done_rx.recv() => acks.handled(done),
             transport = reload::next(&mut reload) => {
                 eventloop.options.set_transport(transport);
                 if connected && !cycling {
@@ -293,16 +306,13 @@ pub async fn run<H, F>(
     // Drain: acknowledge what finishes in time, keep the connection served meanwhile.
     let deadline = tokio::time::Instant::now() + drain;
     while !acks.is_empty() {
+        acks.send(&client);
         tokio::select! {
             () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!("MQTT subscription stopped with messages unacknowledged; the broker keeps them");
                 break;
             }
-            Some(done) = done_rx.recv() => {
-                for publish in acks.handled(done) {
-                    let _ = client.try_ack(&publish);
-                }
-            }
+            Some(done) = done_rx.recv() => acks.handled(done),
             event = eventloop.poll() => if event.is_err() { break },
         }
     }
@@ -329,16 +339,23 @@ mod tests {
         p
     }
 
+    /// The packet ids released for acknowledgement since the last call.
+    fn released(acks: &mut InOrderAcks) -> Vec<u16> {
+        acks.unsent.drain(..).map(|p| p.pkid).collect()
+    }
+
     #[test]
     fn acks_leave_in_arrival_order() {
         let mut acks = InOrderAcks::new();
         let a = acks.received(7, publish(1));
         let b = acks.received(7, publish(2));
         let d = acks.received(7, publish(3));
-        assert!(acks.handled(b).is_empty(), "2 waits for 1");
-        assert!(acks.handled(d).is_empty());
-        let ready: Vec<u16> = acks.handled(a).iter().map(|p| p.pkid).collect();
-        assert_eq!(ready, vec![1, 2, 3]);
+        acks.handled(b);
+        assert!(released(&mut acks).is_empty(), "2 waits for 1");
+        acks.handled(d);
+        assert!(released(&mut acks).is_empty());
+        acks.handled(a);
+        assert_eq!(released(&mut acks), vec![1, 2, 3]);
         assert!(acks.is_empty());
     }
 
@@ -347,9 +364,11 @@ mod tests {
         let mut acks = InOrderAcks::new();
         let slow = acks.received(1, publish(1));
         let fast = acks.received(2, publish(2));
-        assert_eq!(acks.handled(fast).len(), 1, "lane 2 does not wait for lane 1");
+        acks.handled(fast);
+        assert_eq!(released(&mut acks), vec![2], "lane 2 does not wait for lane 1");
         assert!(!acks.is_empty());
-        assert_eq!(acks.handled(slow).len(), 1);
+        acks.handled(slow);
+        assert_eq!(released(&mut acks), vec![1]);
         assert!(acks.is_empty());
     }
 
@@ -357,10 +376,48 @@ mod tests {
     fn acks_of_an_old_connection_are_dropped() {
         let mut acks = InOrderAcks::new();
         let old = acks.received(0, publish(1));
+        let unsent = acks.received(1, publish(2));
+        acks.handled(unsent);
         acks.reconnected();
-        assert!(acks.handled(old).is_empty());
+        assert!(acks.is_empty(), "nothing of the old connection is left to send");
+        acks.handled(old);
+        assert!(released(&mut acks).is_empty());
         let new = acks.received(0, publish(1));
-        assert_eq!(acks.handled(new).len(), 1);
+        acks.handled(new);
+        assert_eq!(released(&mut acks), vec![1]);
+    }
+
+    /// A lane may release more acknowledgements at once than the client's request queue holds: the rest wait, in
+    /// order, until the event loop took some (rumqttc's `clean` empties the queue here, as sending them would).
+    #[test]
+    fn acks_that_find_the_request_queue_full_wait_their_turn() {
+        let settings = MqttSettings {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: None,
+            client_id: "unit".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let (client, mut eventloop) = super::super::client(options(&settings, "v2k", 10).unwrap(), 2);
+        let mut acks = InOrderAcks::new();
+        let first = acks.received(0, publish(1));
+        for pkid in 2..=5 {
+            acks.received(0, publish(pkid));
+        }
+        for seq in 1..5 {
+            acks.handled(Done { seq, ..first });
+        }
+        acks.handled(first);
+        acks.send(&client);
+        assert_eq!(acks.unsent.iter().map(|p| p.pkid).collect::<Vec<_>>(), vec![3, 4, 5], "two fit, none dropped");
+        eventloop.clean();
+        acks.send(&client);
+        assert_eq!(acks.unsent.iter().map(|p| p.pkid).collect::<Vec<_>>(), vec![5]);
+        eventloop.clean();
+        acks.send(&client);
+        assert!(acks.is_empty());
     }
 
     /// VerneMQ's MQTT 5 session takes its window from the CONNECT's Receive Maximum only (`max_inflight_messages` is
