@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Publish, SubscribeReasonCode};
+use rumqttc::v5::mqttbytes::v5::{Filter, Publish, RetainForwardRule, SubscribeReasonCode};
 use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -62,6 +62,15 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 /// may fix the broker's ACL; the readiness report says why meanwhile).
 const MIN_RESUBSCRIBE: Duration = Duration::from_secs(5);
 const MAX_RESUBSCRIBE: Duration = Duration::from_secs(300);
+
+/// Subscribes `filter` at QoS 1, without the retained messages: a retained message was delivered when it was published,
+/// and sent again at every subscribe (each reconnect, restart or handover) it would be handled again as new.
+fn subscribe(client: &AsyncClient, filter: &str) {
+    let filter = Filter { retain_forward_rule: RetainForwardRule::Never, ..Filter::new(filter, QoS::AtLeastOnce) };
+    if let Err(e) = client.try_subscribe_many([filter]) {
+        tracing::error!(error = %e, "cannot subscribe");
+    }
+}
 
 /// The reason code of a SUBACK entry, and its name; `None` when granted.
 fn refused(code: &SubscribeReasonCode) -> Option<(u8, &'static str)> {
@@ -228,9 +237,7 @@ pub async fn run<H, F>(
             () = shutdown.cancelled() => break,
             () = async { if let Some(at) = resubscribe_at { tokio::time::sleep_until(at).await } }, if resubscribe_at.is_some() => {
                 resubscribe_at = None;
-                if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                    tracing::error!(error = %e, "cannot subscribe");
-                }
+                subscribe(&client, &filter);
             }
             Some(done) = done_rx.recv() => acks.handled(done),
             transport = reload::next(&mut reload) => {
@@ -254,9 +261,9 @@ pub async fn run<H, F>(
                     short_lived.connected(Instant::now());
                     resubscribe_at = None;
                     tracing::info!(session_present = connack.session_present, %filter, "MQTT subscription connected");
-                    if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                        tracing::error!(error = %e, "cannot subscribe");
-                    }
+                    // Also when the session is present: its SUBACK is what makes the subscription ready, and the
+                    // session may hold no subscription (refused before) or another filter (changed configuration).
+                    subscribe(&client, &filter);
                 }
                 Ok(Event::Incoming(Incoming::SubAck(suback))) => {
                     // Ready means subscribed: before the SUBACK, messages for the group may have no taker.
