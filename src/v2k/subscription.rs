@@ -153,7 +153,7 @@ impl V2k {
             let slot = this.slot(&source.tenant).await;
             let queued = this.enqueue(&letter, slot);
             if let Err(second) = this.until_acknowledged(&source.tenant, &letter, queued).await {
-                this.lost(&source, &format!("{error}; dead letter: {second}"));
+                this.lost(device_of(&source), &format!("{error}; dead letter: {second}"));
             }
         }
     }
@@ -198,17 +198,6 @@ impl V2k {
                 return slot;
             }
         }
-    }
-
-    /// The message is acknowledged without its data in Kafka: counted, and logged with its origin.
-    fn lost(&self, source: &Source, reason: &str) {
-        self.metrics.failed(Failure::Lost).increment(1);
-        tracing::error!(
-            tenant = %source.tenant,
-            device = %source.device,
-            reason,
-            "device message acknowledged to the broker but not in Kafka (lost)"
-        );
     }
 }
 

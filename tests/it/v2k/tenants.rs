@@ -95,6 +95,34 @@ async fn unknown_tenant_beside_a_normal_one(mode: &str, hook: &'static str) {
     assert!(accounted, "{mode}: the unknown tenant's records are counted");
 }
 
+/// Strict mode, a tenant with its data topic (so its devices are admitted) but no dead-letter topic: a payload that is
+/// not JSON can go nowhere. Refused, it would come back for ever (an MQTT 3.1.1 device is disconnected and sends the
+/// same message first again), each attempt holding one of the tenant's slots for the delivery timeout; it is given up
+/// instead, counted lost, and answered ok.
+#[tokio::test]
+async fn strict_mode_a_payload_whose_dead_letter_has_nowhere_to_go_is_given_up_not_refused_for_ever() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic("admin.device-data", 1).await;
+    let app = v2k_app(
+        &kafka,
+        &[("V2K_MODE", "auth_on_publish"), ("V2K_ACK_TIMEOUT_MS", "1000"), ("V2K_DELIVERY_TIMEOUT_MS", "1500")],
+    )
+    .await;
+    let mut client = app.client().await;
+    let poison = publish_body(DEV, "admin:a1998e/attrs", b"not json", 1);
+    let reply = client.hook("auth_on_publish", poison.as_bytes()).await;
+    assert_eq!(reply.json()["result"], "ok", "the device's message is refused, to be sent again for ever");
+    let metrics = app.url("/metrics");
+    assert_eq!(metric(&metrics, r#"iotagent_v2k_failed_total{class="lost"}"#).await, 1);
+    // Never queued: nothing expires, no slot was held.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metric(&metrics, r#"iotagent_v2k_failed_total{class="expired"}"#).await, 0);
+    // The tenant's data still flows.
+    let data = publish_body(DEV, "admin:a1998e/attrs", br#"{"n": 0}"#, 1);
+    assert_eq!(client.hook("auth_on_publish", data.as_bytes()).await.json()["result"], "ok");
+    assert_eq!(kafka.read("admin.device-data", 1, Duration::from_secs(10)).await.len(), 1);
+}
+
 #[tokio::test]
 async fn strict_mode_an_unknown_tenant_never_blocks_the_others() {
     unknown_tenant_beside_a_normal_one("auth_on_publish", "auth_on_publish").await;
