@@ -55,8 +55,10 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_ACK_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=4900))]
     pub v2k_ack_timeout_ms: u64,
 
-    /// How long the producer retries a message before it counts as expired (librdkafka message.timeout.ms).
-    #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000)]
+    /// How long the producer retries a message before it counts as expired (librdkafka message.timeout.ms, where 0
+    /// would mean never: nothing retried forever). At least 1 s and more than KAFKA_LINGER_MS.
+    #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(1000..=i32::MAX as u64))]
     pub v2k_delivery_timeout_ms: u64,
 
     /// Subscription mode: unacknowledged messages the broker may hand the service at once (the Receive Maximum of
@@ -141,6 +143,16 @@ impl V2kArgs {
         mqtt: Option<&MqttSettings>,
     ) -> Result<V2kParts, ConfigError> {
         kafka_topic_part("V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX", &self.v2k_topic_suffix)?;
+        // librdkafka refuses the producer otherwise, and a record must get the chance to leave its batch.
+        if self.v2k_delivery_timeout_ms <= self.kafka_linger_ms {
+            return Err(invalid(
+                "V2K_DELIVERY_TIMEOUT_MS",
+                format!(
+                    "{} ms must be more than KAFKA_LINGER_MS ({} ms)",
+                    self.v2k_delivery_timeout_ms, self.kafka_linger_ms
+                ),
+            ));
+        }
         let subscription = match (self.v2k_mode, mqtt) {
             (Mode::Subscription, None) => {
                 return Err(invalid("MQTT_URL", "V2K_MODE=subscription needs the internal MQTT client"));
@@ -230,6 +242,19 @@ mod tests {
         assert_eq!(p.settings.tenant_refresh, Some(Duration::from_secs(10)), "unknown tenants refused by default");
         let off = parts(&["--v2k-require-tenant-topic", "false"]).unwrap();
         assert_eq!(off.settings.tenant_refresh, None);
+    }
+
+    #[test]
+    fn the_delivery_timeout_is_bounded_and_longer_than_the_linger() {
+        assert_eq!(parts(&[]).unwrap().producer.delivery_timeout_ms, 300_000);
+        for never in ["0", "999"] {
+            let err = parse(&["--v2k-delivery-timeout-ms", never]).unwrap_err().to_string();
+            assert!(err.contains("V2K_DELIVERY_TIMEOUT_MS"), "{never}: {err}");
+        }
+        let err = parts(&["--v2k-delivery-timeout-ms", "2000", "--kafka-linger-ms", "2000"]).unwrap_err();
+        assert_eq!(err.variable, "V2K_DELIVERY_TIMEOUT_MS");
+        assert!(err.to_string().contains("KAFKA_LINGER_MS"), "{err}");
+        assert!(parts(&["--v2k-delivery-timeout-ms", "2000", "--kafka-linger-ms", "1999"]).is_ok());
     }
 
     #[test]
