@@ -320,19 +320,30 @@ pub async fn run<H, F>(
                 break;
             }
             Some(done) = done_rx.recv() => acks.handled(done),
-            event = eventloop.poll() => if event.is_err() { break },
+            event = eventloop.poll() => match event {
+                // Lost, or closing for renewed TLS files: what is left cannot be acknowledged on it.
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => {
+                    connected = false;
+                    break;
+                }
+                Ok(_) => {}
+            },
         }
     }
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
+    // Only a live connection is closed: without one, rumqttc's poll connects first. For the plain subscription after
+    // a lost lease, that fresh CONNECT with the cluster's one client id would take the session from the new holder.
+    if connected {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+    }
     probe.set(false);
 }
 
@@ -444,6 +455,46 @@ mod tests {
         assert_eq!(options.receive_maximum(), Some(1000));
         assert!(options.manual_acks());
         assert!(!options.clean_start(), "a persistent session");
+    }
+
+    /// Stopped while its connection is down (here: waiting to reconnect), the subscription opens none to say goodbye.
+    #[tokio::test]
+    async fn stopping_while_disconnected_opens_no_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = MqttSettings {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().unwrap().port(),
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: None,
+            client_id: "unit".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let shutdown = CancellationToken::new();
+        let subscription = Subscription { filter: "+/attrs".into(), window: 10 };
+        let running = tokio::spawn(run(
+            settings,
+            "v2k",
+            subscription,
+            ReadyFlag::default(),
+            |_: Message| (0, std::future::ready(())),
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
+        // Connected, subscribed, then lost; the next attempt is closed at once: the client waits to reconnect.
+        let (mut first, _) = listener.accept().await.unwrap();
+        let mut packet = [0u8; 1024];
+        let _ = first.read(&mut packet).await;
+        // CONNACK: no session present, success, no properties.
+        first.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
+        let _ = first.read(&mut packet).await;
+        drop(first);
+        drop(listener.accept().await.unwrap());
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), running).await.expect("stopped in time").unwrap();
+        let after = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await;
+        assert!(after.is_err(), "a connection was opened after the stop");
     }
 
     #[test]
