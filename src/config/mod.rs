@@ -160,7 +160,7 @@ impl Config {
         };
         if let Some(subscription) = v2k.as_ref().and_then(|v| v.subscription.as_ref()) {
             policy.service_subscription = Some(subscription.filter.clone());
-            policy.service_max_inflight = Some(self.v2k.v2k_max_in_flight);
+            policy.service_max_inflight = Some(u32::from(self.v2k.v2k_max_in_flight));
         }
         if let Some(plain) = v2k.as_ref().and_then(|v| v.plain.as_ref()) {
             self.plain_session_is_reserved()?;

@@ -55,14 +55,16 @@ pub struct V2kArgs {
     #[arg(long, env = "V2K_ACK_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=4900))]
     pub v2k_ack_timeout_ms: u64,
 
-    /// How long the producer retries a message before it counts as expired (librdkafka message.timeout.ms).
-    #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000)]
+    /// How long the producer retries a message before it counts as expired (librdkafka message.timeout.ms, where 0
+    /// would mean never: nothing retried forever). At least 1 s and more than KAFKA_LINGER_MS.
+    #[arg(long, env = "V2K_DELIVERY_TIMEOUT_MS", default_value_t = 300_000,
+          value_parser = clap::value_parser!(u64).range(1000..=i32::MAX as u64))]
     pub v2k_delivery_timeout_ms: u64,
 
-    /// Subscription mode: unacknowledged messages VerneMQ may hand the service at once (`max_inflight_messages`
-    /// modifier on the service's session).
-    #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000)]
-    pub v2k_max_in_flight: u32,
+    /// Subscription mode: unacknowledged messages the broker may hand the service at once (the Receive Maximum of
+    /// the subscription's MQTT 5 CONNECT, 1 to 65535).
+    #[arg(long, env = "V2K_MAX_IN_FLIGHT", default_value_t = 1000, value_parser = clap::value_parser!(u16).range(1..))]
+    pub v2k_max_in_flight: u16,
 
     /// Records of one tenant that may wait for Kafka at once. Beyond it the tenant's QoS 1/2 publishes are refused
     /// (strict mode, gate) or wait (subscription mode: only that tenant's), and its QoS 0 publishes are dropped.
@@ -141,6 +143,16 @@ impl V2kArgs {
         mqtt: Option<&MqttSettings>,
     ) -> Result<V2kParts, ConfigError> {
         kafka_topic_part("V2K_MESSENGER_PRODUCE_TOPIC_SUFFIX", &self.v2k_topic_suffix)?;
+        // librdkafka refuses the producer otherwise, and a record must get the chance to leave its batch.
+        if self.v2k_delivery_timeout_ms <= self.kafka_linger_ms {
+            return Err(invalid(
+                "V2K_DELIVERY_TIMEOUT_MS",
+                format!(
+                    "{} ms must be more than KAFKA_LINGER_MS ({} ms)",
+                    self.v2k_delivery_timeout_ms, self.kafka_linger_ms
+                ),
+            ));
+        }
         let subscription = match (self.v2k_mode, mqtt) {
             (Mode::Subscription, None) => {
                 return Err(invalid("MQTT_URL", "V2K_MODE=subscription needs the internal MQTT client"));
@@ -149,11 +161,13 @@ impl V2kArgs {
                 SubscriptionKind::Shared => SubscriptionSettings {
                     mqtt: mqtt.clone(),
                     filter: format!("$share/{}/+/{attrs_suffix}", self.v2k_share_group),
+                    window: self.v2k_max_in_flight,
                 },
                 // One session for the cluster: the same client id on every instance (`<group>-v2k`).
                 SubscriptionKind::Plain => SubscriptionSettings {
                     mqtt: MqttSettings { client_id: self.v2k_lease_group.clone(), ..mqtt.clone() },
                     filter: format!("+/{attrs_suffix}"),
+                    window: self.v2k_max_in_flight,
                 },
             }),
             _ => None,
@@ -231,6 +245,19 @@ mod tests {
     }
 
     #[test]
+    fn the_delivery_timeout_is_bounded_and_longer_than_the_linger() {
+        assert_eq!(parts(&[]).unwrap().producer.delivery_timeout_ms, 300_000);
+        for never in ["0", "999"] {
+            let err = parse(&["--v2k-delivery-timeout-ms", never]).unwrap_err().to_string();
+            assert!(err.contains("V2K_DELIVERY_TIMEOUT_MS"), "{never}: {err}");
+        }
+        let err = parts(&["--v2k-delivery-timeout-ms", "2000", "--kafka-linger-ms", "2000"]).unwrap_err();
+        assert_eq!(err.variable, "V2K_DELIVERY_TIMEOUT_MS");
+        assert!(err.to_string().contains("KAFKA_LINGER_MS"), "{err}");
+        assert!(parts(&["--v2k-delivery-timeout-ms", "2000", "--kafka-linger-ms", "1999"]).is_ok());
+    }
+
+    #[test]
     fn compression_is_off_by_default_and_one_of_librdkafkas() {
         assert_eq!(parts(&[]).unwrap().producer.compression, "none");
         assert_eq!(parts(&["--kafka-compression", "lz4"]).unwrap().producer.compression, "lz4");
@@ -245,6 +272,18 @@ mod tests {
         let p = parts(&["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v", "--v2k-share-group", "g"]).unwrap();
         assert_eq!(p.subscription.unwrap().filter, "$share/g/+/attrs");
         assert_eq!(parts(&["--v2k-gate", "on"]).unwrap().settings.gate_max_queue, Some(10_000));
+    }
+
+    #[test]
+    fn the_subscription_window_fits_a_receive_maximum() {
+        let sub = ["--v2k-mode", "subscription", "--mqtt-url", "mqtt://v"];
+        assert_eq!(parts(&sub).unwrap().subscription.unwrap().window, 1000);
+        let widest = parts(&[&sub[..], &["--v2k-max-in-flight", "65535"]].concat()).unwrap();
+        assert_eq!(widest.subscription.unwrap().window, 65535);
+        for bad in ["0", "65536"] {
+            let err = parse(&[&sub[..], &["--v2k-max-in-flight", bad]].concat()).unwrap_err().to_string();
+            assert!(err.contains("V2K_MAX_IN_FLIGHT"), "{bad}: {err}");
+        }
     }
 
     #[test]

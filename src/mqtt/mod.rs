@@ -17,9 +17,9 @@ use rumqttc::v5::MqttOptions;
 
 use crate::secret::Secret;
 
-/// Largest packet the service's clients accept or send. Device payloads over the V2K limit still have to be read
-/// (to dead-letter them); a smaller client limit would turn such a message into a reconnect loop, so configuration
-/// refuses a device MAX_MESSAGE_SIZE that does not fit under it.
+/// Largest packet the service's clients accept or send, announced as their Maximum Packet Size. Device payloads over
+/// the V2K limit still have to be read (to dead-letter them); an MQTT 5 broker discards a larger message unsent, lost
+/// without a trace here, so configuration refuses a device MAX_MESSAGE_SIZE that does not fit under it.
 pub const MAX_PACKET_BYTES: usize = 16 * 1024 * 1024;
 /// Session Expiry Interval of the persistent sessions: "never", as a v3.1.1 persistent session (MQTT 5 ends a
 /// session at the disconnect unless told otherwise, which would drop the V2K subscription's queued messages).

@@ -2,21 +2,21 @@
 //! handler finished, in the order the messages arrived within their lane, so the broker keeps every message not yet
 //! handled and a slow lane never holds the others' acknowledgements.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
-use rumqttc::v5::mqttbytes::v5::{Publish, SubscribeReasonCode};
-use rumqttc::v5::{Event, Incoming};
+use rumqttc::v5::mqttbytes::v5::{Filter, Publish, RetainForwardRule, SubscribeReasonCode};
+use rumqttc::v5::{AsyncClient, Event, Incoming, MqttOptions};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::MqttSettings;
 use super::backoff::Backoff;
 use super::reload::{self, Reload};
+use super::{MqttConfigError, MqttSettings};
 use crate::ordered::InOrder;
 use crate::readiness::ReadyFlag;
 
@@ -25,10 +25,35 @@ use crate::readiness::ReadyFlag;
 pub struct Message {
     pub topic: String,
     pub payload: Bytes,
+    /// 0 or 1 (the subscription's QoS caps it): a QoS 0 message is neither acknowledged nor kept by the broker.
+    pub qos: u8,
 }
 
-/// Room in the client's request queue; acknowledgements are small and the broker bounds what it sends unacked.
+/// Room in the client's request queue. Acknowledgements that find it full wait in [`InOrderAcks`] for the event loop
+/// to take some (a lane may release up to the whole window, 65 535, at once).
 const REQUEST_CAPACITY: usize = 10_000;
+
+/// What the client subscribes to, and how much the broker may send it unacknowledged.
+#[derive(Debug, Clone)]
+pub struct Subscription {
+    /// Subscribed at QoS 1.
+    pub filter: String,
+    /// QoS 1 messages the broker may send before an acknowledgement: the CONNECT's Receive Maximum. An MQTT 5 broker
+    /// takes its window from it alone (VerneMQ's MQTT 5 session ignores the `max_inflight_messages` modifier and,
+    /// without a Receive Maximum, sends up to 65 535).
+    pub window: u16,
+}
+
+/// The connection options of a subscription: a persistent session, manual acknowledgements and its window.
+///
+/// # Errors
+/// Unreadable or invalid TLS files.
+fn options(settings: &MqttSettings, role: &str, window: u16) -> Result<MqttOptions, MqttConfigError> {
+    let mut options = settings.options(role, true)?;
+    options.set_manual_acks(true);
+    options.set_receive_maximum(Some(window));
+    Ok(options)
+}
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// A connection lost sooner than this after the CONNACK counts as dropped at once: the reconnect delay keeps growing.
@@ -37,6 +62,15 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 /// may fix the broker's ACL; the readiness report says why meanwhile).
 const MIN_RESUBSCRIBE: Duration = Duration::from_secs(5);
 const MAX_RESUBSCRIBE: Duration = Duration::from_secs(300);
+
+/// Subscribes `filter` at QoS 1, without the retained messages: a retained message was delivered when it was published,
+/// and sent again at every subscribe (each reconnect, restart or handover) it would be handled again as new.
+fn subscribe(client: &AsyncClient, filter: &str) {
+    let filter = Filter { retain_forward_rule: RetainForwardRule::Never, ..Filter::new(filter, QoS::AtLeastOnce) };
+    if let Err(e) = client.try_subscribe_many([filter]) {
+        tracing::error!(error = %e, "cannot subscribe");
+    }
+}
 
 /// The reason code of a SUBACK entry, and its name; `None` when granted.
 fn refused(code: &SubscribeReasonCode) -> Option<(u8, &'static str)> {
@@ -88,23 +122,29 @@ impl ShortLived {
 /// Which messages must be acknowledged in order among themselves (V2K: one lane per tenant).
 pub type Lane = u64;
 
-/// Messages received on the current connection, oldest first per lane, until acknowledged.
+/// Messages received on the current connection, oldest first per lane, until their acknowledgement is in the client's
+/// request queue.
 struct InOrderAcks {
     connection: u64,
     next: u64,
     waiting: HashMap<Lane, InOrder<u64, Publish>>,
+    /// Released, in order, and not yet taken by the client's request queue (it was full). None is ever dropped: an
+    /// MQTT 5 broker sends an unacknowledged message again only on the next connection, so a lost acknowledgement
+    /// would hold a place of the window until then and bring the message back as a duplicate.
+    unsent: VecDeque<Publish>,
 }
 
 impl InOrderAcks {
     fn new() -> Self {
-        Self { connection: 0, next: 0, waiting: HashMap::new() }
+        Self { connection: 0, next: 0, waiting: HashMap::new(), unsent: VecDeque::new() }
     }
 
     /// A new connection: acknowledgements for messages of the old one would hit unrelated packet ids, and the
-    /// broker redelivers those messages anyway (persistent session).
+    /// broker redelivers those messages anyway (persistent session). rumqttc drops those still in its queue too.
     fn reconnected(&mut self) {
         self.connection += 1;
         self.waiting.clear();
+        self.unsent.clear();
     }
 
     fn received(&mut self, lane: Lane, publish: Publish) -> Done {
@@ -114,24 +154,35 @@ impl InOrderAcks {
         Done { connection: self.connection, lane, seq }
     }
 
-    /// Marks a message handled and returns those of its lane that can now be acknowledged, in order.
-    fn handled(&mut self, done: Done) -> Vec<Publish> {
+    /// Marks a message handled; those of its lane that can now be acknowledged join the ones to send, in order.
+    fn handled(&mut self, done: Done) {
         if done.connection != self.connection {
-            return Vec::new();
+            return;
         }
-        let Some(lane) = self.waiting.get_mut(&done.lane) else { return Vec::new() };
+        let Some(lane) = self.waiting.get_mut(&done.lane) else { return };
         if !lane.complete(done.seq) {
-            return Vec::new();
+            return;
         }
-        let ready = lane.release().map(|(_, publish)| publish).collect();
+        self.unsent.extend(lane.release().map(|(_, publish)| publish));
         if lane.is_empty() {
             self.waiting.remove(&done.lane);
         }
-        ready
+    }
+
+    /// Queues the released acknowledgements, oldest first, as far as the client's request queue has room; the rest
+    /// wait for the next call (after the event loop took some).
+    fn send(&mut self, client: &AsyncClient) {
+        while let Some(publish) = self.unsent.front() {
+            // Full (the only error while the event loop lives).
+            if client.try_ack(publish).is_err() {
+                return;
+            }
+            self.unsent.pop_front();
+        }
     }
 
     fn is_empty(&self) -> bool {
-        self.waiting.is_empty()
+        self.waiting.is_empty() && self.unsent.is_empty()
     }
 }
 
@@ -143,7 +194,7 @@ struct Done {
     seq: u64,
 }
 
-/// Runs until `shutdown`: connects (persistent session), subscribes `filter` at QoS 1, hands every message to
+/// Runs until `shutdown`: connects (persistent session), subscribes at QoS 1, hands every message to
 /// `handle` and acknowledges it once the returned future completes and every earlier message of the same lane was
 /// acknowledged. `handle` runs when the message arrives (so its synchronous part sees messages in order); the future
 /// may finish in any order. At shutdown, messages still
@@ -151,7 +202,7 @@ struct Done {
 pub async fn run<H, F>(
     settings: MqttSettings,
     role: &str,
-    filter: String,
+    subscription: Subscription,
     probe: ReadyFlag,
     handle: H,
     shutdown: CancellationToken,
@@ -161,14 +212,14 @@ pub async fn run<H, F>(
     F: Future<Output = ()> + Send + 'static,
 {
     let mut reload = Reload::new(settings.tls.as_ref(), reload::POLL_EVERY);
-    let mut options = match settings.options(role, true) {
+    let Subscription { filter, window } = subscription;
+    let options = match options(&settings, role, window) {
         Ok(options) => options,
         Err(e) => {
             tracing::error!(error = %e, "MQTT subscription cannot start");
             return;
         }
     };
-    options.set_manual_acks(true);
     let (client, mut eventloop) = super::client(options, REQUEST_CAPACITY);
     let (done_tx, mut done_rx) = mpsc::unbounded_channel::<Done>();
     let mut acks = InOrderAcks::new();
@@ -180,22 +231,15 @@ pub async fn run<H, F>(
     let (mut connected, mut cycling) = (false, false);
 
     loop {
+        acks.send(&client);
         tokio::select! {
             biased;
             () = shutdown.cancelled() => break,
             () = async { if let Some(at) = resubscribe_at { tokio::time::sleep_until(at).await } }, if resubscribe_at.is_some() => {
                 resubscribe_at = None;
-                if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                    tracing::error!(error = %e, "cannot subscribe");
-                }
+                subscribe(&client, &filter);
             }
-            Some(done) = done_rx.recv() => {
-                for publish in acks.handled(done) {
-                    if let Err(e) = client.try_ack(&publish) {
-                        tracing::warn!(error = %e, "cannot queue an MQTT ack; the broker will redeliver");
-                    }
-                }
-            }
+            Some(done) = done_rx.recv() => acks.handled(done),
             transport = reload::next(&mut reload) => {
                 eventloop.options.set_transport(transport);
                 if connected && !cycling {
@@ -217,9 +261,9 @@ pub async fn run<H, F>(
                     short_lived.connected(Instant::now());
                     resubscribe_at = None;
                     tracing::info!(session_present = connack.session_present, %filter, "MQTT subscription connected");
-                    if let Err(e) = client.try_subscribe(filter.as_str(), QoS::AtLeastOnce) {
-                        tracing::error!(error = %e, "cannot subscribe");
-                    }
+                    // Also when the session is present: its SUBACK is what makes the subscription ready, and the
+                    // session may hold no subscription (refused before) or another filter (changed configuration).
+                    subscribe(&client, &filter);
                 }
                 Ok(Event::Incoming(Incoming::SubAck(suback))) => {
                     // Ready means subscribed: before the SUBACK, messages for the group may have no taker.
@@ -239,7 +283,7 @@ pub async fn run<H, F>(
                 Ok(Event::Incoming(Incoming::Publish(publish))) => {
                     // MQTT topics are UTF-8; a broker that breaks that gets U+FFFD, not a panic.
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
-                    let message = Message { topic, payload: publish.payload.clone() };
+                    let message = Message { topic, payload: publish.payload.clone(), qos: publish.qos as u8 };
                     let (lane, work) = handle(message);
                     let done = acks.received(lane, publish);
                     let done_tx = done_tx.clone();
@@ -269,29 +313,37 @@ pub async fn run<H, F>(
     // Drain: acknowledge what finishes in time, keep the connection served meanwhile.
     let deadline = tokio::time::Instant::now() + drain;
     while !acks.is_empty() {
+        acks.send(&client);
         tokio::select! {
             () = tokio::time::sleep_until(deadline) => {
                 tracing::warn!("MQTT subscription stopped with messages unacknowledged; the broker keeps them");
                 break;
             }
-            Some(done) = done_rx.recv() => {
-                for publish in acks.handled(done) {
-                    let _ = client.try_ack(&publish);
+            Some(done) = done_rx.recv() => acks.handled(done),
+            event = eventloop.poll() => match event {
+                // Lost, or closing for renewed TLS files: what is left cannot be acknowledged on it.
+                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => {
+                    connected = false;
+                    break;
                 }
-            }
-            event = eventloop.poll() => if event.is_err() { break },
+                Ok(_) => {}
+            },
         }
     }
-    let _ = client.try_disconnect();
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
-        loop {
-            match eventloop.poll().await {
-                Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
-                Ok(_) => {}
+    // Only a live connection is closed: without one, rumqttc's poll connects first. For the plain subscription after
+    // a lost lease, that fresh CONNECT with the cluster's one client id would take the session from the new holder.
+    if connected {
+        let _ = client.try_disconnect();
+        let _ = tokio::time::timeout(Duration::from_secs(2), async {
+            loop {
+                match eventloop.poll().await {
+                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                    Ok(_) => {}
+                }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+    }
     probe.set(false);
 }
 
@@ -305,16 +357,23 @@ mod tests {
         p
     }
 
+    /// The packet ids released for acknowledgement since the last call.
+    fn released(acks: &mut InOrderAcks) -> Vec<u16> {
+        acks.unsent.drain(..).map(|p| p.pkid).collect()
+    }
+
     #[test]
     fn acks_leave_in_arrival_order() {
         let mut acks = InOrderAcks::new();
         let a = acks.received(7, publish(1));
         let b = acks.received(7, publish(2));
         let d = acks.received(7, publish(3));
-        assert!(acks.handled(b).is_empty(), "2 waits for 1");
-        assert!(acks.handled(d).is_empty());
-        let ready: Vec<u16> = acks.handled(a).iter().map(|p| p.pkid).collect();
-        assert_eq!(ready, vec![1, 2, 3]);
+        acks.handled(b);
+        assert!(released(&mut acks).is_empty(), "2 waits for 1");
+        acks.handled(d);
+        assert!(released(&mut acks).is_empty());
+        acks.handled(a);
+        assert_eq!(released(&mut acks), vec![1, 2, 3]);
         assert!(acks.is_empty());
     }
 
@@ -323,9 +382,11 @@ mod tests {
         let mut acks = InOrderAcks::new();
         let slow = acks.received(1, publish(1));
         let fast = acks.received(2, publish(2));
-        assert_eq!(acks.handled(fast).len(), 1, "lane 2 does not wait for lane 1");
+        acks.handled(fast);
+        assert_eq!(released(&mut acks), vec![2], "lane 2 does not wait for lane 1");
         assert!(!acks.is_empty());
-        assert_eq!(acks.handled(slow).len(), 1);
+        acks.handled(slow);
+        assert_eq!(released(&mut acks), vec![1]);
         assert!(acks.is_empty());
     }
 
@@ -333,10 +394,107 @@ mod tests {
     fn acks_of_an_old_connection_are_dropped() {
         let mut acks = InOrderAcks::new();
         let old = acks.received(0, publish(1));
+        let unsent = acks.received(1, publish(2));
+        acks.handled(unsent);
         acks.reconnected();
-        assert!(acks.handled(old).is_empty());
+        assert!(acks.is_empty(), "nothing of the old connection is left to send");
+        acks.handled(old);
+        assert!(released(&mut acks).is_empty());
         let new = acks.received(0, publish(1));
-        assert_eq!(acks.handled(new).len(), 1);
+        acks.handled(new);
+        assert_eq!(released(&mut acks), vec![1]);
+    }
+
+    /// A lane may release more acknowledgements at once than the client's request queue holds: the rest wait, in
+    /// order, until the event loop took some (rumqttc's `clean` empties the queue here, as sending them would).
+    #[test]
+    fn acks_that_find_the_request_queue_full_wait_their_turn() {
+        let settings = MqttSettings {
+            host: "127.0.0.1".into(),
+            port: 1,
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: None,
+            client_id: "unit".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let (client, mut eventloop) = super::super::client(options(&settings, "v2k", 10).unwrap(), 2);
+        let mut acks = InOrderAcks::new();
+        let first = acks.received(0, publish(1));
+        for pkid in 2..=5 {
+            acks.received(0, publish(pkid));
+        }
+        for seq in 1..5 {
+            acks.handled(Done { seq, ..first });
+        }
+        acks.handled(first);
+        acks.send(&client);
+        assert_eq!(acks.unsent.iter().map(|p| p.pkid).collect::<Vec<_>>(), vec![3, 4, 5], "two fit, none dropped");
+        eventloop.clean();
+        acks.send(&client);
+        assert_eq!(acks.unsent.iter().map(|p| p.pkid).collect::<Vec<_>>(), vec![5]);
+        eventloop.clean();
+        acks.send(&client);
+        assert!(acks.is_empty());
+    }
+
+    /// VerneMQ's MQTT 5 session takes its window from the CONNECT's Receive Maximum only (`max_inflight_messages` is
+    /// a v3 modifier): without one it sends up to 65 535 unacknowledged messages, whatever V2K_MAX_IN_FLIGHT says.
+    #[test]
+    fn the_connect_announces_the_window_as_its_receive_maximum() {
+        let settings = MqttSettings {
+            host: "localhost".into(),
+            port: 1883,
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: Some(crate::secret::Secret::new("pw")),
+            client_id: "iotagent-mqtt-node1".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let options = options(&settings, "v2k", 1000).unwrap();
+        assert_eq!(options.receive_maximum(), Some(1000));
+        assert!(options.manual_acks());
+        assert!(!options.clean_start(), "a persistent session");
+    }
+
+    /// Stopped while its connection is down (here: waiting to reconnect), the subscription opens none to say goodbye.
+    #[tokio::test]
+    async fn stopping_while_disconnected_opens_no_connection() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let settings = MqttSettings {
+            host: "127.0.0.1".into(),
+            port: listener.local_addr().unwrap().port(),
+            tls: None,
+            username: "k2v-bridge".into(),
+            password: None,
+            client_id: "unit".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let shutdown = CancellationToken::new();
+        let subscription = Subscription { filter: "+/attrs".into(), window: 10 };
+        let running = tokio::spawn(run(
+            settings,
+            "v2k",
+            subscription,
+            ReadyFlag::default(),
+            |_: Message| (0, std::future::ready(())),
+            shutdown.clone(),
+            Duration::from_secs(1),
+        ));
+        // Connected, subscribed, then lost; the next attempt is closed at once: the client waits to reconnect.
+        let (mut first, _) = listener.accept().await.unwrap();
+        let mut packet = [0u8; 1024];
+        let _ = first.read(&mut packet).await;
+        // CONNACK: no session present, success, no properties.
+        first.write_all(&[0x20, 0x03, 0x00, 0x00, 0x00]).await.unwrap();
+        let _ = first.read(&mut packet).await;
+        drop(first);
+        drop(listener.accept().await.unwrap());
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(5), running).await.expect("stopped in time").unwrap();
+        let after = tokio::time::timeout(Duration::from_millis(500), listener.accept()).await;
+        assert!(after.is_err(), "a connection was opened after the stop");
     }
 
     #[test]

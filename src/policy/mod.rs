@@ -79,8 +79,9 @@ pub struct PolicyConfig {
     pub reserved_client_id_prefix: Option<String>,
     /// The shared subscription the service holds in subscription mode (`$share/<group>/+/<attrs>`), if any.
     pub service_subscription: Option<String>,
-    /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service (its default, 20,
-    /// would cap V2K at 20 messages per Kafka round trip).
+    /// In subscription mode: the window of unacknowledged messages VerneMQ may hand the service, for an MQTT 3.1.1
+    /// session (its default, 20, would cap V2K at 20 messages per Kafka round trip). The service's own clients speak
+    /// MQTT 5, whose session VerneMQ sizes by the CONNECT's Receive Maximum alone (`mqtt::subscriber`).
     pub service_max_inflight: Option<u32>,
     /// With the plain V2K subscription: how many messages VerneMQ queues for the service's one session, online and
     /// offline (its defaults, 1000 each, would drop device data within a handover).

@@ -23,7 +23,8 @@ pub(crate) enum Failure {
     TenantFull,
     /// on_publish was registered without the payload.
     NoPayload,
-    /// Subscription mode: acknowledged to the broker, but neither the record nor its dead letter reached Kafka.
+    /// Acknowledged to the broker (subscription mode) or answered as forwarded (a webhook mode's dead letter with
+    /// nowhere to go), but neither the record nor its dead letter reached Kafka.
     Lost,
 }
 

@@ -19,7 +19,7 @@ use self::tenants::{Slot, Tenants};
 use crate::kafka::producer::{Delivery, ProduceError, Producer};
 use crate::kafka::relay::ReportRelay;
 use crate::kafka::topics::{TenantStatus, TenantTopics};
-use crate::log_guard::LogKind;
+use crate::log_guard::{LogKind, clip};
 use crate::metrics::Metrics;
 use crate::policy::DeviceId;
 
@@ -153,6 +153,12 @@ impl V2k {
         self.topics.as_ref().is_some_and(|t| t.status(tenant) == TenantStatus::Unknown)
     }
 
+    /// Whether the tenant's dead-letter topic is known to be missing (tenant check on, Kafka answered): a dead letter
+    /// for it would only wait for its delivery timeout.
+    fn dead_letter_topic_missing(&self, tenant: &str) -> bool {
+        self.topics.as_ref().is_some_and(|t| t.dead_letter_status(tenant) == TenantStatus::Unknown)
+    }
+
     /// auth_on_register of a device: whether its tenant may connect (counted when not).
     pub fn tenant_admitted(&self, tenant: &str) -> bool {
         let unknown = self.tenant_unknown(tenant);
@@ -267,6 +273,10 @@ impl V2k {
     /// Webhook modes: forwards one publish. QoS 0 returns once queued; QoS 1/2 waits for Kafka's ack up to the ack
     /// deadline. `Pending` means the record is still queued and will be retried by the producer until it expires.
     /// A tenant at its bound gets `TenantFull` for QoS 1/2; its QoS 0 publishes are dropped and counted.
+    /// A payload that cannot be data, whose dead letter cannot be delivered either (no dead-letter topic, or refused
+    /// for good), is given up as subscription mode does: counted lost, and answered as forwarded, because sending it
+    /// again cannot change that (and a refused publish disconnects an MQTT 3.1.1 device, which then sends the same
+    /// message first again, for ever).
     async fn forward(
         &self,
         device: DeviceId<'_>,
@@ -278,11 +288,36 @@ impl V2k {
             self.metrics.failed(Failure::UnknownTenant).increment(1);
             return Err(Unavailable::UnknownTenant);
         }
-        let Some(mut slot) = self.tenants.try_slot(device.tenant) else { return self.tenant_full(qos) };
+        let Some(slot) = self.tenants.try_slot(device.tenant) else { return self.tenant_full(qos) };
         let outcome = self.outcome(device, mqtt_topic, payload);
+        let Outcome::DeadLetter { reason, .. } = &outcome else {
+            return self.produce(device, &outcome, slot, qos).await;
+        };
+        if self.dead_letter_topic_missing(device.tenant) {
+            self.lost(device, &format!("{reason}; the tenant has no dead-letter topic"));
+            return Ok(());
+        }
+        match self.produce(device, &outcome, slot, qos).await {
+            Err(Unavailable::NotAcknowledged(e @ ProduceError::Final(_))) => {
+                self.lost(device, &format!("{reason}; dead letter: {e}"));
+                Ok(())
+            }
+            result => result,
+        }
+    }
+
+    /// Queues the record (again while the local queue is full, up to the ack deadline) and, for QoS 1/2, waits for
+    /// Kafka's ack up to that deadline.
+    async fn produce(
+        &self,
+        device: DeviceId<'_>,
+        outcome: &Outcome,
+        mut slot: Slot,
+        qos: u8,
+    ) -> Result<(), Unavailable> {
         let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
         let delivery = loop {
-            match self.enqueue(&outcome, slot) {
+            match self.enqueue(outcome, slot) {
                 Ok(delivery) => break delivery,
                 Err(ProduceError::QueueFull) if tokio::time::Instant::now() + RETRY_PAUSE < deadline => {
                     tokio::time::sleep(RETRY_PAUSE).await;
@@ -303,6 +338,22 @@ impl V2k {
             return Err(Unavailable::NotAcknowledged(ProduceError::Pending(self.settings.ack_timeout)));
         }
         waited.map_err(Unavailable::NotAcknowledged)
+    }
+
+    /// A message given up, though the broker acknowledged it (subscription mode) or is told to (webhook modes):
+    /// neither its record nor its dead letter is in Kafka. Counted, and logged with its origin (sampled per device, so
+    /// that a device sending nothing but such messages cannot flood the log).
+    fn lost(&self, device: DeviceId<'_>, reason: &str) {
+        self.metrics.failed(Failure::Lost).increment(1);
+        if let Some(suppressed) = self.metrics.failure_lines.admit(LogKind::DeliveryFailure, &device.key()) {
+            tracing::error!(
+                tenant = %clip(device.tenant),
+                device = %clip(device.device),
+                reason,
+                suppressed,
+                "device message acknowledged to the broker but not in Kafka (lost)"
+            );
+        }
     }
 
     /// The tenant is at its bound: a refused QoS 1/2 publish in strict mode stays with the device; everything else is

@@ -15,7 +15,7 @@ use super::tenants::Slot;
 use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, V2k, now_ms};
 use crate::kafka::producer::{Delivery, ProduceError};
 use crate::mqtt::MqttSettings;
-use crate::mqtt::subscriber::{self, Message};
+use crate::mqtt::subscriber::{self, Message, Subscription};
 use crate::policy::{DeviceId, Policy};
 use crate::readiness::ReadyFlag;
 
@@ -23,8 +23,10 @@ use crate::readiness::ReadyFlag;
 #[derive(Debug, Clone)]
 pub struct SubscriptionSettings {
     pub mqtt: MqttSettings,
-    /// `$share/<group>/+/<attrs>`.
+    /// `$share/<group>/+/<attrs>`, or `+/<attrs>` for the plain subscription.
     pub filter: String,
+    /// Unacknowledged messages the broker may hand the service at once (V2K_MAX_IN_FLIGHT).
+    pub window: u16,
 }
 
 type Work = Pin<Box<dyn Future<Output = ()> + Send>>;
@@ -42,6 +44,10 @@ pub(crate) async fn run(
         match policy.attrs_topic_device(&message.topic) {
             Some(device) => {
                 let lane = v2k.tenants.lane(device.tenant);
+                if message.qos == 0 {
+                    v2k.forward_at_most_once(device, &message.topic, &message.payload);
+                    return (lane, Box::pin(std::future::ready(())));
+                }
                 (lane, Box::pin(v2k.forward_until_delivered(device, &message.topic, message.payload.clone())))
             }
             None => {
@@ -51,7 +57,8 @@ pub(crate) async fn run(
             }
         }
     };
-    subscriber::run(settings.mqtt, "v2k", settings.filter, probe, handle, shutdown, drain).await;
+    let subscription = Subscription { filter: settings.filter, window: settings.window };
+    subscriber::run(settings.mqtt, "v2k", subscription, probe, handle, shutdown, drain).await;
 }
 
 /// A message's first record: queued at once, or waiting for room (its queueing is reported on the channel).
@@ -68,7 +75,21 @@ struct Source {
 }
 
 impl V2k {
-    /// Subscription mode: queues the record now when its tenant has room (so records keep the order of the calls),
+    /// Subscription mode, QoS 0: nothing to acknowledge and nothing the broker keeps, so one attempt, as in the webhook
+    /// modes. Queued only when the tenant has a slot free now (none of its messages waits): otherwise dropped and
+    /// counted (`tenant_full`), so a flood holds at most the tenant's bound in memory. A record Kafka does not take
+    /// is counted where that is seen (queue full here, expired or refused in its report).
+    pub fn forward_at_most_once(&self, device: DeviceId<'_>, mqtt_topic: &str, payload: &[u8]) {
+        let Some(slot) = self.tenants.try_acquire(device.tenant) else {
+            self.metrics.failed(Failure::TenantFull).increment(1);
+            return;
+        };
+        let outcome = self.outcome(device, mqtt_topic, Payload::Raw(payload));
+        // Its report holds the slot; nobody waits for it.
+        drop(self.enqueue(&outcome, slot));
+    }
+
+    /// Subscription mode, QoS 1: queues the record now when its tenant has room (so records keep the order of the calls),
     /// otherwise waits behind the tenant's earlier messages; returns a future that completes when acknowledging is
     /// safe: Kafka took the record or its dead letter, or the message is counted lost. While Kafka as a whole is
     /// unreachable nothing is given up: the broker keeps the message and every tenant waits alike.
@@ -132,7 +153,7 @@ impl V2k {
             let slot = this.slot(&source.tenant).await;
             let queued = this.enqueue(&letter, slot);
             if let Err(second) = this.until_acknowledged(&source.tenant, &letter, queued).await {
-                this.lost(&source, &format!("{error}; dead letter: {second}"));
+                this.lost(device_of(&source), &format!("{error}; dead letter: {second}"));
             }
         }
     }
@@ -177,17 +198,6 @@ impl V2k {
                 return slot;
             }
         }
-    }
-
-    /// The message is acknowledged without its data in Kafka: counted, and logged with its origin.
-    fn lost(&self, source: &Source, reason: &str) {
-        self.metrics.failed(Failure::Lost).increment(1);
-        tracing::error!(
-            tenant = %source.tenant,
-            device = %source.device,
-            reason,
-            "device message acknowledged to the broker but not in Kafka (lost)"
-        );
     }
 }
 

@@ -42,6 +42,11 @@ impl ServiceProcess {
         Self { child, port }
     }
 
+    /// The process id (tests read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

@@ -146,3 +146,28 @@ async fn a_missing_lease_topic_is_reported_not_ready() {
     .await;
     assert!(reported, "readiness names the missing lease topic");
 }
+
+/// The service subscribes again at every connection (a restart, a reconnect, a handover): the broker must not send the
+/// devices' retained attrs messages then (DEVICE_ALLOW_RETAIN=true), or each would reach Kafka again as new data.
+#[tokio::test]
+async fn retained_messages_are_not_forwarded_again_after_a_restart() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    kafka.create_topic(LEASE_TOPIC, 1).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let mut env = env(&kafka, &mqtt, "it-node-1");
+    env.push(("DEVICE_ALLOW_RETAIN", "true".to_string()));
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    holder(&[&service]).await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-retained", true).await;
+    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, true, r#"{"n": 0}"#).await.unwrap();
+    assert_eq!(kafka.read("admin.device-data", 1, Duration::from_secs(20)).await.len(), 1);
+    assert!(service.terminate().success());
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    holder(&[&service]).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let records = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(3)).await;
+    assert_eq!(records.len(), 1, "the retained message was forwarded again after the restart");
+}

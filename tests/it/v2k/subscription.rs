@@ -203,3 +203,82 @@ async fn subscription_mode_instances_share_the_group() {
         assert!(produced > 0.0, "both members of the group take a share");
     }
 }
+
+/// The subscription's window is V2K_MAX_IN_FLIGHT even where the broker would send more: MQTT 5 brokers take it from
+/// the CONNECT's Receive Maximum (VerneMQ's MQTT 5 session ignores the `max_inflight_messages` modifier and defaults to
+/// 65 535, as this Mosquitto does). One message whose dead letter has nowhere to go holds its tenant's
+/// acknowledgements, so the broker may send no more than the window minus that one.
+#[tokio::test]
+async fn the_window_is_v2k_max_in_flight_where_the_broker_would_send_more() {
+    let kafka = Tansu::start(Storage::Memory);
+    // The data topic only: the dead letter of a payload that is not JSON waits for its delivery timeout.
+    kafka.create_topic("admin.device-data", 3).await;
+    let mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", "svc-pass")], 65535);
+    let mut env = subscription_env(&kafka, &mqtt, "it-window");
+    env.extend([
+        ("K2V_ENABLED", "false".to_string()),
+        ("V2K_MAX_IN_FLIGHT", "50".to_string()),
+        ("V2K_DELIVERY_TIMEOUT_MS", "30000".to_string()),
+    ]);
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-window", true).await;
+    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, "not json").await.unwrap();
+    publish_numbered(&device, 0..500, Duration::ZERO).await;
+    let metrics = service.url("/metrics");
+    let produced = async || super::tenants::metric(&metrics, r#"iotagent_v2k_produced_total{kind="data"}"#).await;
+    let filled = crate::common::wait_until(Duration::from_secs(20), async || produced().await >= 49).await;
+    assert!(filled, "the window's worth of messages reached Kafka");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(produced().await, 49, "the broker sent more than V2K_MAX_IN_FLIGHT unacknowledged messages");
+}
+
+/// One tenant's lane, held by one message whose dead letter has nowhere to go, releases more acknowledgements at once
+/// than the client's request queue holds (10 000; the window may be up to 65 535): every one reaches the broker, so
+/// after a restart the broker sends nothing again (an acknowledgement dropped would hold a place of the window until
+/// the next connection and bring its message back as a duplicate).
+#[tokio::test]
+async fn acknowledgements_released_at_once_all_reach_the_broker() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic("admin.device-data", 3).await;
+    let mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", "svc-pass")], 65535);
+    let mut env = subscription_env(&kafka, &mqtt, "it-acks");
+    env.extend([
+        ("K2V_ENABLED", "false".to_string()),
+        ("V2K_MAX_IN_FLIGHT", "65535".to_string()),
+        ("V2K_DELIVERY_TIMEOUT_MS", "8000".to_string()),
+    ]);
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-acks", true).await;
+    // Its dead letter, then the `undeliverable` one, each wait for the delivery timeout, holding the lane meanwhile.
+    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, "not json").await.unwrap();
+    let total = 14_000u64;
+    publish_numbered(&device, 0..total, Duration::ZERO).await;
+    let metrics = service.url("/metrics");
+    let metric = async |line: &str| super::tenants::metric(&metrics, line).await;
+    let produced = crate::common::wait_until(Duration::from_secs(60), async || {
+        metric(r#"iotagent_v2k_produced_total{kind="data"}"#).await >= total
+    })
+    .await;
+    assert!(produced, "every message reached Kafka");
+    let released = crate::common::wait_until(Duration::from_secs(60), async || {
+        metric(r#"iotagent_v2k_failed_total{class="lost"}"#).await >= 1
+    })
+    .await;
+    assert!(released, "the held message was given up and its lane released");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(service.terminate().success());
+    // The same persistent session again: the broker resends whatever was not acknowledged.
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let records = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(5)).await;
+    println!("{total} published, {} in Kafka after a restart", records.len());
+    assert_eq!(
+        records.len(),
+        total as usize,
+        "messages sent again after the restart: their acknowledgements were lost"
+    );
+    drop(service);
+}

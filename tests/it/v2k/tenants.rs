@@ -95,6 +95,34 @@ async fn unknown_tenant_beside_a_normal_one(mode: &str, hook: &'static str) {
     assert!(accounted, "{mode}: the unknown tenant's records are counted");
 }
 
+/// Strict mode, a tenant with its data topic (so its devices are admitted) but no dead-letter topic: a payload that is
+/// not JSON can go nowhere. Refused, it would come back for ever (an MQTT 3.1.1 device is disconnected and sends the
+/// same message first again), each attempt holding one of the tenant's slots for the delivery timeout; it is given up
+/// instead, counted lost, and answered ok.
+#[tokio::test]
+async fn strict_mode_a_payload_whose_dead_letter_has_nowhere_to_go_is_given_up_not_refused_for_ever() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic("admin.device-data", 1).await;
+    let app = v2k_app(
+        &kafka,
+        &[("V2K_MODE", "auth_on_publish"), ("V2K_ACK_TIMEOUT_MS", "1000"), ("V2K_DELIVERY_TIMEOUT_MS", "1500")],
+    )
+    .await;
+    let mut client = app.client().await;
+    let poison = publish_body(DEV, "admin:a1998e/attrs", b"not json", 1);
+    let reply = client.hook("auth_on_publish", poison.as_bytes()).await;
+    assert_eq!(reply.json()["result"], "ok", "the device's message is refused, to be sent again for ever");
+    let metrics = app.url("/metrics");
+    assert_eq!(metric(&metrics, r#"iotagent_v2k_failed_total{class="lost"}"#).await, 1);
+    // Never queued: nothing expires, no slot was held.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(metric(&metrics, r#"iotagent_v2k_failed_total{class="expired"}"#).await, 0);
+    // The tenant's data still flows.
+    let data = publish_body(DEV, "admin:a1998e/attrs", br#"{"n": 0}"#, 1);
+    assert_eq!(client.hook("auth_on_publish", data.as_bytes()).await.json()["result"], "ok");
+    assert_eq!(kafka.read("admin.device-data", 1, Duration::from_secs(10)).await.len(), 1);
+}
+
 #[tokio::test]
 async fn strict_mode_an_unknown_tenant_never_blocks_the_others() {
     unknown_tenant_beside_a_normal_one("auth_on_publish", "auth_on_publish").await;
@@ -184,9 +212,9 @@ async fn subscription_mode_an_unknown_tenant_and_an_oversized_payload_never_bloc
 async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant() {
     let kafka = Tansu::start(Storage::Sqlite);
     create_topics(&kafka, &["admin"]).await;
-    // The service's window as VerneMQ gets it from the max_inflight_messages modifier (Mosquitto's default is 20):
-    // the unknown tenant's messages, each waiting for its delivery timeout, must leave room for the others.
-    let mqtt = Mosquitto::start_with(&[("k2v-bridge", "svc-pass")], "max_inflight_messages 1000\n");
+    // The service's window (V2K_MAX_IN_FLIGHT, 1000, its Receive Maximum): the unknown tenant's messages, each waiting
+    // for its delivery timeout, must leave room for the others.
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
     // A delivery timeout long enough that the normal tenant's records do not expire on a loaded test machine.
     let env = tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "20"), ("V2K_DELIVERY_TIMEOUT_MS", "10000")]);
     let service = ServiceProcess::start(&env);
@@ -240,7 +268,7 @@ async fn subscription_mode_restart_mid_stream_loses_nothing_of_the_normal_tenant
 async fn subscription_mode_a_tenant_at_its_bound_keeps_flowing() {
     let kafka = Tansu::start(Storage::Memory);
     create_topics(&kafka, &["admin"]).await;
-    let mqtt = Mosquitto::start_with(&[("k2v-bridge", "svc-pass")], "max_inflight_messages 1000\n");
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
     let service = ServiceProcess::start(&tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "50")]));
     service.wait_ready().await;
     let mut clients = Vec::new();
@@ -263,4 +291,46 @@ async fn subscription_mode_a_tenant_at_its_bound_keeps_flowing() {
     for (device, numbers) in sequence_by_device(&records) {
         assert_eq!(numbers, (0..200).collect::<Vec<_>>(), "{device}: in order, once each");
     }
+}
+
+/// Resident memory of a process, in KiB (0 when it cannot be read).
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// In subscription mode too, a tenant's QoS 0 messages beyond V2K_TENANT_MAX_IN_FLIGHT are dropped and counted: the
+/// broker sends QoS 0 outside the window, so a stalled tenant's would otherwise all wait in the service's memory.
+#[tokio::test]
+async fn subscription_mode_qos0_over_the_tenant_bound_is_dropped_and_memory_stays_bounded() {
+    let kafka = Tansu::start(Storage::Memory);
+    create_topics(&kafka, &["admin"]).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    // A tenant without a topic: its records wait for their delivery timeout.
+    let env = tenants_env(&kafka, &mqtt, &[("V2K_TENANT_MAX_IN_FLIGHT", "20"), ("V2K_DELIVERY_TIMEOUT_MS", "60000")]);
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let before = rss_kib(service.pid());
+    let ghost = crate::common::mqtt_client(&mqtt, GHOST, "", "dev-ghost-q0", true).await;
+    let payload = format!(r#"{{"pad": "{}"}}"#, "x".repeat(100 * 1024));
+    let total = 2000u64;
+    for _ in 0..total {
+        ghost.publish("ghost:g1/attrs", rumqttc::QoS::AtMostOnce, false, payload.clone()).await.unwrap();
+    }
+    let metrics = service.url("/metrics");
+    let full = r#"iotagent_v2k_failed_total{class="tenant_full"}"#;
+    let dropped = wait_until(Duration::from_secs(20), async || metric(&metrics, full).await >= total - 100).await;
+    let after = rss_kib(service.pid());
+    let counted = metric(&metrics, full).await;
+    println!("QoS 0 flood of {total} x 100 KiB: tenant_full={counted}, service RSS {before} KiB -> {after} KiB");
+    assert!(dropped, "QoS 0 over the tenant's bound is dropped and counted (tenant_full={counted})");
+    assert!(
+        after < before + 64 * 1024,
+        "service memory grew by {} MiB for one stalled tenant",
+        (after - before) / 1024
+    );
 }
