@@ -344,18 +344,19 @@ mod tests {
     #[test]
     fn dead_letters_are_capped_so_kafka_takes_them() {
         let device = DeviceId { tenant: "admin", device: "a1998e" };
-        let huge = vec![b'x'; 5000];
+        // No two 100-byte windows alike: only the first 100 bytes pass (not the last, nor any other cut).
+        let huge: Vec<u8> = (0..).flat_map(|n: u32| format!("{n},").into_bytes()).take(5000).collect();
         let outcome = contract().build(device, "admin:a1998e/attrs", &huge, 7);
         let Outcome::DeadLetter { record, reason: Invalid::TooLarge } = outcome else { panic!("{outcome:?}") };
-        assert_eq!(record.value, vec![b'x'; 100]);
+        assert_eq!(record.value, huge[..100]);
         let header = |name: &str| record.headers.iter().find(|(k, _)| *k == name).map(|(_, v)| v.clone());
         assert_eq!(header("original_size").as_deref(), Some("5000"));
         let digest: String = openssl::sha::sha256(&huge).iter().map(|b| format!("{b:02x}")).collect();
         assert_eq!(header("sha256"), Some(digest));
         assert_eq!(header("reason").as_deref(), Some("too_large"));
         // At the cap or below: byte for byte, no extra headers.
-        let outcome = contract().build(device, "admin:a1998e/attrs", &[b'x'; 100], 7);
-        assert_eq!(outcome.record().value.len(), 100);
+        let outcome = contract().build(device, "admin:a1998e/attrs", &huge[..100], 7);
+        assert_eq!(outcome.record().value, huge[..100]);
         assert!(outcome.record().headers.iter().all(|(k, _)| *k != "original_size" && *k != "sha256"));
     }
 }

@@ -271,7 +271,8 @@ async fn service_identity_by_password() {
 
 #[tokio::test]
 async fn health_metrics_and_session_registry() {
-    let app = spawn_app(&[]).await;
+    // The admin token only opens the listing through which the session registry is checked below.
+    let app = spawn_app(&flags(&[("ADMIN_TOKEN", crate::sessions::ADMIN_TOKEN)])).await;
     let http = reqwest::Client::new();
     let live = http.get(app.url("/health/live")).send().await.unwrap();
     assert_eq!(live.status(), 200);
@@ -285,8 +286,17 @@ async fn health_metrics_and_session_registry() {
     call(&mut c, "auth_on_register", &register("admin:a1998e:x".into())).await;
     call(&mut c, "auth_on_register", &register("admin:a1998e:y".into())).await;
     c.hook("auth_on_publish", b"{").await;
+    // The session registry: the admitted device is recorded under the session key its reply rewrote (`scoped`:
+    // `<username>|<client id>`), on_register confirms that entry and on_client_gone drops it.
+    let admitted = call(&mut c, "auth_on_register", &register(DEV.into())).await;
+    assert_eq!(admitted["result"], "ok", "{admitted}");
+    let key = ("".to_string(), "admin:a1998e|c1".to_string());
+    let modifiers = &admitted["modifiers"];
+    assert_eq!((modifiers["mountpoint"].as_str(), modifiers["client_id"].as_str()), (Some(""), Some(key.1.as_str())));
+    assert_eq!(crate::sessions::listed(&app, DEV).await, vec![key.clone()], "recorded at auth_on_register");
     let on_register = json!({"peer_addr": "127.0.0.1", "peer_port": 1, "mountpoint": "", "client_id": "admin:a1998e|c1", "username": DEV});
     assert_eq!(call(&mut c, "on_register", &on_register).await, json!({}));
+    assert_eq!(crate::sessions::listed(&app, DEV).await, vec![key], "still there once registered");
 
     let text = http.get(app.url("/metrics")).send().await.unwrap().text().await.unwrap();
     for line in [
@@ -304,6 +314,8 @@ async fn health_metrics_and_session_registry() {
     assert!(text.contains("iotagent_webhook_duration_seconds_bucket{hook=\"auth_on_publish\""), "{text}");
     let gone = json!({"mountpoint": "", "client_id": "admin:a1998e|c1"});
     assert_eq!(call(&mut c, "on_client_gone", &gone).await, json!({}));
+    // Dropped only because on_register made it the registered connection (an admitted one is not a gone's to drop).
+    assert_eq!(crate::sessions::listed(&app, DEV).await, vec![], "dropped at on_client_gone");
 }
 
 #[tokio::test]

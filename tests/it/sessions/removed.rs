@@ -145,3 +145,46 @@ async fn until_the_history_is_read_the_instance_is_not_ready_and_devices_are_let
     assert!(connect(&mut client, DEVICE).await.0);
     assert_eq!(reqwest::get(app.url("/health/live")).await.unwrap().status(), 200);
 }
+
+/// The README's promise for the start-up replay: a device removed before the start, let through while Kafka cannot
+/// be read yet, is recorded like any other and closed as soon as the reader reads its `remove` event; a device let
+/// through alongside it that was not removed stays.
+#[tokio::test]
+async fn a_removed_device_let_in_during_the_replay_is_closed_once_its_remove_is_read() {
+    // The history (the removal) is in Kafka before the start, which then goes away (SQLite: it keeps the history).
+    let mut kafka = Tansu::start(Storage::Sqlite);
+    kafka.create_topic(TOPIC, 1).await;
+    produce(&kafka, TOPIC, &event("remove", "admin", "a1998e")).await;
+    kafka.stop();
+
+    let recorder = Recorder::start().await;
+    let env = env(&kafka, &recorder);
+    let pairs: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let app = spawn_app(&flags(&pairs)).await;
+    let removed_devices_up = async || {
+        let report: serde_json::Value = reqwest::get(app.url("/health/ready")).await.unwrap().json().await.unwrap();
+        report["checks"].as_array().unwrap().iter().any(|c| c["name"] == "removed_devices" && c["up"] == true)
+    };
+    assert!(!removed_devices_up().await, "the history cannot have been read: Kafka is down");
+    let mut client = app.client().await;
+    let (ok, key) = connect(&mut client, DEVICE).await;
+    assert!(ok, "let through during the replay");
+    let (ok, bystander) = connect(&mut client, "admin:b2c3d4").await;
+    assert!(ok);
+    assert_eq!(listed(&app, DEVICE).await, vec![key.clone()], "recorded like any other");
+    assert!(recorder.calls().is_empty(), "nothing is known to be removed yet");
+
+    kafka.restart();
+    assert!(
+        wait_until(Duration::from_secs(40), removed_devices_up).await,
+        "removed_devices ready once the history is read"
+    );
+    let calls = recorder.wait_for(1, Duration::from_secs(10)).await;
+    assert_eq!(calls.len(), 1, "{calls:?}");
+    calls[0].assert_disconnect(&key.0, &key.1);
+    assert!(!connect(&mut client, DEVICE).await.0, "removed: refused now");
+    let forgotten = wait_until(Duration::from_secs(5), async || listed(&app, DEVICE).await.is_empty()).await;
+    assert!(forgotten, "the closed session is dropped from the registry");
+    assert_eq!(recorder.settled(Duration::from_millis(500)).await.len(), 1, "one disconnect, none for the bystander");
+    assert_eq!(listed(&app, "admin:b2c3d4").await, vec![bystander]);
+}

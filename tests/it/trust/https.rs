@@ -38,8 +38,13 @@ async fn https_app(dir: &Path) -> (TestApp, u16) {
     (app, port)
 }
 
+/// How long a server may take to answer or refuse before it counts as hung.
+const PATIENCE: Duration = Duration::from_secs(5);
+
 /// One `auth_on_register` over TLS 1.2 (what VerneMQ offers by default), as `client` (`<dir>/<file>.pem`) or without
-/// a certificate; `Err` when the handshake or the request fails.
+/// a certificate: `Ok` with the reply, `Err` when the server refused, that is failed the handshake or closed the
+/// connection without a reply. A server that neither answers nor refuses within [`PATIENCE`] fails the test: one that
+/// took a foreign client in and then hung is not refusing it.
 async fn call(port: u16, ca: &Path, client: Option<(&Path, &str)>) -> Result<String, String> {
     let mut connector = SslConnector::builder(SslMethod::tls_client()).unwrap();
     connector.set_ca_file(ca.join("ca.pem")).unwrap();
@@ -49,21 +54,26 @@ async fn call(port: u16, ca: &Path, client: Option<(&Path, &str)>) -> Result<Str
         connector.set_private_key_file(dir.join(format!("{file}.key")), SslFiletype::PEM).unwrap();
     }
     let ssl = connector.build().configure().unwrap().into_ssl("localhost").unwrap();
-    let tcp = TcpStream::connect(("127.0.0.1", port)).await.map_err(|e| e.to_string())?;
+    let tcp = TcpStream::connect(("127.0.0.1", port)).await.expect("the HTTPS port listens");
     let mut stream = SslStream::new(ssl, tcp).unwrap();
-    Pin::new(&mut stream).connect().await.map_err(|e| format!("handshake: {e}"))?;
+    let handshake = tokio::time::timeout(PATIENCE, Pin::new(&mut stream).connect()).await;
+    handshake
+        .unwrap_or_else(|_| panic!("the handshake neither finished nor failed within {PATIENCE:?}"))
+        .map_err(|e| format!("handshake: {e}"))?;
     let head = format!(
         "POST /vmq/auth_on_register HTTP/1.1\r\nvernemq-hook: auth_on_register\r\nHost: localhost\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\n\r\n",
         REGISTER.len()
     );
-    stream.write_all(head.as_bytes()).await.map_err(|e| format!("write: {e}"))?;
-    stream.write_all(REGISTER).await.map_err(|e| format!("write: {e}"))?;
+    // TLS 1.2 checks the client certificate inside the handshake; a write or read that fails after it is the server
+    // closing (an alert or a reset), a refusal too.
+    stream.write_all(head.as_bytes()).await.map_err(|e| format!("closed: write: {e}"))?;
+    stream.write_all(REGISTER).await.map_err(|e| format!("closed: write: {e}"))?;
     let mut reply = vec![0; 4096];
-    let n = tokio::time::timeout(Duration::from_secs(5), stream.read(&mut reply))
+    let n = tokio::time::timeout(PATIENCE, stream.read(&mut reply))
         .await
-        .map_err(|_| "no reply".to_string())?
-        .map_err(|e| format!("read: {e}"))?;
+        .unwrap_or_else(|_| panic!("no reply and no close within {PATIENCE:?}: the server took the client in and hung"))
+        .map_err(|e| format!("closed: read: {e}"))?;
     if n == 0 {
         return Err("closed without a reply".into());
     }

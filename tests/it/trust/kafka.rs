@@ -57,14 +57,18 @@ async fn an_oversized_dead_letter_still_lands() {
     kafka.create_topic("admin.device-data.dead-letter", 1).await;
     let brokers = kafka.brokers();
     let app = start_app(&[("KAFKA_BROKERS", brokers), ("WEBHOOK_MAX_BODY_BYTES", "8388608".into())]).await;
-    let payload = vec![b'x'; 3 * 1024 * 1024];
+    // No two 256 KiB windows alike ("0,1,2,…"): only a cut keeping exactly the first bytes matches below.
+    let payload: Vec<u8> = (0..).flat_map(|n: u32| format!("{n},").into_bytes()).take(3 * 1024 * 1024).collect();
     let body = crate::v2k::publish_body("admin:a1998e", "admin:a1998e/attrs", &payload, 1);
     let mut client: RawClient = app.client().await;
     let reply = client.hook("auth_on_publish", body.as_bytes()).await;
     assert_eq!(reply.json()["result"], "ok", "the device's publish is taken (as a dead letter)");
     let records = kafka.read("admin.device-data.dead-letter", 1, Duration::from_secs(20)).await;
     let [record] = records.as_slice() else { panic!("one dead letter, got {}", records.len()) };
-    assert!(record.value.len() <= 256 * 1024, "dead letter of {} bytes", record.value.len());
+    // V2K_DEAD_LETTER_MAX_BYTES' default: the payload's first 256 KiB, byte for byte.
+    let kept = 256 * 1024;
+    assert_eq!(record.value.len(), kept, "dead letter of {} bytes", record.value.len());
+    assert!(record.value == payload[..kept], "the dead letter is not the payload's first {kept} bytes");
     assert_eq!(record.header("reason"), Some("too_large"));
     assert_eq!(record.header("original_size"), Some(payload.len().to_string().as_str()));
     let digest: String = openssl::sha::sha256(&payload).iter().map(|b| format!("{b:02x}")).collect();
