@@ -61,6 +61,10 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 /// Part of the shutdown budget kept, after K2V stopped, for the webhooks to drain and the producer to flush.
 const AFTER_K2V_RESERVE: Duration = Duration::from_secs(3);
+/// Part of the shutdown budget kept for the producer's flush, whatever the webhooks and the subscription still wait
+/// for: a connection stalled in a request head (anyone who reaches the port can hold one) or a drain must not take
+/// the time records already taken need to reach Kafka.
+const FLUSH_RESERVE: Duration = Duration::from_secs(2);
 
 /// Runs the service until `shutdown` is cancelled, then stops in dependency order (ARCHITECTURE.md §7): stop K2V
 /// (stop consuming, drain in-flight publishes, commit, disconnect) while the webhooks still serve — VerneMQ authorises
@@ -238,17 +242,20 @@ pub async fn run(config: Config, mut listeners: Listeners, shutdown: Cancellatio
         k2v.shutdown().await;
     }
     webhooks_stop.cancel();
-    if tokio::time::timeout_at(budget.deadline(), &mut server).await.is_err() {
+    // A call cut here was not answered: VerneMQ calls it a failure, and nothing it carried was acknowledged.
+    if tokio::time::timeout_at(budget.before(FLUSH_RESERVE), &mut server).await.is_err() {
         tracing::warn!("in-flight webhooks did not finish within SHUTDOWN_TIMEOUT; stopping anyway");
         server.abort();
     }
     // Webhooks are drained; the subscription drains its in-flight messages itself (same token, same budget).
     tasks.close();
-    if tokio::time::timeout_at(budget.deadline(), tasks.wait()).await.is_err() {
+    if tokio::time::timeout_at(budget.before(FLUSH_RESERVE), tasks.wait()).await.is_err() {
         tracing::warn!("background tasks did not stop within SHUTDOWN_TIMEOUT; stopping anyway");
     }
     if let Some(v2k) = &v2k {
-        match v2k.producer().flush(budget.remaining()).await {
+        let left = budget.remaining();
+        tracing::info!(budget_ms = left.as_millis() as u64, "flushing the Kafka producer");
+        match v2k.producer().flush(left).await {
             Ok(()) => tracing::info!("Kafka producer flushed"),
             Err(left) => tracing::error!(left, "Kafka producer not flushed within SHUTDOWN_TIMEOUT; records lost"),
         }
