@@ -285,12 +285,18 @@ pub async fn run<H, F>(
                     let topic = String::from_utf8_lossy(&publish.topic).into_owned();
                     let message = Message { topic, payload: publish.payload.clone(), qos: publish.qos as u8 };
                     let (lane, work) = handle(message);
-                    let done = acks.received(lane, publish);
-                    let done_tx = done_tx.clone();
-                    tokio::spawn(async move {
-                        work.await;
-                        let _ = done_tx.send(done);
-                    });
+                    // A QoS 0 message has nothing to acknowledge: kept in its lane, it would wait (payload and all)
+                    // behind a QoS 1 message of its tenant that waits for Kafka, outside the broker's window.
+                    if publish.qos == QoS::AtMostOnce {
+                        tokio::spawn(work);
+                    } else {
+                        let done = acks.received(lane, publish);
+                        let done_tx = done_tx.clone();
+                        tokio::spawn(async move {
+                            work.await;
+                            let _ = done_tx.send(done);
+                        });
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => {
