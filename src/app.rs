@@ -279,6 +279,16 @@ fn warn_about_open_doors(settings: &crate::config::Settings, listeners: &Listene
              plain listener can claim any device; for testing only"
         );
     }
+    // VerneMQ's default vmq_webhooks.pool_timeout: below it the service may close a pooled connection as VerneMQ
+    // sends a call on it, which VerneMQ answers as a denial.
+    if settings.webhook_idle_timeout <= Duration::from_secs(60) {
+        tracing::warn!(
+            idle_timeout_s = settings.webhook_idle_timeout.as_secs(),
+            "WEBHOOK_IDLE_TIMEOUT is not above VerneMQ's default vmq_webhooks.pool_timeout (60 s): a call VerneMQ sends \
+             as the service closes an idle connection fails, and VerneMQ counts it as a denial; keep it above \
+             pool_timeout"
+        );
+    }
     let plain = listeners.http.local_addr()?;
     if !plain.ip().is_loopback() {
         tracing::warn!(

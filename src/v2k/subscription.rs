@@ -143,6 +143,12 @@ impl V2k {
                 Ok(()) => return,
                 Err(e) => e,
             };
+            // Already a dead letter: another one would go to the same topic, and hold the tenant's acknowledgements
+            // for a second delivery timeout only to fail the same way.
+            if matches!(*outcome, Outcome::DeadLetter { .. }) {
+                this.lost(device_of(&source), &format!("dead letter: {error}"));
+                return;
+            }
             let letter = this.settings.contract.dead_letter(
                 device_of(&source),
                 &source.topic,

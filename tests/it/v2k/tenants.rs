@@ -363,3 +363,25 @@ async fn subscription_mode_qos0_behind_a_waiting_qos1_message_is_not_held() {
     let after = rss_kib(service.pid());
     assert!(after < before + 64 * 1024, "service memory grew by {} MiB", (after - before) / 1024);
 }
+
+/// Subscription mode, a tenant with its data topic but no dead-letter topic: a payload that is not JSON becomes a dead
+/// letter, which expires. It is then given up (counted lost) at once: writing another dead letter to the same missing
+/// topic held the tenant's acknowledgements for a second delivery timeout (two expiries counted, not one).
+#[tokio::test]
+async fn subscription_mode_a_dead_letter_that_expired_is_not_dead_lettered_again() {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic("half.device-data", 1).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let service = ServiceProcess::start(&tenants_env(&kafka, &mqtt, &[]));
+    service.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, "half:h1", "", "dev-half", true).await;
+    publish(&device, "half:h1/attrs", "not json").await;
+    let metrics = service.url("/metrics");
+    let lost = r#"iotagent_v2k_failed_total{class="lost"}"#;
+    assert!(wait_until(Duration::from_secs(15), async || metric(&metrics, lost).await == 1).await, "given up");
+    publish(&device, "half:h1/attrs", r#"{"n": 1}"#).await;
+    let records = kafka.read("half.device-data", 1, Duration::from_secs(10)).await;
+    assert_eq!(records.len(), 1, "the tenant's data flows on");
+    let expired = metric(&metrics, r#"iotagent_v2k_failed_total{class="expired"}"#).await;
+    assert_eq!(expired, 1, "one dead letter expired, none written after it");
+}
