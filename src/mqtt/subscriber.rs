@@ -62,13 +62,20 @@ const STABLE_CONNECTION: Duration = Duration::from_secs(5);
 /// may fix the broker's ACL; the readiness report says why meanwhile).
 const MIN_RESUBSCRIBE: Duration = Duration::from_secs(5);
 const MAX_RESUBSCRIBE: Duration = Duration::from_secs(300);
+/// A SUBSCRIBE that found the client's request queue full is tried again after this.
+const SUBSCRIBE_QUEUE_FULL_PAUSE: Duration = Duration::from_millis(50);
 
 /// Subscribes `filter` at QoS 1, without the retained messages: a retained message was delivered when it was published,
-/// and sent again at every subscribe (each reconnect, restart or handover) it would be handled again as new.
-fn subscribe(client: &AsyncClient, filter: &str) {
+/// and sent again at every subscribe (each reconnect, restart or handover) it would be handled again as new. Returns
+/// when to try again if the client's request queue had no room (acknowledgements can fill it).
+fn subscribe(client: &AsyncClient, filter: &str) -> Option<tokio::time::Instant> {
     let filter = Filter { retain_forward_rule: RetainForwardRule::Never, ..Filter::new(filter, QoS::AtLeastOnce) };
-    if let Err(e) = client.try_subscribe_many([filter]) {
-        tracing::error!(error = %e, "cannot subscribe");
+    match client.try_subscribe_many([filter]) {
+        Ok(()) => None,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot subscribe yet; trying again");
+            Some(tokio::time::Instant::now() + SUBSCRIBE_QUEUE_FULL_PAUSE)
+        }
     }
 }
 
@@ -236,8 +243,7 @@ pub async fn run<H, F>(
             biased;
             () = shutdown.cancelled() => break,
             () = async { if let Some(at) = resubscribe_at { tokio::time::sleep_until(at).await } }, if resubscribe_at.is_some() => {
-                resubscribe_at = None;
-                subscribe(&client, &filter);
+                resubscribe_at = subscribe(&client, &filter);
             }
             Some(done) = done_rx.recv() => acks.handled(done),
             transport = reload::next(&mut reload) => {
@@ -259,11 +265,10 @@ pub async fn run<H, F>(
                     connected = true;
                     backoff.connected();
                     short_lived.connected(Instant::now());
-                    resubscribe_at = None;
                     tracing::info!(session_present = connack.session_present, %filter, "MQTT subscription connected");
                     // Also when the session is present: its SUBACK is what makes the subscription ready, and the
                     // session may hold no subscription (refused before) or another filter (changed configuration).
-                    subscribe(&client, &filter);
+                    resubscribe_at = subscribe(&client, &filter);
                 }
                 Ok(Event::Incoming(Incoming::SubAck(suback))) => {
                     // Ready means subscribed: before the SUBACK, messages for the group may have no taker.
