@@ -55,6 +55,18 @@ impl ProduceError {
     pub fn unreported() -> Self {
         ProduceError::Expired(KafkaError::Canceled)
     }
+
+    /// The error's name, as a dead letter's `kafka_error` header gives it: librdkafka's code for a Kafka error
+    /// (`MessageSizeTooLarge`, `TopicAuthorizationFailed`, `MessageTimedOut`, …), else the local condition.
+    pub fn name(&self) -> String {
+        match self {
+            ProduceError::QueueFull => "QueueFull".into(),
+            ProduceError::Pending(_) => "Pending".into(),
+            ProduceError::Expired(e) | ProduceError::Final(e) => {
+                e.rdkafka_error_code().map_or_else(|| format!("{e:?}"), |code| format!("{code:?}"))
+            }
+        }
+    }
 }
 
 /// Only errors that sending the same record again can never fix are final; everything else (including errors
@@ -299,5 +311,8 @@ mod tests {
         assert!(matches!(classify(produce(C::Unknown)), ProduceError::Expired(_)), "unknown is not final");
         let pending = ProduceError::Pending(Duration::from_secs(1)).to_string();
         assert!(pending.contains("stays queued"), "{pending}");
+        assert_eq!(classify(produce(C::TopicAuthorizationFailed)).name(), "TopicAuthorizationFailed");
+        assert_eq!(classify(produce(C::MessageTimedOut)).name(), "MessageTimedOut");
+        assert_eq!(ProduceError::unreported().name(), "Canceled");
     }
 }

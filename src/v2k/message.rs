@@ -27,11 +27,21 @@ pub enum Invalid {
     /// Valid, but Kafka did not take it within the delivery timeout (subscription mode dead-letters it then).
     #[error("undeliverable")]
     Undeliverable,
+    /// Valid, but Kafka refused its record for good (a final error: too large for the topic, not authorised,
+    /// invalid for the broker): dead-lettered in every mode, since sending it again can never succeed.
+    #[error("refused")]
+    Refused,
 }
 
 impl Invalid {
-    pub const ALL: [Invalid; 5] =
-        [Invalid::NotJson, Invalid::NotObject, Invalid::TooLarge, Invalid::BadEncoding, Invalid::Undeliverable];
+    pub const ALL: [Invalid; 6] = [
+        Invalid::NotJson,
+        Invalid::NotObject,
+        Invalid::TooLarge,
+        Invalid::BadEncoding,
+        Invalid::Undeliverable,
+        Invalid::Refused,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -40,6 +50,7 @@ impl Invalid {
             Invalid::TooLarge => "too_large",
             Invalid::BadEncoding => "bad_encoding",
             Invalid::Undeliverable => "undeliverable",
+            Invalid::Refused => "refused",
         }
     }
 }

@@ -7,6 +7,7 @@ pub(crate) mod plain;
 pub(crate) mod subscription;
 mod tenants;
 
+use std::borrow::Cow;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -79,6 +80,18 @@ pub(crate) enum Payload<'a> {
     /// As VerneMQ's webhooks send it (`base64encode = on`, the default).
     Base64(&'a str),
     Raw(&'a [u8]),
+}
+
+impl<'a> Payload<'a> {
+    /// The bytes the device sent (the text itself when it is not valid base64).
+    fn bytes(self) -> Cow<'a, [u8]> {
+        match self {
+            Payload::Raw(bytes) => Cow::Borrowed(bytes),
+            Payload::Base64(text) => base64::engine::general_purpose::STANDARD
+                .decode(text)
+                .map_or(Cow::Borrowed(text.as_bytes()), Cow::Owned),
+        }
+    }
 }
 
 /// Settings of the forwarder, from configuration.
@@ -273,10 +286,11 @@ impl V2k {
     /// Webhook modes: forwards one publish. QoS 0 returns once queued; QoS 1/2 waits for Kafka's ack up to the ack
     /// deadline. `Pending` means the record is still queued and will be retried by the producer until it expires.
     /// A tenant at its bound gets `TenantFull` for QoS 1/2; its QoS 0 publishes are dropped and counted.
-    /// A payload that cannot be data, whose dead letter cannot be delivered either (no dead-letter topic, or refused
-    /// for good), is given up as subscription mode does: counted lost, and answered as forwarded, because sending it
+    /// A record Kafka refuses for good (a final error) goes to the dead-letter topic (`reason=refused`), as a payload
+    /// that cannot be data does. A dead letter that cannot be delivered either (no dead-letter topic, or refused for
+    /// good) is given up as subscription mode does: counted lost, and answered as forwarded, because sending it
     /// again cannot change that (and a refused publish disconnects an MQTT 3.1.1 device, which then sends the same
-    /// message first again, for ever).
+    /// message first again, for ever). One ack deadline covers the record and its dead letter.
     async fn forward(
         &self,
         device: DeviceId<'_>,
@@ -289,24 +303,36 @@ impl V2k {
             return Err(Unavailable::UnknownTenant);
         }
         let Some(slot) = self.tenants.try_slot(device.tenant) else { return self.tenant_full(qos) };
+        let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
         let outcome = self.outcome(device, mqtt_topic, payload);
-        let Outcome::DeadLetter { reason, .. } = &outcome else {
-            return self.produce(device, &outcome, slot, qos).await;
+        let (letter, slot, why) = match outcome {
+            Outcome::DeadLetter { reason, .. } => (outcome, slot, reason.to_string()),
+            Outcome::Data(_) => match self.produce(device, &outcome, slot, qos, deadline).await {
+                Err(Unavailable::NotAcknowledged(e @ ProduceError::Final(_))) => {
+                    self.refused(device, &e);
+                    let letter = not_taken_letter(&self.settings.contract, device, mqtt_topic, &payload.bytes(), &e);
+                    // The record's slot went back with its refusal.
+                    let Some(slot) = self.tenants.try_slot(device.tenant) else { return self.tenant_full(qos) };
+                    (letter, slot, format!("refused: {e}"))
+                }
+                result => return result,
+            },
         };
         if self.dead_letter_topic_missing(device.tenant) {
-            self.lost(device, &format!("{reason}; the tenant has no dead-letter topic"));
+            drop(slot);
+            self.lost(device, &format!("{why}; the tenant has no dead-letter topic"));
             return Ok(());
         }
-        match self.produce(device, &outcome, slot, qos).await {
+        match self.produce(device, &letter, slot, qos, deadline).await {
             Err(Unavailable::NotAcknowledged(e @ ProduceError::Final(_))) => {
-                self.lost(device, &format!("{reason}; dead letter: {e}"));
+                self.lost(device, &format!("{why}; dead letter: {e}"));
                 Ok(())
             }
             result => result,
         }
     }
 
-    /// Queues the record (again while the local queue is full, up to the ack deadline) and, for QoS 1/2, waits for
+    /// Queues the record (again while the local queue is full, up to the ack `deadline`) and, for QoS 1/2, waits for
     /// Kafka's ack up to that deadline.
     async fn produce(
         &self,
@@ -314,8 +340,8 @@ impl V2k {
         outcome: &Outcome,
         mut slot: Slot,
         qos: u8,
+        deadline: tokio::time::Instant,
     ) -> Result<(), Unavailable> {
-        let deadline = tokio::time::Instant::now() + self.settings.ack_timeout;
         let delivery = loop {
             match self.enqueue(outcome, slot) {
                 Ok(delivery) => break delivery,
@@ -356,6 +382,19 @@ impl V2k {
         }
     }
 
+    /// Kafka refused a device record for good: logged with its origin (sampled per device) before it is dead-lettered.
+    fn refused(&self, device: DeviceId<'_>, error: &ProduceError) {
+        if let Some(suppressed) = self.metrics.failure_lines.admit(LogKind::DeliveryFailure, &device.key()) {
+            tracing::warn!(
+                tenant = %clip(device.tenant),
+                device = %clip(device.device),
+                %error,
+                suppressed,
+                "Kafka refused a device record for good; it goes to the dead-letter topic"
+            );
+        }
+    }
+
     /// The tenant is at its bound: a refused QoS 1/2 publish in strict mode stays with the device; everything else is
     /// dropped here and counted. A refused publish disconnects an MQTT 3.1.1 device, and a QoS 0 message would not be
     /// resent anyway, so QoS 0 is answered as done.
@@ -365,6 +404,23 @@ impl V2k {
         }
         if qos == 0 { Ok(()) } else { Err(Unavailable::TenantFull) }
     }
+}
+
+/// The dead letter of a valid payload whose record Kafka did not take: `refused` when Kafka refused it for good,
+/// `undeliverable` when it was not delivered in time; its `kafka_error` header names the error.
+fn not_taken_letter(
+    contract: &Contract,
+    device: DeviceId<'_>,
+    mqtt_topic: &str,
+    payload: &[u8],
+    error: &ProduceError,
+) -> Outcome {
+    let reason = if matches!(error, ProduceError::Final(_)) { Invalid::Refused } else { Invalid::Undeliverable };
+    let mut letter = contract.dead_letter(device, mqtt_topic, payload, now_ms(), reason);
+    if let Outcome::DeadLetter { record, .. } = &mut letter {
+        record.headers.push(("kafka_error", error.name()));
+    }
+    letter
 }
 
 /// Counts a record's delivery report (on the producer's polling thread: counters and one log line, nothing more).
@@ -400,7 +456,37 @@ fn count_report(
 
 #[cfg(test)]
 mod tests {
+    use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+
     use super::*;
+
+    #[test]
+    fn a_record_kafka_did_not_take_is_dead_lettered_naming_the_error() {
+        let contract =
+            Contract { topic_suffix: "device-data".into(), max_payload_bytes: 100, max_dead_letter_bytes: 1024 };
+        let device = DeviceId { tenant: "admin", device: "d1" };
+        let produce = |code| KafkaError::MessageProduction(code);
+        let cases = [
+            (
+                ProduceError::Final(produce(RDKafkaErrorCode::TopicAuthorizationFailed)),
+                "refused",
+                "TopicAuthorizationFailed",
+            ),
+            (ProduceError::Expired(produce(RDKafkaErrorCode::MessageTimedOut)), "undeliverable", "MessageTimedOut"),
+        ];
+        for (error, reason, name) in cases {
+            let Outcome::DeadLetter { record, reason: invalid } =
+                not_taken_letter(&contract, device, "admin:d1/attrs", br#"{"n": 1}"#, &error)
+            else {
+                panic!("not a dead letter");
+            };
+            assert_eq!(invalid.as_str(), reason);
+            assert_eq!(record.topic, "admin.device-data.dead-letter");
+            assert_eq!(record.value, br#"{"n": 1}"#);
+            let header = |key| record.headers.iter().find(|(k, _)| *k == key).map(|(_, v)| v.as_str());
+            assert_eq!((header("reason"), header("kafka_error")), (Some(reason), Some(name)));
+        }
+    }
 
     #[test]
     fn a_mass_expiry_logs_a_few_lines_and_counts_every_record() {

@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use super::tenants::Slot;
-use super::{Failure, Invalid, Outcome, Payload, RETRY_PAUSE, V2k, now_ms};
+use super::{Failure, Outcome, Payload, RETRY_PAUSE, V2k, not_taken_letter};
 use crate::kafka::producer::{Delivery, ProduceError};
 use crate::mqtt::MqttSettings;
 use crate::mqtt::subscriber::{self, Message, Subscription};
@@ -149,13 +149,7 @@ impl V2k {
                 this.lost(device_of(&source), &format!("dead letter: {error}"));
                 return;
             }
-            let letter = this.settings.contract.dead_letter(
-                device_of(&source),
-                &source.topic,
-                &payload,
-                now_ms(),
-                Invalid::Undeliverable,
-            );
+            let letter = not_taken_letter(&this.settings.contract, device_of(&source), &source.topic, &payload, &error);
             let slot = this.slot(&source.tenant).await;
             let queued = this.enqueue(&letter, slot);
             if let Err(second) = this.until_acknowledged(&source.tenant, &letter, queued).await {

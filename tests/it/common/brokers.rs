@@ -127,38 +127,59 @@ impl Tansu {
 
     /// Reads `topic` from the beginning until `count` records arrived or `timeout` passed.
     pub async fn read(&self, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
-        let consumer: StreamConsumer = ClientConfig::new()
-            .set("bootstrap.servers", self.brokers())
-            .set("group.id", format!("reader-{}", rand::random::<u64>()))
-            .set("auto.offset.reset", "earliest")
-            .set("enable.auto.commit", "false")
-            .create()
-            .expect("consumer");
-        consumer.subscribe(&[topic]).expect("subscribe");
-        let mut out = Vec::new();
-        let deadline = tokio::time::Instant::now() + timeout;
-        while out.len() < count {
-            match tokio::time::timeout_at(deadline, consumer.recv()).await {
-                Err(_) => break,
-                Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
-                Ok(Ok(m)) => out.push(Record {
-                    partition: m.partition(),
-                    key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
-                    value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
-                    headers: m
-                        .headers()
-                        .map(raw_headers::all)
-                        .unwrap_or_default()
-                        .into_iter()
-                        .map(|(k, v)| {
-                            (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned())
-                        })
-                        .collect(),
-                }),
-            }
-        }
-        out
+        read_topic(&self.brokers(), topic, count, timeout).await
     }
+}
+
+/// Reads `topic` of the cluster at `brokers` from the beginning until `count` records arrived or `timeout` passed.
+pub async fn read_topic(brokers: &str, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+    let consumer = reader(brokers);
+    consumer.subscribe(&[topic]).expect("subscribe");
+    read_from(consumer, count, timeout).await
+}
+
+/// Like [`read_topic`], for partition 0 of `topic`, assigned rather than joined as a group (librdkafka's mock
+/// cluster is slow to form a group).
+pub async fn read_partition(brokers: &str, topic: &str, count: usize, timeout: Duration) -> Vec<Record> {
+    let consumer = reader(brokers);
+    let mut partitions = rdkafka::TopicPartitionList::new();
+    partitions.add_partition_offset(topic, 0, rdkafka::Offset::Beginning).expect("partition");
+    consumer.assign(&partitions).expect("assign");
+    read_from(consumer, count, timeout).await
+}
+
+fn reader(brokers: &str) -> StreamConsumer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers)
+        .set("group.id", format!("reader-{}", rand::random::<u64>()))
+        .set("auto.offset.reset", "earliest")
+        .set("enable.auto.commit", "false")
+        .create()
+        .expect("consumer")
+}
+
+async fn read_from(consumer: StreamConsumer, count: usize, timeout: Duration) -> Vec<Record> {
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + timeout;
+    while out.len() < count {
+        match tokio::time::timeout_at(deadline, consumer.recv()).await {
+            Err(_) => break,
+            Ok(Err(_)) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Ok(Ok(m)) => out.push(Record {
+                partition: m.partition(),
+                key: m.key().map(|k| String::from_utf8_lossy(k).to_string()),
+                value: m.payload().map(<[u8]>::to_vec).unwrap_or_default(),
+                headers: m
+                    .headers()
+                    .map(raw_headers::all)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(k, v)| (String::from_utf8_lossy(&k).into_owned(), String::from_utf8_lossy(&v).into_owned()))
+                    .collect(),
+            }),
+        }
+    }
+    out
 }
 
 impl Drop for Tansu {

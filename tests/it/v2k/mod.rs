@@ -2,6 +2,7 @@
 //! Subscription mode and the tests that run the service as a separate process are in `subscription.rs`.
 
 mod plain;
+mod refused;
 mod strict;
 mod subscription;
 mod tenants;
