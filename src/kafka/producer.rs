@@ -62,8 +62,12 @@ impl ProduceError {
         match self {
             ProduceError::QueueFull => "QueueFull".into(),
             ProduceError::Pending(_) => "Pending".into(),
+            // The one local error a record's report can carry: the producer went away before it was sent.
+            ProduceError::Expired(KafkaError::Canceled) | ProduceError::Final(KafkaError::Canceled) => {
+                "Canceled".into()
+            }
             ProduceError::Expired(e) | ProduceError::Final(e) => {
-                e.rdkafka_error_code().map_or_else(|| format!("{e:?}"), |code| format!("{code:?}"))
+                e.rdkafka_error_code().map_or_else(|| e.to_string(), |code| format!("{code:?}"))
             }
         }
     }
