@@ -18,9 +18,15 @@ fn env(kafka: &Tansu, mqtt: &Mosquitto, node: &str) -> Vec<(&'static str, String
         ("V2K_LEASE_SESSION_TIMEOUT_MS", "2000".into()),
         ("K2V_ENABLED", "false".into()),
         ("V2K_DELIVERY_TIMEOUT_MS", "60000".into()),
+        // The session's window (its Receive Maximum): what a lost connection can have the broker send again.
+        ("V2K_MAX_IN_FLIGHT", WINDOW.to_string()),
     ]);
     env
 }
+
+/// V2K_MAX_IN_FLIGHT here: far above what the stream keeps in flight (a few hundred messages a second, a 5 ms linger),
+/// below what is published before each fault.
+const WINDOW: usize = 100;
 
 /// The role `/health/ready` reports for the lease (`held` or `standby`), once the plain subscription of a holder
 /// is subscribed.
@@ -113,11 +119,7 @@ async fn plain_subscription_is_held_by_one_instance_and_handed_over_when_it_dies
     let seen = sequence_by_device(&records);
     let expected = BTreeMap::from([(DEV.to_string(), total)]);
     let (lost, duplicates) = lost_and_duplicates_unordered(&seen, &expected);
-    let mut counts = BTreeMap::<u64, usize>::new();
-    for n in seen.get(DEV).into_iter().flatten() {
-        *counts.entry(*n).or_default() += 1;
-    }
-    let twice: Vec<u64> = counts.iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
+    let twice: Vec<u64> = counts(&seen).iter().filter(|(_, c)| **c > 1).map(|(n, _)| *n).collect();
     println!(
         "plain holder SIGKILL: published {total}, in Kafka {}, lost {lost}, duplicates {duplicates}: {twice:?}",
         records.len()
@@ -127,9 +129,69 @@ async fn plain_subscription_is_held_by_one_instance_and_handed_over_when_it_dies
     // Mosquitto, like VerneMQ, lets a second connection with the same client id take the session over: the
     // standby must never have connected while the holder was.
     let log = std::fs::read_to_string(mqtt.dir().join("mosquitto.log")).unwrap_or_default();
-    let connects = log.lines().filter(|l| l.contains("New client connected") && l.contains(SESSION)).count();
     assert!(!log.contains("already connected, closing old connection"), "the session was taken over:\n{log}");
+    let connects = session_connects(&mqtt);
     assert!(connects >= 2, "the holder and then the survivor connected the one session ({connects} connects)");
+    // Each time the session is connected again, the broker sends what the last connection had not acknowledged: the
+    // window at most. About 350 messages of this stream (750 since the start) were published before the kill.
+    let bound = WINDOW * (connects - 1);
+    assert!(duplicates <= bound, "{duplicates} duplicates, {connects} connections of a window of {WINDOW}");
+}
+
+/// How many times the plain session was connected (Mosquitto's log).
+fn session_connects(mqtt: &Mosquitto) -> usize {
+    let log = std::fs::read_to_string(mqtt.dir().join("mosquitto.log")).unwrap_or_default();
+    log.lines().filter(|l| l.contains("New client connected") && l.contains(SESSION)).count()
+}
+
+/// Kafka killed and restarted under the holder mid-stream: records wait in the producer meanwhile, and the lease's
+/// Kafka session (2 s) runs out, so the holder gives the session up (acknowledging what Kafka took, nothing here) and
+/// takes it again once Kafka is back; the broker keeps what comes meanwhile. Nothing is lost.
+#[tokio::test]
+async fn plain_subscription_loses_nothing_when_kafka_restarts_under_the_holder() {
+    let mut kafka = Tansu::start(Storage::Sqlite);
+    create_topics(&kafka, &["admin"]).await;
+    kafka.create_topic(LEASE_TOPIC, 1).await;
+    let mqtt = Mosquitto::start(&[("k2v-bridge", "svc-pass")]);
+    let node = ServiceProcess::start(&env(&kafka, &mqtt, "it-node-1"));
+    node.wait_ready().await;
+    holder(&[&node]).await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-plain-k", true).await;
+    let total = 800;
+    let publisher = tokio::spawn(async move {
+        publish_numbered(&device, 0..total, Duration::from_millis(3)).await;
+        device
+    });
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    kafka.stop();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kafka.restart();
+    let _device = publisher.await.unwrap();
+    let records = kafka.read("admin.device-data", total as usize, Duration::from_secs(60)).await;
+    let all = kafka.read("admin.device-data", usize::MAX, Duration::from_secs(3)).await;
+    let records = if all.len() > records.len() { all } else { records };
+    let seen = sequence_by_device(&records);
+    let (lost, duplicates) = lost_and_duplicates_unordered(&seen, &BTreeMap::from([(DEV.to_string(), total)]));
+    println!(
+        "plain, Kafka restarted: published {total}, in Kafka {}, lost {lost}, duplicates {duplicates}",
+        records.len()
+    );
+    assert_eq!(lost, 0, "a message was lost while Kafka restarted");
+    let connects = session_connects(&mqtt);
+    assert!(connects >= 2, "the holder gave the session up with its lease and connected it again ({connects})");
+    // Each time the session is connected again, the broker sends what the last connection had not acknowledged: the
+    // window at most (here the whole window, held while Kafka was away). Everything since the start would be 800.
+    let bound = WINDOW * (connects - 1);
+    assert!(duplicates <= bound, "{duplicates} duplicates, {connects} connections of a window of {WINDOW}");
+}
+
+/// How many times each number arrived.
+fn counts(seen: &BTreeMap<String, Vec<u64>>) -> BTreeMap<u64, usize> {
+    let mut counts = BTreeMap::<u64, usize>::new();
+    for n in seen.get(DEV).into_iter().flatten() {
+        *counts.entry(*n).or_default() += 1;
+    }
+    counts
 }
 
 #[tokio::test]
