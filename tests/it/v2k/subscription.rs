@@ -235,20 +235,7 @@ async fn subscription_mode_instances_share_the_group() {
 /// acknowledgements, so the broker may send no more than the window minus that one.
 #[tokio::test]
 async fn the_window_is_v2k_max_in_flight_where_the_broker_would_send_more() {
-    let kafka = Tansu::start(Storage::Memory);
-    // The data topic only: the dead letter of a payload that is not JSON waits for its delivery timeout.
-    kafka.create_topic("admin.device-data", 3).await;
-    let mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", "svc-pass")], 65535);
-    let mut env = subscription_env(&kafka, &mqtt, "it-window");
-    env.extend([
-        ("K2V_ENABLED", "false".to_string()),
-        ("V2K_MAX_IN_FLIGHT", "50".to_string()),
-        ("V2K_DELIVERY_TIMEOUT_MS", "30000".to_string()),
-    ]);
-    let service = ServiceProcess::start(&env);
-    service.wait_ready().await;
-    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-window", true).await;
-    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, "not json").await.unwrap();
+    let (_kafka, _mqtt, _env, service, device) = held_lane("it-window", "50", "30000", "dev-window").await;
     publish_numbered(&device, 0..500, Duration::ZERO).await;
     let metrics = service.url("/metrics");
     let produced = async || super::tenants::metric(&metrics, r#"iotagent_v2k_produced_total{kind="data"}"#).await;
@@ -264,20 +251,7 @@ async fn the_window_is_v2k_max_in_flight_where_the_broker_would_send_more() {
 /// the next connection and bring its message back as a duplicate).
 #[tokio::test]
 async fn acknowledgements_released_at_once_all_reach_the_broker() {
-    let kafka = Tansu::start(Storage::Memory);
-    kafka.create_topic("admin.device-data", 3).await;
-    let mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", "svc-pass")], 65535);
-    let mut env = subscription_env(&kafka, &mqtt, "it-acks");
-    env.extend([
-        ("K2V_ENABLED", "false".to_string()),
-        ("V2K_MAX_IN_FLIGHT", "65535".to_string()),
-        ("V2K_DELIVERY_TIMEOUT_MS", "8000".to_string()),
-    ]);
-    let service = ServiceProcess::start(&env);
-    service.wait_ready().await;
-    let device = crate::common::mqtt_client(&mqtt, DEV, "", "dev-acks", true).await;
-    // Its dead letter, then the `undeliverable` one, each wait for the delivery timeout, holding the lane meanwhile.
-    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, "not json").await.unwrap();
+    let (kafka, _mqtt, env, service, device) = held_lane("it-acks", "65535", "8000", "dev-acks").await;
     let total = 14_000u64;
     publish_numbered(&device, 0..total, Duration::ZERO).await;
     let metrics = service.url("/metrics");
@@ -306,4 +280,29 @@ async fn acknowledgements_released_at_once_all_reach_the_broker() {
         "messages sent again after the restart: their acknowledgements were lost"
     );
     drop(service);
+}
+
+/// A subscription service (`group`, window `V2K_MAX_IN_FLIGHT`) on a Mosquitto offering a window of 65 535, and a
+/// device whose first message is not JSON: the tenant has its data topic only, so that message's dead letter waits
+/// for the delivery timeout, holding the tenant's lane (its acknowledgements) meanwhile.
+async fn held_lane(
+    group: &str,
+    window: &str,
+    delivery_timeout_ms: &str,
+    client_id: &str,
+) -> (Tansu, Mosquitto, Vec<(&'static str, String)>, ServiceProcess, rumqttc::AsyncClient) {
+    let kafka = Tansu::start(Storage::Memory);
+    kafka.create_topic("admin.device-data", 3).await;
+    let mqtt = Mosquitto::start_with_receive_maximum(&[("k2v-bridge", "svc-pass")], 65535);
+    let mut env = subscription_env(&kafka, &mqtt, group);
+    env.extend([
+        ("K2V_ENABLED", "false".to_string()),
+        ("V2K_MAX_IN_FLIGHT", window.to_string()),
+        ("V2K_DELIVERY_TIMEOUT_MS", delivery_timeout_ms.to_string()),
+    ]);
+    let service = ServiceProcess::start(&env);
+    service.wait_ready().await;
+    let device = crate::common::mqtt_client(&mqtt, DEV, "", client_id, true).await;
+    device.publish("admin:a1998e/attrs", rumqttc::QoS::AtLeastOnce, false, "not json").await.unwrap();
+    (kafka, mqtt, env, service, device)
 }
